@@ -1,0 +1,417 @@
+"""
+The EVA encoder: a plain ViT with BEiT-style attention biases, in one file.
+
+    EVA(config).forward_features(x, mask=None) -> all tokens (B, 1+N, D)
+    EVA(config).forward(x)                     -> logits (B, num_classes), or pooled features
+    EVA(config).forward_mim(x, mask)           -> lm_head outputs at the masked positions (M, mim_dim)
+
+State-dict keys are those of the official EVA-01 release (github.com/baaivision/EVA, EVA-01) and of timm's
+`Eva` (timm/models/eva.py), so checkpoints move freely between the three. `load_pretrained` reads all of their
+file layouts; `python model.py psz14to16 IN.pt OUT.pt` converts a patch-14 checkpoint to patch 16 the way the
+official `interpolate_patch_14to16.py` does (used by detection and segmentation).
+"""
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# sizes
+
+# EVA-g is the paper's model (Table 1 of the paper: 1408 wide, 40 deep, 16 heads, MLP 6144, patch 14).
+# eva_l / eva_b are the usual ViT-L / ViT-B shapes at patch 14; eva_tiny is for CPU tests and demos.
+SIZES = {
+    'eva_g': dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144),
+    'eva_l': dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    'eva_b': dict(patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    'eva_tiny': dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),
+}
+
+
+@dataclass
+class EVAConfig:
+    img_size: int = 224          # square input resolution
+    patch_size: int = 14         # Conv2d kernel = stride
+    in_chans: int = 3
+    embed_dim: int = 1408
+    depth: int = 40
+    num_heads: int = 16
+    mlp_dim: int = 6144
+    num_classes: int = 0         # 0: forward() returns pooled features, no head
+    pooling: str = 'mean'        # 'mean': mean of patch tokens -> fc_norm -> head; 'cls': all tokens -> norm, cls -> head
+    drop_path: float = 0.0       # stochastic depth rate of the last block (linear from 0)
+    grad_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less activation memory
+    use_mask_token: bool = False  # MIM pretraining: masked patch embeddings are replaced by a learned token
+    mim_dim: int = 0             # >0: add lm_head Linear(embed_dim, mim_dim) predicting the teacher's features
+    init_std: float = 0.02       # trunc-normal std of every Linear / Conv / token
+    head_init_scale: float = 0.001  # classifier head scaled after init (BEiT/EVA fine-tuning)
+
+    def __post_init__(self):
+        assert self.pooling in ('mean', 'cls'), f"pooling must be 'mean' or 'cls', got {self.pooling!r}"
+        assert self.img_size % self.patch_size == 0, \
+            f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+        assert self.embed_dim % self.num_heads == 0, \
+            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid ** 2
+
+
+def eva_config(name, **overrides):
+    """EVAConfig for a size of the table, with any field overridden: eva_config('eva_g', img_size=336)."""
+    if name not in SIZES:
+        raise KeyError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
+    return EVAConfig(**{**SIZES[name], **overrides})
+
+# -----------------------------------------------------------------------------
+# modules, in dependency order
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D)
+
+
+class Attention(nn.Module):
+    """Fused qkv without bias plus learned q and v biases; k has no bias (BEiT, kept by EVA: with a softmax a
+    k bias adds the same constant to every logit of a query, so it is redundant)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(D))
+        self.v_bias = nn.Parameter(torch.zeros(D))
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, flash / memory-efficient kernels
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block; no layer-scale, no relative position bias, no RoPE (EVA-01 uses none of them)."""
+
+    def __init__(self, cfg, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = Mlp(cfg)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class EVA(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))  # learned, cls position included
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear 0 -> drop_path over depth
+        self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        # one final LayerNorm: on all tokens for cls pooling and MIM, after pooling for mean pooling (BEiT/EVA)
+        self.norm = nn.LayerNorm(D, eps=1e-6) if cfg.pooling == 'cls' else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.pooling == 'mean' else nn.Identity()
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.lm_head = nn.Linear(D, cfg.mim_dim) if cfg.mim_dim > 0 else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # official EVA-01 / BEiT init: trunc-normal for every Linear, Conv and token, LayerNorm at (1, 0)
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.pos_embed, self.mask_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=std)
+        # BEiT's fix_init_weight: the residual branches of block i (1-based) are scaled by 1/sqrt(2i), so that
+        # the residual stream's variance does not grow with depth
+        for i, blk in enumerate(self.blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+        if isinstance(self.head, nn.Linear):  # a near-zero head keeps early fine-tuning from wrecking the trunk
+            self.head.weight.mul_(self.config.head_init_scale)
+            self.head.bias.mul_(self.config.head_init_scale)
+
+    def forward_features(self, x, mask=None):
+        """x (B, C, H, W), mask (B, N) bool or None -> tokens (B, 1+N, D) after the final `norm`."""
+        cfg = self.config
+        if x.shape[-2:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"input is {tuple(x.shape[-2:])} pixels but the model is built for "
+                             f"{cfg.img_size}x{cfg.img_size} (set img_size; load_pretrained resizes pos_embed)")
+        x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("a mask was given but the model has no mask_token (use_mask_token=False)")
+            # masked patch embeddings become the mask token before cls and pos_embed are added, the official
+            # order; torch.where (not x*(1-w) + t*w) so the masked pixels cannot leak in, not even as NaN
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)  # (B, 1+N, D)
+        x = x + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)  # keeps the RNG state, so drop path recomputes alike
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x):
+        """tokens (B, 1+N, D) -> logits (B, num_classes), or pooled features (B, D) without a head."""
+        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.config.pooling == 'mean' else x[:, 0]
+        return self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_mim(self, x, mask):
+        """MIM head: final norm on all tokens, then lm_head at the masked positions only -> (M, mim_dim),
+        rows in the order of mask.nonzero() (batch-major), as the official modeling_pretrain.py."""
+        x = self.forward_features(x, mask)
+        return self.lm_head(x[:, 1:][mask])
+
+    def flops_per_image(self, num_masked=0, backward=True):
+        """Matmul FLOPs per image (2 per multiply-add), the same count torch's FlopCounterMode gives; with
+        backward, x3 (the usual estimate: backward costs twice the forward). Used for MFU."""
+        cfg = self.config
+        N, D, M, P = 1 + cfg.num_patches, cfg.embed_dim, cfg.mlp_dim, cfg.num_patches
+        block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * M  # qkv, qk^T and av, proj, mlp
+        f = 2 * P * cfg.in_chans * cfg.patch_size ** 2 * D + cfg.depth * block
+        f += 2 * D * cfg.num_classes + 2 * num_masked * D * cfg.mim_dim
+        return 3 * f if backward else f
+
+# -----------------------------------------------------------------------------
+# resizing, as the official code does it (pure functions, float32 inside)
+
+
+def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1):
+    """(1, prefix + H*W, D) -> (1, prefix + h*w, D): the cls entry is kept, the grid is resized with bicubic
+    interpolation, align_corners=False (EVA-01 run_class_finetuning.py / interpolate_patch_14to16.py)."""
+    new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    assert old * old == grid.shape[1], f"pos_embed has {grid.shape[1]} grid tokens, not a square"
+    if (old, old) == new_grid:
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, H, W)
+    grid = F.interpolate(grid, size=new_grid, mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
+    return torch.cat((prefix, grid), dim=1)
+
+
+def resize_patch_embed(weight, new_size):
+    """Conv kernel (D, C, p, p) -> (D, C, q, q) by plain bicubic interpolation, no rescaling: the official
+    psz14to16 conversion. (timm's FlexiViT pseudo-inverse resize gives a different result.)"""
+    new_size = (new_size, new_size) if isinstance(new_size, int) else tuple(new_size)
+    if tuple(weight.shape[-2:]) == new_size:
+        return weight
+    out = F.interpolate(weight.float(), size=new_size, mode='bicubic', align_corners=False)
+    return out.to(weight.dtype)
+
+# -----------------------------------------------------------------------------
+# loading checkpoints of every layout
+
+# keys a model may lack after loading (they are (re)initialised): heads and final norms change with the task
+HEAD_KEYS = ('head.', 'fc_norm.', 'norm.', 'lm_head.', 'mask_token')
+
+
+def _read_checkpoint(path):
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # official EVA-01 files pickle an argparse.Namespace under 'args'
+        if 'weights_only' not in str(e) and 'Unsupported global' not in str(e):
+            raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+        print(f"load_pretrained: {path} holds non-tensor objects; loading it with weights_only=False (trusted file)")
+        return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def unwrap_state_dict(ckpt):
+    """Find the encoder's state dict in any of the layouts: official EVA-01 ('model', 'module', EMA
+    'model_ema'), timm ('state_dict'), open_clip EVA01-g-14 ('visual.trunk.' prefix), our checkpoints
+    ('model'), DDP / torch.compile prefixes. Returns (state_dict, list of notes)."""
+    notes = []
+    for key in ('model', 'module', 'state_dict', 'model_ema'):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            notes.append(f"weights under '{key}'")
+            break
+    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    for prefix in ('module.', '_orig_mod.'):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    for prefix in ('visual.trunk.', 'visual.'):  # open_clip's timm tower, then EVA-CLIP's own layout
+        if prefix + 'pos_embed' in sd:
+            n = len(sd)
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            notes.append(f"image tower under '{prefix}' ({n - len(sd)} other keys ignored)")
+            break
+    return sd, notes
+
+
+def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbose=True):
+    """Load an encoder checkpoint of any layout into `model` (an EVA). Resizes pos_embed and the patch kernel
+    to the model's grid and patch size, drops what the model does not use (mask_token, lm_head, a final norm
+    of the other pooling, a head of another class count), and fails on everything else: a key of another
+    shape names the key and both shapes; keys left missing must all start with `allowed_missing`.
+    Returns dict(missing=[...], dropped=[...], resized=[...])."""
+    src = path_or_state_dict if isinstance(path_or_state_dict, str) else 'state dict'
+    ckpt = _read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    sd, notes = unwrap_state_dict(ckpt)
+    target = model.state_dict()
+    cfg = model.config
+    out, dropped, resized, bad = {}, [], [], []
+    for k, v in sd.items():
+        if k not in target:
+            # what other stages leave in an encoder file, and which this model does not have
+            if k.startswith(HEAD_KEYS) or k.endswith('attn.k_bias') or k == 'rel_pos_bias':
+                dropped.append(k)
+                continue
+            bad.append(f"{k}: in the checkpoint {tuple(v.shape)}, not in the model (depth {cfg.depth}, "
+                       f"pooling {cfg.pooling!r})")
+            continue
+        t = target[k]
+        if k == 'patch_embed.proj.weight' and v.shape[:2] == t.shape[:2] and v.shape != t.shape:
+            v = resize_patch_embed(v, t.shape[-2:])
+            resized.append(f"patch_embed {sd[k].shape[-1]}->{t.shape[-1]}")
+        elif k == 'pos_embed' and v.ndim == 3 and v.shape[-1] == t.shape[-1] and v.shape != t.shape:
+            old = math.isqrt(v.shape[1] - 1)
+            v = resize_pos_embed(v, cfg.grid)
+            resized.append(f"pos_embed {old}x{old}->{cfg.grid}x{cfg.grid}")
+        elif k.startswith('head.') and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
+            dropped.append(f"{k} ({v.shape[0]} classes, model has {t.shape[0]})")
+            continue
+        if v.shape != t.shape:
+            bad.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")
+            continue
+        out[k] = v
+    if bad:
+        raise ValueError(f"checkpoint {src} does not fit the model:\n  " + "\n  ".join(bad[:10]) +
+                         (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    missing = [k for k in target if k not in out]
+    not_allowed = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    if not_allowed:
+        raise ValueError(f"checkpoint {src} lacks {len(not_allowed)} keys the model needs, e.g. "
+                         f"{', '.join(not_allowed[:5])}")
+    model.load_state_dict(out, strict=False)
+    if verbose:
+        print(f"load_pretrained: {len(out)} tensors from {src}" + ''.join(f"; {n}" for n in notes) +
+              (f"; resized {', '.join(resized)}" if resized else '') +
+              (f"; dropped {', '.join(dropped)}" if dropped else '') +
+              (f"; newly initialised {', '.join(missing)}" if missing else ''))
+    return dict(missing=missing, dropped=dropped, resized=resized)
+
+# -----------------------------------------------------------------------------
+# optimizer parameter groups, shared by every stage
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW groups for an EVA: no weight decay on 1-D parameters, biases, pos_embed and cls_token (BEiT's
+    get_parameter_groups; the mask_token is decayed there too); layer-wise lr scale
+    layer_decay ** (depth + 1 - layer_id), with the embeddings at layer 0, block i at i + 1, and the final norms
+    and heads at depth + 1. Each group carries 'lr_scale'; the training loop sets lr = lr * lr_scale per step."""
+    depth = model.config.depth
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:  # e.g. the patch embedding frozen in fine-tuning
+            continue
+        if name.startswith(('cls_token', 'mask_token', 'pos_embed', 'patch_embed')):
+            layer_id = 0
+        elif name.startswith('blocks.'):
+            layer_id = int(name.split('.')[1]) + 1
+        else:
+            layer_id = depth + 1
+        no_decay = p.ndim == 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
+        key = (layer_id, no_decay)
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                               lr_scale=layer_decay ** (depth + 1 - layer_id))
+        groups[key]['params'].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+# -----------------------------------------------------------------------------
+# command line: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]
+
+
+def convert_psz14to16(src, dst, image_size=224, patch_size=16):
+    """The official interpolate_patch_14to16.py: resize the patch kernel and pos_embed in place, keep every
+    other entry of the file (its layout, optimizer-free 'model' dict, args) as it was."""
+    ckpt = _read_checkpoint(src)
+    sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
+    for k in ('patch_embed.proj.weight', 'pos_embed'):
+        if k not in sd:
+            raise KeyError(f"{src} has no '{k}' (keys: {', '.join(list(sd)[:8])} ...)")
+    old_p, old_g = sd['patch_embed.proj.weight'].shape[-1], math.isqrt(sd['pos_embed'].shape[1] - 1)
+    sd['patch_embed.proj.weight'] = resize_patch_embed(sd['patch_embed.proj.weight'], patch_size)
+    sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], image_size // patch_size)
+    torch.save(ckpt, dst)
+    print(f"{src} -> {dst}: patch {old_p}->{patch_size}, pos_embed {old_g}x{old_g}->"
+          f"{image_size // patch_size}x{image_size // patch_size}")
+
+
+if __name__ == '__main__':
+    args = [a for a in sys.argv[1:] if not a.startswith('--')]
+    opts = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+    if len(args) != 3 or args[0] != 'psz14to16' or set(opts) - {'image_size', 'patch_size'}:
+        sys.exit("usage: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]")
+    convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
