@@ -218,7 +218,11 @@ class EVA(nn.Module):
         x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.config.pooling == 'mean' else x[:, 0]
         return self.head(x)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """Logits (B, num_classes) or pooled features; with a MIM mask, forward_mim's predictions (one entry
+        point, so that a DeepSpeed engine can call either)."""
+        if mask is not None:
+            return self.forward_mim(x, mask)
         return self.forward_head(self.forward_features(x))
 
     def forward_mim(self, x, mask):
@@ -231,11 +235,57 @@ class EVA(nn.Module):
         """Matmul FLOPs per image (2 per multiply-add), the same count torch's FlopCounterMode gives; with
         backward, x3 (the usual estimate: backward costs twice the forward). Used for MFU."""
         cfg = self.config
-        N, D, M, P = 1 + cfg.num_patches, cfg.embed_dim, cfg.mlp_dim, cfg.num_patches
-        block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * M  # qkv, qk^T and av, proj, mlp
-        f = 2 * P * cfg.in_chans * cfg.patch_size ** 2 * D + cfg.depth * block
-        f += 2 * D * cfg.num_classes + 2 * num_masked * D * cfg.mim_dim
+        f = vit_flops(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_dim, cfg.in_chans)
+        f += 2 * cfg.embed_dim * cfg.num_classes + 2 * num_masked * cfg.embed_dim * cfg.mim_dim
         return 3 * f if backward else f
+
+
+def vit_flops(img_size, patch_size, width, depth, mlp_dim, in_chans=3):
+    """Forward matmul FLOPs of a plain ViT with a cls token: patch embedding, then per block qkv, q k^T and
+    attn v, proj, and the MLP."""
+    P = (img_size // patch_size) ** 2
+    N, D = P + 1, width
+    block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * mlp_dim
+    return 2 * P * in_chans * patch_size ** 2 * D + depth * block
+
+
+def mim_loss(pred, target, mask):
+    """EVA's MIM loss: negative cosine similarity between the predictions at the masked positions, pred (M, C)
+    from forward_mim, and the teacher's features there, target (B, N, C); mean over masked tokens, float32
+    (EVA-01 engine_for_pretraining.py). Unmasked targets are never read."""
+    return -F.cosine_similarity(pred.float(), target[mask].float(), dim=-1).mean()
+
+
+class CLIPTeacher(nn.Module):
+    """The frozen MIM teacher: an open_clip CLIP image tower (OpenAI ViT-L/14 in the paper); its targets are the
+    patch tokens after ln_post and after the output projection (1024 -> 768 for ViT-L/14), cls dropped.
+    name='tiny' builds a small randomly initialised tower of the same class for tests and CPU demos."""
+
+    def __init__(self, name='ViT-L-14', pretrained='openai', img_size=224, patch_size=14):
+        super().__init__()
+        import open_clip
+        if name == 'tiny':
+            visual = open_clip.transformer.VisionTransformer(
+                image_size=img_size, patch_size=patch_size, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                output_dim=768)
+        else:  # pretrained: an open_clip tag ('openai' downloads once) or a local file
+            visual = open_clip.create_model(name, pretrained=pretrained or None).visual
+        visual.output_tokens = True  # open_clip returns the tokens after ln_post but before proj
+        self.visual = visual.eval().requires_grad_(False)
+        width = visual.conv1.out_channels
+        self.flops_per_image = vit_flops(visual.image_size[0], visual.patch_size[0], width,
+                                         len(visual.transformer.resblocks),
+                                         visual.transformer.resblocks[0].mlp.c_fc.out_features)
+        self.flops_per_image += 2 * visual.grid_size[0] * visual.grid_size[1] * width * visual.proj.shape[1]
+
+    def train(self, mode=True):
+        return super().train(False)  # always in eval mode
+
+    @torch.no_grad()
+    def forward(self, x):
+        """x (B, 3, H, W), normalised with CLIP's mean/std -> targets (B, N, out_dim)."""
+        _, tokens = self.visual(x.to(self.visual.proj.dtype))
+        return tokens @ self.visual.proj
 
 # -----------------------------------------------------------------------------
 # resizing, as the official code does it (pure functions, float32 inside)

@@ -1,0 +1,351 @@
+"""
+Data shared by every stage: image sources (folder trees, path lists, several roots merged, the procedural
+synthetic dataset), a per-sample-seeded dataset wrapper that skips bad files, BEiT's block-wise mask generator,
+a resumable distributed sampler, and the transforms.
+
+A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad file) and `name(i)`. `Samples`
+turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
+with any number of workers, before and after a resume.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision import transforms as T
+
+# OpenAI CLIP's normalisation: EVA's MIM student sees exactly what its CLIP teacher sees (EVA-01 pretraining)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.pgm')
+
+
+def load_rgb(path):
+    """Any PIL-readable image as 8-bit RGB: grayscale, palette, RGBA, CMYK, 16-bit all convert."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ('I;16', 'I;16B', 'I', 'F'):  # 16/32-bit grayscale: PIL's RGB conversion would clip
+            a = np.asarray(im, dtype=np.float32)
+            a = 255.0 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+            im = Image.fromarray(a.astype(np.uint8))
+        if im.mode == 'P' and 'transparency' in im.info:
+            im = im.convert('RGBA')
+        return im.convert('RGB')
+
+# -----------------------------------------------------------------------------
+# sources
+
+
+class ImageFiles:
+    """Images from one or more roots, merged in the order given (the paper merges six datasets):
+    a folder (searched at any depth for common extensions) or a .txt file of paths, one per line, optionally
+    followed by an integer label; relative paths are relative to the list's folder. Roots may be a list or a
+    string joined by ','. In a folder, the label is the index of the first-level subfolder (sorted), else -1."""
+
+    def __init__(self, roots):
+        roots = [r for r in (roots.split(',') if isinstance(roots, str) else roots) if r]
+        if not roots:
+            raise ValueError("no image root given")
+        self.items = []
+        for root in roots:
+            n = len(self.items)
+            if os.path.isdir(root):
+                self._scan_folder(root)
+            elif os.path.isfile(root):
+                self._read_list(root)
+            else:
+                raise FileNotFoundError(f"image root not found: {root}")
+            if len(self.items) == n:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+
+    def _scan_folder(self, root):
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        index = {c: i for i, c in enumerate(classes)}
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, root)
+            label = index[rel.split(os.sep)[0]] if rel != '.' else -1
+            self.items += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                           if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+    def _read_list(self, path):
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.strip().rsplit(maxsplit=1)
+                if not parts:
+                    continue
+                label = -1
+                if len(parts) == 2 and parts[1].lstrip('-').isdigit():
+                    label = int(parts[1])
+                else:
+                    parts = [line.strip()]
+                self.items.append((os.path.join(base, parts[0]), label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def name(self, i):
+        return self.items[i][0]
+
+    def load(self, i):
+        path, label = self.items[i]
+        return load_rgb(path), label
+
+
+class SyntheticShapes:
+    """Procedural images, deterministic by (seed, index), made on the fly: one shape of 10 kinds on a textured
+    background, with random colour, size and position, so the class is in the shape, not in the colours.
+    `describe(i)` gives the label, a caption, the box and the shape's mask (for CLIP and detection stages);
+    `render(i, shift)` draws the shape moved by `shift` pixels (for videos)."""
+
+    SHAPES = ('circle', 'square', 'triangle', 'plus', 'ring', 'diamond', 'wide bar', 'tall bar', 'cross', 'two dots')
+    TEXTURES = ('striped', 'checkered', 'noisy', 'gradient')
+    COLOURS = ('red', 'orange', 'yellow', 'green', 'cyan', 'blue', 'purple', 'pink')
+
+    def __init__(self, size, img_size=224, seed=0, num_classes=10):
+        assert 2 <= num_classes <= len(self.SHAPES), f"num_classes must be 2..{len(self.SHAPES)}"
+        self.size, self.img_size, self.seed, self.num_classes = size, img_size, seed, num_classes
+
+    def __len__(self):
+        return self.size
+
+    def name(self, i):
+        return f"synthetic[{i}]"
+
+    def _params(self, i):
+        rng = np.random.default_rng([self.seed, i, 7])
+        S = self.img_size
+        label = int(rng.integers(self.num_classes))
+        r = rng.uniform(0.18, 0.34) * S  # half-size of the shape
+        return dict(label=label, r=r, cx=rng.uniform(r, S - r), cy=rng.uniform(r, S - r),
+                    hue=rng.uniform(0, 1), value=rng.uniform(0.55, 1.0), texture=int(rng.integers(4)),
+                    bg=rng.uniform(0, 1, (2, 3)), freq=rng.uniform(2, 6), angle=rng.uniform(0, np.pi),
+                    noise_seed=int(rng.integers(2 ** 31)))
+
+    def _background(self, p):
+        S = self.img_size
+        y, x = np.mgrid[0:S, 0:S] / S
+        t = p['texture']
+        if t == 0:    # stripes at a random angle
+            w = (np.sin(2 * np.pi * p['freq'] * (x * np.cos(p['angle']) + y * np.sin(p['angle']))) > 0)
+        elif t == 1:  # checkerboard
+            w = ((np.floor(x * p['freq']) + np.floor(y * p['freq'])) % 2) > 0
+        elif t == 2:  # blocky noise
+            w = np.random.default_rng(p['noise_seed']).uniform(0, 1, (8, 8))
+            w = np.kron(w, np.ones((S // 8 + 1, S // 8 + 1)))[:S, :S]
+        else:         # smooth gradient
+            w = x * np.cos(p['angle']) + y * np.sin(p['angle'])
+            w = (w - w.min()) / max(w.max() - w.min(), 1e-6)
+        w = w.astype(np.float32)[..., None]
+        bg = (p['bg'][0] * (1 - w) + p['bg'][1] * w) * 0.6 + 0.2  # keep the background away from the extremes
+        return Image.fromarray((bg * 255).astype(np.uint8))
+
+    def _draw(self, draw, p, cx, cy, fill):
+        r, kind = p['r'], self.SHAPES[p['label']]
+        if kind == 'circle':
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif kind == 'square':
+            draw.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r], fill=fill)
+        elif kind == 'triangle':
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        elif kind == 'plus':
+            draw.rectangle([cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r], fill=fill)
+            draw.rectangle([cx - 0.3 * r, cy - r, cx + 0.3 * r, cy + r], fill=fill)
+        elif kind == 'ring':
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(0.35 * r)))
+        elif kind == 'diamond':
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        elif kind == 'wide bar':
+            draw.rectangle([cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r], fill=fill)
+        elif kind == 'tall bar':
+            draw.rectangle([cx - 0.3 * r, cy - r, cx + 0.3 * r, cy + r], fill=fill)
+        elif kind == 'cross':
+            draw.line([cx - r, cy - r, cx + r, cy + r], fill=fill, width=max(2, int(0.45 * r)))
+            draw.line([cx - r, cy + r, cx + r, cy - r], fill=fill, width=max(2, int(0.45 * r)))
+        else:  # two dots
+            d = 0.45 * r
+            draw.ellipse([cx - r, cy - r, cx - r + 2 * d, cy - r + 2 * d], fill=fill)
+            draw.ellipse([cx + r - 2 * d, cy + r - 2 * d, cx + r, cy + r], fill=fill)
+
+    def render(self, i, shift=(0.0, 0.0)):
+        """-> (RGB image, L mask of the shape) with the shape moved by shift (dx, dy) pixels."""
+        import colorsys
+        p = self._params(i)
+        im = self._background(p)
+        mask = Image.new('L', im.size, 0)
+        cx, cy = p['cx'] + shift[0], p['cy'] + shift[1]
+        colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(p['hue'], 0.9, p['value']))
+        self._draw(ImageDraw.Draw(im), p, cx, cy, colour)
+        self._draw(ImageDraw.Draw(mask), p, cx, cy, 255)
+        return im, mask
+
+    def load(self, i):
+        return self.render(i)[0], self._params(i)['label']
+
+    def describe(self, i):
+        p = self._params(i)
+        _, mask = self.render(i)
+        ys, xs = np.nonzero(np.asarray(mask))
+        size = 'small' if p['r'] < 0.24 * self.img_size else 'large'
+        colour = self.COLOURS[int(p['hue'] * len(self.COLOURS)) % len(self.COLOURS)]
+        caption = f"a {size} {colour} {self.SHAPES[p['label']]} on a {self.TEXTURES[p['texture']]} background"
+        return dict(label=p['label'], caption=caption, mask=np.asarray(mask) > 0,
+                    box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+def image_source(path, img_size=224, synthetic_size=10_000, seed=0):
+    """'synthetic' (or 'synthetic:SEED') -> SyntheticShapes; anything else -> ImageFiles."""
+    if path.startswith('synthetic'):
+        seed = int(path.split(':')[1]) if ':' in path else seed
+        return SyntheticShapes(synthetic_size, img_size, seed=seed)
+    return ImageFiles(path)
+
+# -----------------------------------------------------------------------------
+# masking
+
+
+class MaskingGenerator:
+    """BEiT's block-wise masking (beit/masking_generator.py), as EVA uses it: rectangles of random area
+    (>= min_num_patches) and log-uniform aspect are added until num_masking_patches are masked or no rectangle
+    fits. Returns a bool array of shape input_size. Randomness from `rng` (a numpy Generator) when given."""
+
+    def __init__(self, input_size, num_masking_patches, min_num_patches=16, max_num_patches=None,
+                 min_aspect=0.3, max_aspect=None):
+        self.height, self.width = (input_size, input_size) if isinstance(input_size, int) else input_size
+        self.num_masking_patches = num_masking_patches
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        self.rng = np.random.default_rng()
+
+    def _mask(self, mask, max_mask_patches, rng):
+        delta = 0
+        for _ in range(10):  # BEiT tries 10 rectangles before giving up on this round
+            # python's random.uniform as in BEiT: when fewer than min_num_patches are left to mask, the area is
+            # drawn between the two (numpy's uniform refuses low > high)
+            target_area = self.min_num_patches + (max_mask_patches - self.min_num_patches) * rng.random()
+            aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < self.width and h < self.height:
+                top = int(rng.integers(0, self.height - h + 1))
+                left = int(rng.integers(0, self.width - w + 1))
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= max_mask_patches:  # never overshoot the target count
+                    block[...] = True
+                    delta += new
+            if delta > 0:
+                break
+        return delta
+
+    def __call__(self, rng=None):
+        rng = self.rng if rng is None else rng
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        count = 0
+        while count < self.num_masking_patches:
+            delta = self._mask(mask, min(self.num_masking_patches - count, self.max_num_patches), rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+# -----------------------------------------------------------------------------
+# dataset wrapper and sampler
+
+
+class Samples(torch.utils.data.Dataset):
+    """source + transform (+ mask generator) -> (image tensor, label, mask or 0, index, skipped).
+    Sample i of epoch e is drawn with its own seeds from (seed, e, i), so it is the same whatever the worker,
+    the number of workers or a resume. An unreadable file is skipped: named in a warning, replaced by the next
+    index, and counted in `skipped` (the training loop sums and reports it); the run goes on."""
+
+    def __init__(self, source, transform, seed=0, mask_generator=None, max_skips=100):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.mask_generator, self.max_skips = mask_generator, max_skips
+        self.epoch = 0  # set before each epoch's DataLoader is made: workers copy the dataset at that point
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        for skipped in range(self.max_skips):
+            j = (i + skipped) % len(self.source)
+            try:
+                img, label = self.source.load(j)
+                break
+            except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
+                print(f"warning: skipping unreadable image {self.source.name(j)}: {e}", file=sys.stderr)
+        else:
+            raise RuntimeError(f"{self.max_skips} unreadable images in a row from {self.source.name(i)} on")
+        seq = np.random.SeedSequence([self.seed, self.epoch, i])
+        torch_seed, np_seed = seq.generate_state(2, dtype=np.uint64)
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG: seed it, then restore
+            torch.manual_seed(int(torch_seed) & ((1 << 63) - 1))
+            x = self.transform(img)
+        mask = 0
+        if self.mask_generator is not None:
+            mask = torch.from_numpy(self.mask_generator(np.random.default_rng(int(np_seed))))
+        return x, label, mask, i, skipped
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler's split (a seeded permutation per epoch, padded by wrapping to a multiple of the
+    world size, rank r takes every world-th index from r) that can start mid-epoch and stop early:
+    set_epoch(epoch, start, stop) yields this rank's indices [start, stop) of that epoch. With pad=False (for
+    evaluation) nothing is repeated: the ranks together see each sample exactly once, the last ranks one fewer."""
+
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, shuffle=True, pad=True):
+        self.n, self.num_replicas, self.rank, self.seed, self.shuffle = n, num_replicas, rank, seed, shuffle
+        self.pad = pad
+        self.per_rank = math.ceil(n / num_replicas) if pad else len(range(rank, n, num_replicas))
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start=0, stop=None):
+        self.epoch, self.start = epoch, start
+        self.stop = self.per_rank if stop is None else min(stop, self.per_rank)
+
+    def indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad:
+            order += order[:self.per_rank * self.num_replicas - self.n]  # pad by wrapping, as DistributedSampler
+        return order[self.rank::self.num_replicas][self.start:self.stop]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
+
+# -----------------------------------------------------------------------------
+# transforms
+
+
+def mim_transform(img_size=224, scale=(0.2, 1.0), mean=CLIP_MEAN, std=CLIP_STD):
+    """EVA-01 pretraining: RandomResizedCrop (bicubic) + flip, no colour jitter; CLIP normalisation."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(img_size=224, crop_pct=1.0, mean=CLIP_MEAN, std=CLIP_STD):
+    """Shorter side to img_size / crop_pct (bicubic), then a center crop of img_size."""
+    return T.Compose([
+        T.Resize(int(math.floor(img_size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
