@@ -31,7 +31,7 @@ from model import EVA, CLIPTeacher, eva_config, mim_loss, param_groups
 out_dir = 'out/pretrain'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 10  # steps between log lines
 eval_interval = 1000  # steps between validation losses (0: never)
-ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
+ckpt_interval = 1000  # steps between checkpoints (one is also written at the end); 0: none (benchmarks)
 keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are deleted)
 stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
 log_samples = False  # write the sample indices of every micro-batch to out_dir/samples_rank{r}.jsonl (debugging)
@@ -128,8 +128,11 @@ if val_data_path:
 
 
 def loader(dataset, sampler, batch):
+    # a generator of its own: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
+    # shift the drop-path draws after a resume (the samples are seeded per index and need no worker seeds)
     return torch.utils.data.DataLoader(dataset, batch, sampler=sampler, num_workers=num_workers, pin_memory=cuda,
-                                       drop_last=False, prefetch_factor=4 if num_workers else None)
+                                       drop_last=False, prefetch_factor=4 if num_workers else None,
+                                       generator=torch.Generator())
 
 
 def micro_batches(step):
@@ -149,7 +152,8 @@ val_mask = torch.from_numpy(np.indices((cfg.grid, cfg.grid)).sum(0) % 2 == 0).fl
 # -----------------------------------------------------------------------------
 # model, teacher, engine
 torch.manual_seed(seed)  # the same init on every rank (DeepSpeed also broadcasts rank 0's weights)
-model = EVA(cfg)
+with torch.device(device):  # initialising 1B parameters on the GPU takes seconds, on the CPU a minute
+    model = EVA(cfg)
 if init_from:
     from model import load_pretrained
     load_pretrained(model, init_from)
@@ -331,11 +335,12 @@ while step < total_steps:
                'grad_norm': float(grad_norm) if grad_norm is not None else None, 'skipped': engine.skipped_steps,
                'img_s': round(img_s, 1), 'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4),
                'bad_samples': int(stats[1].item()),
+               'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 2)}
         log(row)
         print0(f"step {step}/{total_steps} ep {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr_now:.2e} | "
                f"scale {row['loss_scale']} | gnorm {row['grad_norm'] or 0:.3f} | skipped {row['skipped']} | "
-               f"{img_s:.1f} img/s | mfu {100 * row['mfu']:.1f}% | bad {row['bad_samples']} | "
+               f"{img_s:.1f} img/s | mfu {100 * row['mfu']:.1f}% | mem {row['mem_gb']} GiB | bad {row['bad_samples']} | "
                f"eta {row['eta_h']:.2f} h")
         loss_sum.zero_()
         t_log, steps_logged = time.time(), 0
@@ -343,7 +348,7 @@ while step < total_steps:
         val_loss = evaluate()
         log({'step': step, 'val_loss': val_loss})
         print0(f"step {step}: val loss {val_loss:.4f}")
-    if step % ckpt_interval == 0 or step == total_steps or step == stop_step:
+    if ckpt_interval and (step % ckpt_interval == 0 or step == total_steps) or step == stop_step:
         save_checkpoint(step)
     if step == stop_step:
         print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
