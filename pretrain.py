@@ -161,7 +161,7 @@ teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_siz
 if cuda:
     teacher.half()  # the teacher only infers: fp16 halves its time and memory
 print0(f"student {model_size}: {sum(p.numel() for p in model.parameters()):,} parameters; teacher "
-       f"{teacher_model} ({'random init' if teacher_model == 'tiny' else teacher_pretrained})")
+       f"{teacher_model} ({'random init' if teacher_model == 'tiny' or not teacher_pretrained else teacher_pretrained})")
 with torch.no_grad():
     n_teacher = teacher(torch.zeros(1, 3, img_size, img_size, device=device)).shape
 assert n_teacher[1:] == (cfg.num_patches, 768), f"teacher gives {tuple(n_teacher)} tokens, the student wants " \
@@ -223,8 +223,8 @@ def save_checkpoint(step):
            'numpy': np.random.get_state()}
     atomic_save(rng, os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
     sd = full_state_dict()
-    # ZeRO-1 keeps a full copy of the weights on every rank: check that they agree
-    checksum = torch.tensor([sum(float(v.double().sum()) for v in sd.values())], dtype=torch.float64)
+    # ZeRO-1 keeps a full copy of the working weights on every rank: check that they agree
+    checksum = sum(p.detach().double().sum() for p in engine.module.parameters()).reshape(1)
     sums = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(sums, checksum)
     in_sync = all(float(s) == float(sums[0]) for s in sums)
