@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data import MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, mim_transform
-from model import EVA, CLIPTeacher, eva_config, mim_loss, param_groups
+from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
 
 # -----------------------------------------------------------------------------
 # config: the paper's recipe (EVA-01 pretraining, DESIGN.md section 3)
@@ -155,7 +155,6 @@ torch.manual_seed(seed)  # the same init on every rank (DeepSpeed also broadcast
 with torch.device(device):  # initialising 1B parameters on the GPU takes seconds, on the CPU a minute
     model = EVA(cfg)
 if init_from:
-    from model import load_pretrained
     load_pretrained(model, init_from)
 teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_size).to(device)
 if cuda:

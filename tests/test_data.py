@@ -1,0 +1,193 @@
+"""data.py and configurator.py: masking statistics, sampler splits and resumption, image sources and bad files,
+the synthetic dataset, config overrides."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (ImageFiles, MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, load_rgb,
+                  mim_transform)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def components(mask):
+    """Sizes of the 4-connected components of a bool grid (a plain flood fill, independent of data.py)."""
+    seen, sizes = np.zeros_like(mask), []
+    for i, j in zip(*np.nonzero(mask)):
+        if seen[i, j]:
+            continue
+        stack, n = [(i, j)], 0
+        seen[i, j] = True
+        while stack:
+            a, b = stack.pop()
+            n += 1
+            for x, y in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                if 0 <= x < mask.shape[0] and 0 <= y < mask.shape[1] and mask[x, y] and not seen[x, y]:
+                    seen[x, y] = True
+                    stack.append((x, y))
+        sizes.append(n)
+    return np.array(sizes)
+
+
+def test_mask_statistics_16x16_105():
+    gen = MaskingGenerator((16, 16), 105)
+    rng = np.random.default_rng(0)
+    masks = [gen(rng) for _ in range(400)]
+    counts = np.array([m.sum() for m in masks])
+    assert all(m.dtype == bool and m.shape == (16, 16) for m in masks)
+    assert counts.max() <= 105 and counts.mean() > 103  # never over, on average close to 105 (BEiT: ~104.5)
+    in_blocks = []
+    for m in masks:
+        sizes = components(m)
+        assert sizes.max() >= 16
+        in_blocks.append(sizes[sizes >= 16].sum() / sizes.sum())
+    # blocks of >= 16 patches hold almost every masked patch; only the last top-up rectangles may be smaller
+    assert np.mean(in_blocks) > 0.95 and np.min(in_blocks) >= 0.75
+    # the same rng state gives the same mask
+    assert np.array_equal(gen(np.random.default_rng(5)), gen(np.random.default_rng(5)))
+
+
+def test_sampler_disjoint_complete_and_resumable():
+    n = 23
+    ranks = [ResumableSampler(n, 2, r, seed=3) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    a, b = ranks[0].indices(), ranks[1].indices()
+    assert len(a) == len(b) == 12 and set(a) | set(b) == set(range(n))
+    assert len(set(a) & set(b)) == 1  # the one padding repeat, as DistributedSampler pads
+    full = ranks[0].indices()
+    ranks[0].set_epoch(1, start=5, stop=10)
+    assert ranks[0].indices() == full[5:10] and len(ranks[0]) == 5
+    ranks[0].set_epoch(2)
+    assert ranks[0].indices() != full  # a new order each epoch
+    # evaluation: no padding, every sample exactly once over an odd-sized set
+    ev = [ResumableSampler(n, 2, r, shuffle=False, pad=False).indices() for r in range(2)]
+    assert sorted(ev[0] + ev[1]) == list(range(n))
+
+
+def save_images(folder):
+    os.makedirs(folder / 'cls_b' / 'deep', exist_ok=True)
+    os.makedirs(folder / 'cls_a', exist_ok=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    rgb.save(folder / 'cls_a' / 'rgb.jpg')
+    rgb.convert('CMYK').save(folder / 'cls_a' / 'cmyk.jpg')
+    rgb.convert('L').save(folder / 'cls_b' / 'gray.png')
+    rgb.convert('P').save(folder / 'cls_b' / 'deep' / 'palette.png')
+    rgb.convert('RGBA').save(folder / 'cls_b' / 'rgba.png')
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(folder / 'cls_b' / 'gray16.png')
+    (folder / 'cls_b' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a jpeg')
+    (folder / 'cls_b' / 'notes.txt').write_text('not an image')
+
+
+def test_image_folder_modes_labels_and_bad_file(tmp_path, capsys):
+    save_images(tmp_path)
+    src = ImageFiles(str(tmp_path))
+    names = [os.path.relpath(src.name(i), tmp_path) for i in range(len(src))]
+    assert names == ['cls_a/cmyk.jpg', 'cls_a/rgb.jpg', 'cls_b/corrupt.jpg', 'cls_b/gray.png', 'cls_b/gray16.png',
+                     'cls_b/rgba.png', 'cls_b/deep/palette.png']
+    assert [label for _, label in src.items] == [0, 0, 1, 1, 1, 1, 1]
+    for i, name in enumerate(names):
+        if 'corrupt' not in name:
+            im, _ = src.load(i)
+            assert im.mode == 'RGB' and im.size == (30, 20), name
+    assert np.asarray(src.load(4)[0]).max() == 255  # 16-bit gray rescaled, not clipped to white
+    ds = Samples(src, mim_transform(16), seed=0)
+    x, label, _, idx, skipped = ds[2]  # the corrupt file: replaced by the next image, counted, named
+    assert skipped == 1 and idx == 2 and label == 1 and x.shape == (3, 16, 16)
+    assert 'corrupt.jpg' in capsys.readouterr().err
+    loader = torch.utils.data.DataLoader(ds, batch_size=7)
+    assert int(next(iter(loader))[4].sum()) == 1
+
+
+def test_path_list_and_merged_roots(tmp_path):
+    save_images(tmp_path / 'a')
+    (tmp_path / 'list.txt').write_text('a/cls_a/rgb.jpg 4\n\na/cls_b/gray.png\n')
+    src = ImageFiles(f"{tmp_path / 'list.txt'},{tmp_path / 'a' / 'cls_a'}")
+    assert len(src) == 4 and src.items[0] == (str(tmp_path / 'a/cls_a/rgb.jpg'), 4)
+    assert src.items[1][1] == -1 and src.load(1)[0].mode == 'RGB'
+
+
+def test_missing_or_empty_root_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        ImageFiles(str(tmp_path / 'nowhere'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='empty'):
+        ImageFiles(str(tmp_path / 'empty'))
+
+
+def test_samples_are_seeded_by_index_and_epoch():
+    src = SyntheticShapes(50, 32, seed=0)
+    ds = Samples(src, mim_transform(32), seed=0, mask_generator=MaskingGenerator(8, 26, min_num_patches=4))
+    a = ds[7]
+    torch.manual_seed(999)  # the global RNG does not matter, and is not consumed
+    state = torch.get_rng_state()
+    b = ds[7]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    ds.epoch = 1
+    assert not torch.equal(ds[7][0], a[0])  # another epoch, another crop
+
+
+def test_synthetic_shapes_learnable_but_not_by_colour():
+    src = SyntheticShapes(600, 32, seed=0)
+    assert np.array_equal(np.asarray(src.load(3)[0]), np.asarray(SyntheticShapes(600, 32, seed=0).load(3)[0]))
+    assert not np.array_equal(np.asarray(src.load(3)[0]), np.asarray(SyntheticShapes(600, 32, seed=1).load(3)[0]))
+    labels = np.array([src.load(i)[1] for i in range(600)])
+    assert set(labels) == set(range(10))
+    # a nearest-class-mean classifier on mean colour, fit on 400 images and tested on 200, is near chance
+    feats = np.array([np.asarray(src.load(i)[0], dtype=np.float32).mean((0, 1)) for i in range(600)])
+    means = np.stack([feats[:400][labels[:400] == c].mean(0) for c in range(10)])
+    pred = ((feats[400:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == labels[400:]).mean() < 0.25
+    d = src.describe(5)
+    x0, y0, x1, y1 = d['box']
+    assert d['mask'][y0:y1, x0:x1].sum() == d['mask'].sum() > 0
+    assert src.SHAPES[d['label']] in d['caption']
+
+
+# ---- configurator -------------------------------------------------------------------------------------------
+
+def run_config(tmp_path, *args):
+    script = tmp_path / 'stage.py'
+    script.write_text(
+        "import json, os\n"
+        "lr = 1e-3  # peak learning rate\n"
+        "batch_size = 4096  # global batch\n"
+        "crop_scale = (0.2, 1.0)  # crop scale range\n"
+        "use_ema = False  # keep an EMA\n"
+        "init_from = None  # checkpoint to start from\n"
+        "out_dir = 'out'  # where to write\n"
+        f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
+        "print(json.dumps({k: globals()[k] for k in _keys}))\n")
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_configurator_overrides_and_types(tmp_path):
+    (tmp_path / 'cfg.py').write_text("import math\nlr = 5e-4\ncrop_scale = [0.5, 1.0]\n")
+    r = run_config(tmp_path, 'cfg.py', '--batch_size=512', '--init_from=ckpt/a=b.pt', '--use_ema=True', '--lr=1')
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg == {'lr': 1.0, 'batch_size': 512, 'crop_scale': [0.5, 1.0], 'use_ema': True,
+                   'init_from': 'ckpt/a=b.pt', 'out_dir': 'out'}
+
+
+def test_configurator_errors_and_help(tmp_path):
+    r = run_config(tmp_path, '--batch_sise=8')
+    assert r.returncode != 0 and "unknown config key 'batch_sise'" in r.stderr and 'batch_size' in r.stderr
+    r = run_config(tmp_path, '--batch_size=1.5')
+    assert r.returncode != 0 and "'batch_size'" in r.stderr and 'int' in r.stderr
+    r = run_config(tmp_path, '--use_ema=1')
+    assert r.returncode != 0 and "'use_ema'" in r.stderr
+    (tmp_path / 'bad.py').write_text("learning_rate = 1.0\n")
+    r = run_config(tmp_path, 'bad.py')
+    assert r.returncode != 0 and 'learning_rate' in r.stderr and 'bad.py' in r.stderr
+    r = run_config(tmp_path, 'missing.py')
+    assert r.returncode != 0 and 'missing.py' in r.stderr
+    r = run_config(tmp_path, '--help')
+    assert r.returncode == 0 and 'peak learning rate' in r.stdout and '4096' in r.stdout

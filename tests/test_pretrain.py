@@ -1,0 +1,151 @@
+"""pretrain.py end to end on the CPU through the real DeepSpeed engine (fp32, ZeRO-1), and the MIM pieces it uses:
+the loss and the CLIP teacher's targets."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data import MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, mim_transform
+from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['config/pretrain_tiny.py', '--eval_interval=0', '--ckpt_interval=0', '--log_interval=1']
+
+
+def pretrain(out_dir, *args, nproc=1):
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc > 1 else [sys.executable]
+    r = subprocess.run(launch + ['pretrain.py', *TINY, f'--out_dir={out_dir}', *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path):
+    out = tmp_path / 'run'
+    # 32 images = one batch, seen 40 times under fresh crops: the loss must fall clearly
+    log = pretrain(out, '--synthetic_size=32', '--max_steps=40', '--ckpt_interval=40', '--val_data_path=synthetic:1',
+                   '--val_size=40', '--eval_interval=40')
+    assert 'training in fp32 instead' in log  # said once, on the CPU
+    loss = losses(out)
+    assert len(loss) == 40 and loss[1] > -0.1 and loss[40] < loss[1] - 0.3, loss
+    val = [json.loads(line)['val_loss'] for line in open(out / 'log.jsonl') if 'val_loss' in line]
+    assert len(val) == 1 and val[0] < -0.3
+    # the encoder file: official keys, our loader and timm read it
+    ckpt = torch.load(out / 'eva_mim.pt', weights_only=False)
+    assert ckpt['step'] == 40 and ckpt['config']['model_size'] == 'eva_tiny'
+    assert {'mask_token', 'lm_head.weight', 'norm.weight', 'blocks.1.attn.q_bias'} <= set(ckpt['model'])
+    clf = EVA(eva_config('eva_tiny', num_classes=10))
+    info = load_pretrained(clf, str(out / 'eva_mim.pt'))
+    assert sorted(info['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    mim = EVA(eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768))
+    assert load_pretrained(mim, str(out / 'eva_mim.pt'))['missing'] == []
+    import timm.models.eva as timm_eva
+    ref = timm_eva.Eva(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=0,
+                       global_pool='token')
+    sd = {k: v for k, v in ckpt['model'].items() if k not in ('mask_token', 'lm_head.weight', 'lm_head.bias')}
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval()(x), mim.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    args = ['--synthetic_size=256', '--max_steps=6', '--batch_size=16', '--micro_batch=8']
+    pretrain(tmp_path / 'full', *args)
+    out = pretrain(tmp_path / 'split', *args, '--stop_step=3')
+    assert 'stopping at step 3' in out and len(losses(tmp_path / 'split')) == 3
+    out = pretrain(tmp_path / 'split', *args)
+    assert 'resumed from' in out and 'at step 3' in out
+    full, split = losses(tmp_path / 'full'), losses(tmp_path / 'split')
+    assert sorted(split) == list(range(1, 7))
+    # on the CPU in fp32 the resumed run is the same computation: equal to float rounding of the log (1e-6)
+    for s in range(1, 7):
+        assert split[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, split[s], full[s])
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    # seed 3: its first 8 samples all have 26 masked patches (see the precondition below)
+    common = ['--synthetic_size=64', '--max_steps=1', '--batch_size=8', '--drop_path=0.0', '--ckpt_interval=1',
+              '--warmup_epochs=0.0', '--log_samples=True', '--seed=3']
+    pretrain(tmp_path / 'accum', *common, '--micro_batch=4')
+    pretrain(tmp_path / 'whole', *common, '--micro_batch=8')
+    steps = [json.loads(line) for line in open(tmp_path / 'accum' / 'samples_rank0.jsonl')]
+    assert len(steps) == 2 and all(len(s['indices']) == 4 for s in steps)
+    # precondition: the token-mean loss of 2 x 4 equals that of 8 only if every image has as many masked patches
+    ds = Samples(SyntheticShapes(64, 32, seed=3), mim_transform(32), 3, MaskingGenerator(8, 26, min_num_patches=4))
+    counts = {int(ds[i][2].sum()) for s in steps for i in s['indices']}
+    assert len(counts) == 1, f"masked counts differ ({counts}): pick other samples for this test"
+    a = torch.load(tmp_path / 'accum' / 'eva_mim.pt', weights_only=False)['model']
+    b = torch.load(tmp_path / 'whole' / 'eva_mim.pt', weights_only=False)['model']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+    torch.manual_seed(3)  # pretrain.py's init: the step did move the weights, by far more than the tolerance
+    init = EVA(eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768)).state_dict()
+    assert torch.equal(init['pos_embed'], torch.load(tmp_path / 'accum' / 'ckpt' / 'step1' /
+                       'mp_rank_00_model_states.pt', weights_only=False)['module']['pos_embed']) is False
+    assert (a['blocks.0.attn.qkv.weight'] - init['blocks.0.attn.qkv.weight']).abs().max() > 1e-4
+    assert (losses(tmp_path / 'accum')[1] == pytest.approx(losses(tmp_path / 'whole')[1], rel=1e-5))
+
+
+def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
+    out = pretrain(tmp_path / 'ddp', '--synthetic_size=128', '--max_steps=2', '--batch_size=16', '--micro_batch=8',
+                   '--ckpt_interval=2', '--log_samples=True', nproc=2)
+    assert 'world 2 x micro-batch 8 x grad-accum 1 = global batch 16' in out
+    assert 'weights identical on all 2 ranks: True' in out
+    r0 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank0.jsonl')]
+    r1 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank1.jsonl')]
+    assert [s['step'] for s in r0] == [s['step'] for s in r1] == [0, 1]
+    for a, b in zip(r0, r1):
+        assert len(a['indices']) == len(b['indices']) == 8 and not set(a['indices']) & set(b['indices'])
+    # the split is the sampler's: rank r takes every 2nd index of the epoch's permutation
+    expect = [ResumableSampler(128, 2, r, seed=0).indices()[:16] for r in range(2)]
+    assert r0[0]['indices'] + r0[1]['indices'] == expect[0] and r1[0]['indices'] + r1[1]['indices'] == expect[1]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--data_path=/no/such/folder'], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and '/no/such/folder' in r.stderr
+    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--lrr=1e-3'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown config key 'lrr'" in r.stderr and 'lr' in r.stderr
+    r = subprocess.run([sys.executable, 'pretrain.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and 'global batch (16 nodes x 8 GPUs x 32)' in r.stdout
+
+
+def test_loss_ignores_unmasked_targets():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 10, generator=g) < 0.4
+    pred = torch.randn(int(mask.sum()), 768, generator=g)
+    target = torch.randn(3, 10, 768, generator=g)
+    loss = mim_loss(pred, target, mask)
+    changed = torch.where(mask[..., None], target, torch.randn(3, 10, 768, generator=g) * 50)
+    assert mim_loss(pred, changed, mask) == loss
+    # by hand: mean over masked tokens of -cos
+    t = target[mask]
+    manual = -(pred * t).sum(-1) / (pred.norm(dim=-1) * t.norm(dim=-1))
+    torch.testing.assert_close(loss, manual.mean())
+    assert mim_loss(t * 3.0, target, mask).item() == pytest.approx(-1.0)  # scale-free: perfect = -1
+
+
+def test_teacher_targets_are_patch_tokens_after_ln_post_and_proj():
+    torch.manual_seed(0)
+    teacher = CLIPTeacher('tiny', img_size=32, patch_size=4)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    seen = {}
+    teacher.visual.ln_post.register_forward_hook(lambda m, i, o: seen.update(ln_post=o))
+    x = torch.randn(2, 3, 32, 32)
+    out = teacher(x)
+    assert out.shape == (2, 64, 768)
+    torch.testing.assert_close(out, seen['ln_post'][:, 1:] @ teacher.visual.proj)  # cls dropped, 768-d
