@@ -217,7 +217,11 @@ def full_state_dict():
 
 def save_checkpoint(step):
     tag = f'step{step}'
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={'step': step, 'config': config}, save_latest=False)
+    # the data position follows from the step (each epoch's order is seeded); it is stored for the reader
+    epoch, within = divmod(step, steps_per_epoch)
+    position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={'step': step, 'config': config, 'data': position},
+                           save_latest=False)
     rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None,
            'numpy': np.random.get_state()}
     atomic_save(rng, os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
