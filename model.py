@@ -439,6 +439,15 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         groups[key]['params'].append(p)
     return [groups[k] for k in sorted(groups)]
 
+@torch.no_grad()
+def ema_update_(ema_model, model, decay):
+    """EMA of the weights in float32 (timm's ModelEmaV2, as EVA-01's fine-tuning uses it):
+    ema = decay * ema + (1 - decay) * weights, for every parameter and buffer."""
+    ema = [t for t in ema_model.state_dict().values() if t.is_floating_point()]
+    cur = [t for t in model.state_dict().values() if t.is_floating_point()]
+    assert len(ema) == len(cur), "EMA and model differ in their tensors"
+    torch._foreach_lerp_(ema, [c.to(e.dtype) for e, c in zip(ema, cur)], 1.0 - decay)
+
 # -----------------------------------------------------------------------------
 # command line: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]
 

@@ -287,3 +287,21 @@ def test_unknown_size_and_wrong_input_size():
         eva_config('eva_x')
     with pytest.raises(ValueError, match='built for 32x32'):
         EVA(eva_config('eva_tiny'))(torch.randn(1, 3, 48, 48))
+
+
+def test_ema_closed_form():
+    """ema_k = d^k ema_0 + sum_j (1 - d) d^(k-1-j) w_j for the weights w_j after each of k updates."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = torch.nn.Linear(3, 2)
+    e0 = {k: v.clone() for k, v in ema.state_dict().items()}
+    d, ws = 0.9, []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ws.append({k: v.clone() for k, v in model.state_dict().items()})
+        M.ema_update_(ema, model, d)
+    for k in e0:
+        expected = d ** 5 * e0[k] + sum((1 - d) * d ** (4 - j) * ws[j][k] for j in range(5))
+        torch.testing.assert_close(ema.state_dict()[k], expected)
