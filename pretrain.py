@@ -206,12 +206,14 @@ def atomic_save(obj, path):
 
 
 def full_state_dict():
-    """The full-precision weights: ZeRO keeps fp32 master copies partitioned over ranks (a collective)."""
+    """The full-precision weights: ZeRO keeps fp32 master copies partitioned over ranks, so every rank takes
+    part in gathering them (a collective); only rank 0, which writes the file, keeps a host copy."""
     from deepspeed.utils import safe_get_full_fp32_param
     sd = {}
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # None without ZeRO: then the module's weights are the master copy
-        sd[name] = (full if full is not None else p.detach().float()).cpu().clone()
+        if master:
+            sd[name] = (full if full is not None else p.detach().float()).cpu().clone()
     return sd
 
 
@@ -263,8 +265,8 @@ else:
 
 # -----------------------------------------------------------------------------
 # logging
+os.makedirs(out_dir, exist_ok=True)  # on every rank: each may write its own files here
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
     log_file.write(json.dumps({'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
                                'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}) + '\n')
