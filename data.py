@@ -7,6 +7,7 @@ A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad fi
 turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
 with any number of workers, before and after a resume.
 """
+import json
 import math
 import os
 import sys
@@ -44,12 +45,16 @@ class ImageFiles:
     """Images from one or more roots, merged in the order given (the paper merges six datasets):
     a folder (searched at any depth for common extensions) or a .txt file of paths, one per line, optionally
     followed by an integer label; relative paths are relative to the list's folder. Roots may be a list or a
-    string joined by ','. In a folder, the label is the index of the first-level subfolder (sorted), else -1."""
+    string joined by ','. In a folder, the label is the index of the first-level subfolder (sorted), else -1.
+    With `classes` (e.g. imagenet_classes()), a subfolder's label is its index in that list instead, so that a
+    variant holding a subset of the classes (ImageNet-A, -R) keeps the labels of the full head; all-digit folder
+    names are taken as the label itself (ImageNet-V2's '0' ... '999', which sort as strings otherwise)."""
 
-    def __init__(self, roots):
+    def __init__(self, roots, classes=None):
         roots = [r for r in (roots.split(',') if isinstance(roots, str) else roots) if r]
         if not roots:
             raise ValueError("no image root given")
+        self.class_list = classes  # None: the sorted folder names of each root
         self.items = []
         for root in roots:
             n = len(self.items)
@@ -63,8 +68,17 @@ class ImageFiles:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
 
     def _scan_folder(self, root):
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        index = {c: i for i, c in enumerate(classes)}
+        folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.classes = folders
+        if self.class_list is None:
+            index = {c: i for i, c in enumerate(folders)}
+        elif folders and all(f.isdigit() for f in folders):
+            index = {f: int(f) for f in folders}
+        else:
+            index = {c: i for i, c in enumerate(self.class_list)}
+        unknown = [f for f in folders if f not in index or index[f] >= len(self.class_list or folders)]
+        if unknown:
+            raise ValueError(f"{root}: class folders not in the class list: {', '.join(unknown[:5])}")
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames.sort()
             rel = os.path.relpath(dirpath, root)
@@ -142,7 +156,8 @@ class SyntheticShapes:
             w = x * np.cos(p['angle']) + y * np.sin(p['angle'])
             w = (w - w.min()) / max(w.max() - w.min(), 1e-6)
         w = w.astype(np.float32)[..., None]
-        bg = (p['bg'][0] * (1 - w) + p['bg'][1] * w) * 0.6 + 0.2  # keep the background away from the extremes
+        # a low-contrast texture in the middle of the range: a distractor that does not drown a 32 px shape
+        bg = (p['bg'][0] * (1 - w) + p['bg'][1] * w) * 0.3 + 0.35
         return Image.fromarray((bg * 255).astype(np.uint8))
 
     def _draw(self, draw, p, cx, cy, fill):
@@ -198,12 +213,53 @@ class SyntheticShapes:
                     box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
-def image_source(path, img_size=224, synthetic_size=10_000, seed=0):
-    """'synthetic' (or 'synthetic:SEED') -> SyntheticShapes; anything else -> ImageFiles."""
+def image_source(path, img_size=224, synthetic_size=10_000, seed=0, classes=None):
+    """'synthetic' (or 'synthetic:SEED') -> SyntheticShapes; anything else -> ImageFiles(path, classes)."""
     if path.startswith('synthetic'):
         seed = int(path.split(':')[1]) if ':' in path else seed
         return SyntheticShapes(synthetic_size, img_size, seed=seed)
-    return ImageFiles(path)
+    return ImageFiles(path, classes)
+
+# -----------------------------------------------------------------------------
+# ImageNet label spaces: the class lists timm ships (timm/data/_info), never hand-typed copies
+
+
+def imagenet_classes(name='imagenet-1k'):
+    """WordNet ids in the order of released heads: 'imagenet-1k' (1000, sorted ids), 'imagenet-21k' (timm's
+    21,843 Google synsets)."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo(name).label_names())
+
+
+def _timm_info(filename):
+    import pkgutil
+    return pkgutil.get_data('timm.data', f'_info/{filename}').decode()
+
+
+def imagenet_subset(name):
+    """The 200 classes of ImageNet-A ('a') or ImageNet-R ('r') as indices into the 1000."""
+    return [int(i) for i in _timm_info(f'imagenet_{name}_indices.txt').split()]
+
+
+def imagenet_real_labels():
+    """ImageNet-ReaL (Beyer et al. 2020): val file name -> list of correct 1000-class indices (empty for the
+    3,163 images ReaL judged to have none; those are not scored)."""
+    labels = json.loads(_timm_info('imagenet_real_labels.json'))
+    return {f'ILSVRC2012_val_{i + 1:08d}.JPEG': lab for i, lab in enumerate(labels)}
+
+
+def topk_hits(logits, targets, k=5, classes=None):
+    """logits (B, C); targets (B, C) bool, every correct class marked (one for plain labels, several for ReaL or
+    ObjectNet); classes: indices into C that predictions are restricted to (IN-A / IN-R's 200), or None.
+    -> (top-1 hits, top-k hits, images scored): images with no correct class are not scored."""
+    if classes is not None:
+        keep = torch.full_like(logits, float('-inf'))
+        keep[:, classes] = 0
+        logits = logits + keep
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    hit = targets.gather(1, top)
+    scored = targets.any(1)
+    return int((hit[:, 0] & scored).sum()), int((hit.any(1) & scored).sum()), int(scored.sum())
 
 # -----------------------------------------------------------------------------
 # masking
@@ -326,6 +382,27 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return max(self.stop - self.start, 0)
+
+def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False):
+    """A DataLoader with a generator of its own: a DataLoader otherwise draws its workers' base seed from the
+    global RNG, which would shift the model's random draws (drop path, mixup) after a resume. The samples are
+    seeded per index (Samples) and need no worker seeds."""
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+                                       generator=torch.Generator())
+
+
+def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers=0, pin_memory=False):
+    """Training micro-batches from the data position of optimizer step `step` on, forever. Each epoch has its own
+    seeded order: the dataset's and the sampler's epoch are set before that epoch's loader is made (workers copy
+    the dataset then), and an epoch ends after exactly steps_per_epoch steps on every rank."""
+    per_step = micro_batch * grad_accum
+    while True:
+        epoch, within = divmod(step, steps_per_epoch)
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch, start=within * per_step, stop=steps_per_epoch * per_step)
+        yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory)
+        step = (epoch + 1) * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # transforms

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, mim_transform
+from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
+                  mim_transform, train_batches)
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
 
 # -----------------------------------------------------------------------------
@@ -125,25 +126,6 @@ sampler = ResumableSampler(len(train_set), world, rank, seed)
 val_set = None
 if val_data_path:
     val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1), eval_transform(img_size), seed)
-
-
-def loader(dataset, sampler, batch):
-    # a generator of its own: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
-    # shift the drop-path draws after a resume (the samples are seeded per index and need no worker seeds)
-    return torch.utils.data.DataLoader(dataset, batch, sampler=sampler, num_workers=num_workers, pin_memory=cuda,
-                                       drop_last=False, prefetch_factor=4 if num_workers else None,
-                                       generator=torch.Generator())
-
-
-def micro_batches(step):
-    """Micro-batches from the data position of `step` on; each epoch has its own seeded order."""
-    while True:
-        epoch, within = divmod(step, steps_per_epoch)
-        per_step = micro_batch * grad_accum
-        train_set.epoch = epoch
-        sampler.set_epoch(epoch, start=within * per_step, stop=steps_per_epoch * per_step)
-        yield from loader(train_set, sampler, micro_batch)
-        step = (epoch + 1) * steps_per_epoch
 
 
 # validation: every other patch masked, in a checkerboard (EVA reports the val loss this way)
@@ -290,7 +272,7 @@ def evaluate():
     engine.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)  # each image once
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of per-image losses, images)
-    for x, _, _, _, _ in loader(val_set, sampler, micro_batch):
+    for x, _, _, _, _ in make_loader(val_set, sampler, micro_batch, num_workers, cuda):
         x = x.to(device, non_blocking=True)
         mask = val_mask.to(device).expand(x.shape[0], -1)
         pred = engine(x.to(model_dtype), mask)
@@ -305,7 +287,7 @@ def evaluate():
 # -----------------------------------------------------------------------------
 # training loop
 engine.train()
-data = micro_batches(step)
+data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
 loss_sum = torch.zeros((), device=device)
 bad_samples = torch.zeros((), device=device)
 t_log, steps_logged, t_start, start_step = time.time(), 0, time.time(), step
