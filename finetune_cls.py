@@ -375,10 +375,11 @@ while step < total_steps:
         img_s = n_logged * batch_size / (time.time() - t_log)
         row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world,
                'lr': lr_now, 'loss_scale': optimizer.cur_scale if dtype == 'fp16' else None,
-               'skipped': engine.skipped_steps, 'img_s': round(img_s, 1), 'bad_samples': int(stats[1].item())}
+               'skipped': engine.skipped_steps, 'img_s': round(img_s, 1), 'bad_samples': int(stats[1].item()),
+               'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
         log(row)
         print0(f"step {step}/{total_steps} ep {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr_now:.2e} | "
-               f"skipped {row['skipped']} | {img_s:.1f} img/s | bad {row['bad_samples']}")
+               f"skipped {row['skipped']} | {img_s:.1f} img/s | mem {row['mem_gb']} GiB | bad {row['bad_samples']}")
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if step % steps_per_epoch == 0 or step == total_steps:
