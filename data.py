@@ -202,15 +202,61 @@ class SyntheticShapes:
     def load(self, i):
         return self.render(i)[0], self._params(i)['label']
 
+    def caption(self, i):
+        """'a {size} {colour} {shape} on a {texture} background', from the drawing parameters."""
+        p = self._params(i)
+        size = 'small' if p['r'] < 0.24 * self.img_size else 'large'
+        colour = self.COLOURS[int(p['hue'] * len(self.COLOURS)) % len(self.COLOURS)]
+        return f"a {size} {colour} {self.SHAPES[p['label']]} on a {self.TEXTURES[p['texture']]} background"
+
     def describe(self, i):
         p = self._params(i)
         _, mask = self.render(i)
         ys, xs = np.nonzero(np.asarray(mask))
-        size = 'small' if p['r'] < 0.24 * self.img_size else 'large'
-        colour = self.COLOURS[int(p['hue'] * len(self.COLOURS)) % len(self.COLOURS)]
-        caption = f"a {size} {colour} {self.SHAPES[p['label']]} on a {self.TEXTURES[p['texture']]} background"
-        return dict(label=p['label'], caption=caption, mask=np.asarray(mask) > 0,
+        return dict(label=p['label'], caption=self.caption(i), mask=np.asarray(mask) > 0,
                     box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+class SyntheticCaptions(SyntheticShapes):
+    """SyntheticShapes as image-text pairs: load(i) -> (image, caption)."""
+
+    def load(self, i):
+        return self.render(i)[0], self.caption(i)
+
+
+class CaptionFiles:
+    """Image-text pairs from a CSV or TSV file with a header (open_clip's --csv-img-key / --csv-caption-key
+    layout): load(i) -> (image, caption). Paths are relative to the file's folder unless absolute. A missing or
+    unreadable image and an empty caption raise on load, so Samples skips and counts them."""
+
+    def __init__(self, path, img_key='filepath', caption_key='title', sep=''):
+        import csv
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"caption file not found: {path}")
+        sep = sep or ('\t' if path.endswith('.tsv') else ',')
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, newline='', encoding='utf-8') as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+            if missing:
+                raise KeyError(f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
+                               f"{reader.fieldnames} (set the image and caption column names)")
+            self.items = [(os.path.join(base, row[img_key] or ''), row[caption_key] or '') for row in reader]
+        if not self.items:
+            raise ValueError(f"{path}: no rows")
+        self.path = path
+
+    def __len__(self):
+        return len(self.items)
+
+    def name(self, i):
+        return f"{self.path} row {i + 2} ({self.items[i][0]})"
+
+    def load(self, i):
+        image, caption = self.items[i]
+        if not caption.strip():
+            raise ValueError("empty caption")
+        return load_rgb(image), caption
 
 
 def image_source(path, img_size=224, synthetic_size=10_000, seed=0, classes=None):
@@ -219,6 +265,23 @@ def image_source(path, img_size=224, synthetic_size=10_000, seed=0, classes=None
         seed = int(path.split(':')[1]) if ':' in path else seed
         return SyntheticShapes(synthetic_size, img_size, seed=seed)
     return ImageFiles(path, classes)
+
+def caption_source(path, img_size=224, synthetic_size=10_000, seed=0, img_key='filepath', caption_key='title',
+                   sep=''):
+    """Image-text pairs with random access: 'synthetic[:SEED]' -> SyntheticCaptions; a .csv / .tsv -> CaptionFiles.
+    (Tar shards stream instead: TarShards.)"""
+    if path.startswith('synthetic'):
+        seed = int(path.split(':')[1]) if ':' in path else seed
+        return SyntheticCaptions(synthetic_size, img_size, seed=seed)
+    return CaptionFiles(path, img_key, caption_key, sep)
+
+
+def recall_at_k(scores, positives, ks=(1, 5, 10)):
+    """Retrieval recall: scores (Q, C) of every query against every candidate, positives (Q, C) bool. A query
+    counts as found at k when any of its positives is among its k best candidates. -> {k: recall in %}"""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = positives.gather(1, top)
+    return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 # -----------------------------------------------------------------------------
 # ImageNet label spaces: the class lists timm ships (timm/data/_info), never hand-typed copies
@@ -317,14 +380,16 @@ class MaskingGenerator:
 
 
 class Samples(torch.utils.data.Dataset):
-    """source + transform (+ mask generator) -> (image tensor, label, mask or 0, index, skipped).
+    """source + transform (+ mask generator) -> (image tensor, label, mask or 0, index, skipped); for an
+    image-text source, label is the caption after text_transform (token ids).
     Sample i of epoch e is drawn with its own seeds from (seed, e, i), so it is the same whatever the worker,
     the number of workers or a resume. An unreadable file is skipped: named in a warning, replaced by the next
     index, and counted in `skipped` (the training loop sums and reports it); the run goes on."""
 
-    def __init__(self, source, transform, seed=0, mask_generator=None, max_skips=100):
+    def __init__(self, source, transform, seed=0, mask_generator=None, max_skips=100, text_transform=None):
         self.source, self.transform, self.seed = source, transform, seed
         self.mask_generator, self.max_skips = mask_generator, max_skips
+        self.text_transform = text_transform  # caption -> token ids, for image-text sources
         self.epoch = 0  # set before each epoch's DataLoader is made: workers copy the dataset at that point
 
     def __len__(self):
@@ -335,9 +400,11 @@ class Samples(torch.utils.data.Dataset):
             j = (i + skipped) % len(self.source)
             try:
                 img, label = self.source.load(j)
+                if self.text_transform is not None:
+                    label = self.text_transform(label)
                 break
             except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
-                print(f"warning: skipping unreadable image {self.source.name(j)}: {e}", file=sys.stderr)
+                print(f"warning: skipping unreadable sample {self.source.name(j)}: {e}", file=sys.stderr)
         else:
             raise RuntimeError(f"{self.max_skips} unreadable images in a row from {self.source.name(i)} on")
         seq = np.random.SeedSequence([self.seed, self.epoch, i])
@@ -403,6 +470,167 @@ def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, st
         sampler.set_epoch(epoch, start=within * per_step, stop=steps_per_epoch * per_step)
         yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory)
         step = (epoch + 1) * steps_per_epoch
+
+# -----------------------------------------------------------------------------
+# image-text tar shards (webdataset layout, as img2dataset writes them), streamed
+
+
+def expand_shards(spec):
+    """Shard files from a spec: a folder (its .tar files), brace ranges as img2dataset names them
+    ('laion/{00000..41407}.tar', zero padding kept), globs; several specs joined with ','. Sorted, checked."""
+    import glob
+    import re
+    files = []
+    for part in filter(None, spec.split(',')):
+        if os.path.isdir(part):
+            found = sorted(os.path.join(part, f) for f in os.listdir(part) if f.endswith('.tar'))
+        else:
+            names = [part]
+            while any(re.search(r'\{(\d+)\.\.(\d+)\}', n) for n in names):
+                expanded = []
+                for n in names:
+                    m = re.search(r'\{(\d+)\.\.(\d+)\}', n)
+                    if not m:
+                        expanded.append(n)
+                        continue
+                    a, b, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+                    expanded += [n[:m.start()] + str(k).zfill(width) + n[m.end():] for k in range(a, b + 1)]
+                names = expanded
+            found = [f for n in names for f in (sorted(glob.glob(n)) if glob.has_magic(n) else [n])]
+        missing = [f for f in found if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) of {part!r} not found, e.g. {missing[0]}")
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in {part!r}")
+        files += found
+    return files
+
+
+class TarShards(torch.utils.data.IterableDataset):
+    """Image-text pairs streamed from tar shards in the webdataset layout that img2dataset writes: members
+    'KEY.jpg' (or .jpeg/.png/.webp) and 'KEY.txt' next to each other (other members, e.g. KEY.json, ignored).
+    Made for LAION-scale data: nothing is indexed up front, so there is no length.
+
+    The stream never ends: pass p reads the shards in a permutation seeded by (seed, start_step, p), split across
+    the ranks and the DataLoader workers (every unit gets whole shards; with fewer shards than units, every unit
+    reads all and keeps its share of the samples). Samples go through a shuffle buffer as raw bytes and are
+    decoded after it (webdataset's order). A sample without an image or a caption, an undecodable image, an empty
+    caption and a broken shard are skipped, named on stderr, and counted in the `skipped` of the next sample.
+    Yields (image tensor, token ids, 0, sample number, skipped) like Samples. `start_step` (set on resume)
+    reseeds the stream, as open_clip's resampled webdataset does: a resumed run reads a new order, not the
+    continuation of the old one. `passes` > 0 stops after that many passes (for tests and evaluation)."""
+
+    IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+
+    def __init__(self, spec, transform, text_transform, seed=0, rank=0, world=1, shuffle_buffer=1000, passes=0):
+        self.shards = expand_shards(spec)
+        self.transform, self.text_transform = transform, text_transform
+        self.seed, self.rank, self.world = seed, rank, world
+        self.shuffle_buffer, self.passes, self.start_step = max(shuffle_buffer, 1), passes, 0
+
+    def _read(self, shard):
+        """-> (key, {extension: bytes}) per sample in a shard; ('', None) for each broken sample or shard."""
+        import tarfile
+        key, files = None, {}
+        try:
+            with tarfile.open(shard, 'r|*') as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    k, _, ext = base.partition('.')
+                    k = os.path.join(os.path.dirname(member.name), k)
+                    if k != key:
+                        if key is not None:
+                            yield key, files
+                        key, files = k, {}
+                    files[ext.lower()] = tar.extractfile(member).read()
+        except Exception as e:  # truncated or corrupt archive: keep what was read, go on with the next shard
+            print(f"warning: broken shard {shard} after sample {key!r}: {e}", file=sys.stderr)
+            yield '', None
+            return
+        if key is not None:
+            yield key, files
+
+    def _raw(self, unit, units):
+        """This unit's raw samples, (name, image bytes, caption bytes), or (name, None, None) for a bad one."""
+        p = 0
+        while not self.passes or p < self.passes:
+            order = np.random.default_rng([self.seed, self.start_step, p]).permutation(len(self.shards))
+            split_shards = len(self.shards) >= units
+            mine = order[unit::units] if split_shards else order
+            count = 0
+            for s in mine:
+                for j, (key, files) in enumerate(self._read(self.shards[s])):
+                    if not split_shards and j % units != unit:
+                        continue
+                    name = f"{self.shards[s]}:{key}"
+                    if files is None:
+                        yield name, None, None
+                        continue
+                    image = next((files[e] for e in self.IMAGE_EXTS if e in files), None)
+                    if image is None or 'txt' not in files:
+                        print(f"warning: skipping {name}: no {'image' if image is None else 'caption'} "
+                              f"(members: {', '.join(sorted(files))})", file=sys.stderr)
+                        yield name, None, None
+                        continue
+                    count += 1
+                    yield name, image, files['txt']
+            if count == 0:
+                raise RuntimeError(f"a whole pass over {len(mine)} shard(s), e.g. {self.shards[mine[0]]}, gave no "
+                                   f"usable sample to rank {self.rank}")
+            p += 1
+
+    def __iter__(self):
+        import io
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        unit, units = self.rank * nw + wid, self.world * nw
+        rng = np.random.default_rng([self.seed, self.start_step, unit, 1])
+        buffer, n, skipped = [], 0, 0
+
+        def emit(name, image, caption):
+            seq = np.random.SeedSequence([self.seed, self.start_step, unit, n])
+            try:
+                text = caption.decode('utf-8').strip()
+                if not text:
+                    raise ValueError("empty caption")
+                img = load_rgb(io.BytesIO(image))
+            except Exception as e:
+                print(f"warning: skipping {name}: {e}", file=sys.stderr)
+                return None
+            with torch.random.fork_rng(devices=[]):  # per-sample seed, as Samples
+                torch.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1))
+                x = self.transform(img)
+            return x, self.text_transform(text)
+
+        def drain(item):
+            nonlocal n, skipped
+            out = emit(*item)
+            if out is None:
+                skipped += 1
+                return None
+            sample = (*out, 0, n, skipped)
+            n, skipped = n + 1, 0
+            return sample
+
+        for item in self._raw(unit, units):
+            if item[1] is None:
+                skipped += 1
+                continue
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            i = int(rng.integers(len(buffer)))
+            item, buffer[i] = buffer[i], item
+            sample = drain(item)
+            if sample is not None:
+                yield sample
+        rng.shuffle(buffer)  # a finite stream (passes > 0): what is left in the buffer
+        for item in buffer:
+            sample = drain(item)
+            if sample is not None:
+                yield sample
 
 # -----------------------------------------------------------------------------
 # transforms

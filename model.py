@@ -269,7 +269,8 @@ class CLIPTeacher(nn.Module):
                 image_size=img_size, patch_size=patch_size, width=64, layers=2, heads=4, mlp_ratio=4.0,
                 output_dim=768)
         else:  # pretrained: an open_clip tag ('openai' downloads once) or a local file
-            visual = open_clip.create_model(name, pretrained=pretrained or None).visual
+            visual = open_clip.create_model(name, pretrained=pretrained or None,
+                                            force_quick_gelu=uses_quick_gelu(name, pretrained)).visual
         visual.output_tokens = True  # open_clip returns the tokens after ln_post but before proj
         self.visual = visual.eval().requires_grad_(False)
         width = visual.conv1.out_channels
@@ -286,6 +287,13 @@ class CLIPTeacher(nn.Module):
         """x (B, 3, H, W), normalised with CLIP's mean/std -> targets (B, N, out_dim)."""
         _, tokens = self.visual(x.to(self.visual.proj.dtype))
         return tokens @ self.visual.proj
+
+def uses_quick_gelu(name, pretrained):
+    """True where open_clip's table says the tagged weights were trained with QuickGELU (all of OpenAI's): open_clip
+    builds 'ViT-L-14' with nn.GELU and only warns when the 'openai' weights are loaded into it, which would
+    silently change the teacher's features."""
+    import open_clip
+    return bool(pretrained) and bool(open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False))
 
 # -----------------------------------------------------------------------------
 # resizing, as the official code does it (pure functions, float32 inside)
@@ -449,7 +457,184 @@ def ema_update_(ema_model, model, decay):
     torch._foreach_lerp_(ema, [c.to(e.dtype) for e, c in zip(ema, cur)], 1.0 - decay)
 
 # -----------------------------------------------------------------------------
+# EVA-CLIP: the EVA image tower + open_clip's text transformer, the contrastive loss, the open_clip export
+
+# text towers (open_clip's TextTransformer arguments); 'clip_l' is OpenAI CLIP-L/14's, which EVA-CLIP starts from
+TEXT_SIZES = {
+    'clip_l': dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
+    'tiny': dict(context_length=16, vocab_size=49408, width=64, heads=4, layers=2),  # CLIP's BPE vocabulary
+}
+CLIP_TEXT_KEYS = ('token_embedding.', 'positional_embedding', 'transformer.', 'ln_final.', 'text_projection')
+
+
+class CLIP(nn.Module):
+    """EVA-CLIP (EVA paper section 2.3.5): the image tower is an EVA with cls pooling -> `norm` -> `head`
+    Linear(D, embed_dim); the text tower is open_clip's TextTransformer (CLIP's causal transformer, pooled at the
+    end-of-text token, projected to embed_dim); a learned temperature initialised to ln(1/0.07) (CLIP).
+    Keys: `visual.*` (EVA's own names), `text.*` and `logit_scale` (open_clip's CustomTextCLIP names)."""
+
+    def __init__(self, vision_cfg, text_cfg, embed_dim=1024, quick_gelu=False):
+        super().__init__()
+        from open_clip.transformer import QuickGELU, TextTransformer
+        assert vision_cfg.pooling == 'cls' and vision_cfg.num_classes == embed_dim, \
+            f"the image tower needs pooling='cls' and num_classes={embed_dim} (its head is the projection)"
+        self.vision_cfg, self.text_cfg, self.embed_dim, self.quick_gelu = vision_cfg, dict(text_cfg), embed_dim, quick_gelu
+        self.visual = EVA(vision_cfg)
+        # nn.GELU, not OpenAI's QuickGELU: the released EVA01-CLIP-g trained its OpenAI-initialised text tower with
+        # nn.GELU (EVA-CLIP's _build_text_tower with a timm/EVA image tower; open_clip's EVA01-g-14.json)
+        self.text = TextTransformer(**text_cfg, output_dim=embed_dim, act_layer=QuickGELU if quick_gelu else nn.GELU)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # 1-D: DeepSpeed broadcasts no 0-D
+
+    def describe(self):
+        """The towers' shapes, stored beside the weights in clip.pt so that export_open_clip can rebuild them."""
+        import dataclasses
+        return {'vision_cfg': dataclasses.asdict(self.vision_cfg), 'text_cfg': self.text_cfg,
+                'embed_dim': self.embed_dim, 'quick_gelu': self.quick_gelu}
+
+    def set_grad_checkpointing(self, enable=True):
+        self.visual.config.grad_checkpointing = enable
+        self.text.set_grad_checkpointing(enable)
+
+    def encode_image(self, x):
+        """images (B, 3, H, W) -> unit-norm embeddings (B, embed_dim)"""
+        return F.normalize(self.visual(x), dim=-1)
+
+    def encode_text(self, tokens):
+        """token ids (B, context_length) -> unit-norm embeddings (B, embed_dim)"""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(self, image, text):
+        # the temperature is clamped at 100 in the forward (CLIP clamps the parameter after each step; under ZeRO
+        # the fp32 master copy lives in the optimizer, so the clamp is applied where the value is used)
+        return self.encode_image(image), self.encode_text(text), self.logit_scale.clamp(max=math.log(100)).exp()[0]
+
+    def flops_per_pair(self, backward=True):
+        """Matmul FLOPs of one image and one caption (for MFU): the EVA tower and the text transformer."""
+        t = self.text_cfg
+        L, W = t['context_length'], t['width']
+        text = t['layers'] * (2 * L * W * 3 * W + 4 * L * L * W + 2 * L * W * W + 4 * L * W * 4 * W)
+        text += 2 * W * self.embed_dim
+        return self.visual.flops_per_image(backward=backward) + (3 if backward else 1) * text
+
+
+def clip_loss(image_features, text_features, logit_scale, rank=0, world=1):
+    """Symmetric InfoNCE over the global batch (CLIP): every image against every caption of all ranks.
+    Features (B, E) are this rank's, unit norm. With world > 1 the features of all ranks are all-gathered with
+    torch.distributed.nn.all_gather, whose backward sends each rank the gradient of every rank's loss with respect
+    to its own features; each rank then scores only its own rows against the gathered columns (open_clip's
+    gather_with_grad + local_loss, as EVA-CLIP trains). The mean of the ranks' losses is the loss of the
+    concatenated batch, and the data-parallel average of the gradients is its gradient."""
+    image_features, text_features = image_features.float(), text_features.float()  # logits and softmax in fp32
+    all_image, all_text = image_features, text_features
+    if world > 1:
+        from torch.distributed.nn import all_gather  # differentiable, unlike torch.distributed.all_gather
+        all_image = torch.cat(all_gather(image_features))
+        all_text = torch.cat(all_gather(text_features))
+    logits_per_image = logit_scale * image_features @ all_text.T  # (B, world * B)
+    logits_per_text = logit_scale * text_features @ all_image.T
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def load_text_tower(text, model_name='ViT-L-14', pretrained='openai'):
+    """Initialise a TextTransformer from an open_clip CLIP: a tag ('openai' downloads OpenAI's CLIP-L/14 once) or
+    a local file open_clip reads (OpenAI's JIT archive, an open_clip checkpoint). A projection of another
+    output size (OpenAI's 768 vs EVA-CLIP g's 1024) stays newly initialised; any other mismatch fails."""
+    import open_clip
+    src = open_clip.create_model(model_name, pretrained=pretrained).state_dict()
+    src = {k[len('text.'):] if k.startswith('text.') else k: v for k, v in src.items()}  # CustomTextCLIP layout
+    target = text.state_dict()
+    sd, skipped = {}, []
+    for k, t in target.items():
+        if k not in src:
+            raise KeyError(f"{model_name} ({pretrained}) has no text-tower key {k!r}")
+        if src[k].shape != t.shape:
+            if k == 'text_projection':
+                skipped.append(f"text_projection {tuple(src[k].shape)} -> {tuple(t.shape)} (newly initialised)")
+                continue
+            raise ValueError(f"{model_name} ({pretrained}): {k} is {tuple(src[k].shape)}, the text tower has "
+                             f"{tuple(t.shape)}")
+        sd[k] = src[k]
+    text.load_state_dict(sd, strict=False)
+    print(f"load_text_tower: {len(sd)} tensors from {model_name} ({pretrained})" +
+          (f"; {', '.join(skipped)}" if skipped else ''))
+
+
+def timm_eva_name(cfg):
+    """The timm model that builds this image tower: timm's own for EVA-g at 224/336/560; any other shape is
+    registered in timm under a name of its own (register_timm_eva), so open_clip's TimmModel can build it."""
+    if (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.mlp_dim) == (1408, 40, 14, 6144) and cfg.img_size in (224, 336, 560):
+        return f'eva_giant_patch14_{cfg.img_size}'
+    return f'eva_{cfg.embed_dim}x{cfg.depth}_patch{cfg.patch_size}_{cfg.img_size}'
+
+
+def register_timm_eva(export_dir_or_cfg):
+    """Register the image tower of an export (its open_clip_config.json) or an EVAConfig in timm, so that
+    `open_clip.create_model('local-dir:DIR')` can build a size timm does not ship. Returns the timm name."""
+    import json
+    import os
+    import timm
+    from timm.models import register_model
+    cfg = export_dir_or_cfg
+    if isinstance(cfg, str):
+        cfg = EVAConfig(**json.load(open(os.path.join(cfg, 'open_clip_config.json')))['eva_config'])
+    name = timm_eva_name(cfg)
+    if name not in timm.list_models(name):
+        args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                    num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
+
+        def build(pretrained=False, **kwargs):  # timm's factory also passes its own bookkeeping (cache_dir, ...)
+            import inspect
+            from timm.models.eva import Eva
+            known = inspect.signature(Eva).parameters
+            return Eva(**{**args, **{k: v for k, v in kwargs.items() if k in known}})
+        build.__name__ = name
+        register_model(build)
+    return name
+
+
+def open_clip_state_dict(state_dict):
+    """Our CLIP keys -> open_clip's CustomTextCLIP over a timm trunk: visual.X -> visual.trunk.X (timm's Eva has
+    EVA's key names), text.* unchanged, a scalar logit_scale."""
+    sd = {('visual.trunk.' + k[len('visual.'):] if k.startswith('visual.') else k): v
+          for k, v in state_dict.items() if not k.startswith(('visual.lm_head', 'visual.mask_token'))}
+    sd['logit_scale'] = sd['logit_scale'].reshape(())
+    return sd
+
+
+def export_open_clip(ckpt, out_dir):
+    """Write a CLIP checkpoint (clip.pt's dict or path: 'model' with visual.*, text.*, logit_scale, and the
+    towers' 'vision_cfg', 'text_cfg', 'embed_dim', 'quick_gelu') as an open_clip model folder:
+    open_clip_config.json (CustomTextCLIP over timm's Eva, as open_clip's EVA01-g-14) and
+    open_clip_pytorch_model.bin. Load it with open_clip.create_model_and_transforms('local-dir:' + out_dir)
+    (for sizes other than EVA-g, call register_timm_eva(out_dir) first)."""
+    import json
+    import os
+    from data import CLIP_MEAN, CLIP_STD
+    ckpt = _read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    vision_cfg, text_cfg = EVAConfig(**ckpt['vision_cfg']), ckpt['text_cfg']
+    os.makedirs(out_dir, exist_ok=True)
+    config = {
+        'model_cfg': {
+            'embed_dim': ckpt['embed_dim'], 'quick_gelu': ckpt['quick_gelu'], 'custom_text': True,
+            'vision_cfg': {'image_size': vision_cfg.img_size, 'timm_model_name': timm_eva_name(vision_cfg),
+                           'timm_model_pretrained': False, 'timm_pool': 'token', 'timm_proj': None},
+            'text_cfg': dict(text_cfg),
+        },
+        'preprocess_cfg': {'mean': list(CLIP_MEAN), 'std': list(CLIP_STD), 'interpolation': 'bicubic',
+                           'resize_mode': 'shortest'},
+        'eva_config': ckpt['vision_cfg'],  # for register_timm_eva; open_clip ignores it
+    }
+    sd = {k: v.float().cpu().contiguous() for k, v in open_clip_state_dict(ckpt['model']).items()}
+    torch.save(sd, os.path.join(out_dir, 'open_clip_pytorch_model.bin.tmp'))
+    os.replace(os.path.join(out_dir, 'open_clip_pytorch_model.bin.tmp'),
+               os.path.join(out_dir, 'open_clip_pytorch_model.bin'))
+    with open(os.path.join(out_dir, 'open_clip_config.json'), 'w') as f:
+        json.dump(config, f, indent=1)
+
+# -----------------------------------------------------------------------------
 # command line: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]
+#               python model.py open_clip CLIP.pt OUT_DIR
 
 
 def convert_psz14to16(src, dst, image_size=224, patch_size=16):
@@ -471,6 +656,11 @@ def convert_psz14to16(src, dst, image_size=224, patch_size=16):
 if __name__ == '__main__':
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
     opts = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
-    if len(args) != 3 or args[0] != 'psz14to16' or set(opts) - {'image_size', 'patch_size'}:
-        sys.exit("usage: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]")
-    convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
+    if len(args) == 3 and args[0] == 'open_clip' and not opts:
+        export_open_clip(args[1], args[2])
+        print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
+    elif len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}:
+        convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
+    else:
+        sys.exit("usage: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]\n"
+                 "       python model.py open_clip CLIP.pt OUT_DIR     (a train_clip.py checkpoint -> open_clip folder)")
