@@ -462,6 +462,7 @@ def ema_update_(ema_model, model, decay):
 # text towers (open_clip's TextTransformer arguments); 'clip_l' is OpenAI CLIP-L/14's, which EVA-CLIP starts from
 TEXT_SIZES = {
     'clip_l': dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
+    'clip_b': dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),  # CLIP-B's (EVA02-CLIP-B)
     'tiny': dict(context_length=16, vocab_size=49408, width=64, heads=4, layers=2),  # CLIP's BPE vocabulary
 }
 CLIP_TEXT_KEYS = ('token_embedding.', 'positional_embedding', 'transformer.', 'ln_final.', 'text_projection')

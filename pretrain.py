@@ -138,7 +138,11 @@ with torch.device(device):  # initialising 1B parameters on the GPU takes second
     model = EVA(cfg)
 if init_from:
     load_pretrained(model, init_from)
+if local_rank != 0:
+    dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
 teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_size).to(device)
+if local_rank == 0:
+    dist.barrier()
 if cuda:
     teacher.half()  # the teacher only infers: fp16 halves its time and memory
 print0(f"student {model_size}: {sum(p.numel() for p in model.parameters()):,} parameters; teacher "

@@ -254,7 +254,11 @@ def load_clip(path):
 
 whole = load_clip(init_from) if init_from else False
 if not whole and text_init_from and not eval_only:
+    if local_rank != 0:
+        dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
     load_text_tower(model.text, text_init_model, text_init_from)
+    if local_rank == 0:
+        dist.barrier()
 if eval_only and not whole:
     raise ValueError(f"eval_only needs a whole CLIP checkpoint (clip.pt) as init_from, got {init_from!r}")
 

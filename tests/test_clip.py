@@ -364,3 +364,23 @@ def test_zero_shot_on_class_folders_against_a_count_by_hand(trained, tmp_path):
                 hits += int((model.encode_image(x) @ w.T).argmax() == label)
                 n += 1
     assert res['images'] == n == 60 and res['top1'] == pytest.approx(100 * hits / n)
+
+
+def test_script_starts_the_text_tower_from_an_open_clip_file_on_two_ranks(tmp_path):
+    """text_init_from through the script (each node's first rank reads first, the others after a barrier): after
+    one step at the warmup's lr of 0 the text tower is the file's, but for the projection of another width."""
+    import open_clip
+    src = open_clip.create_model('ViT-B-32')
+    torch.save(src.state_dict(), tmp_path / 'b32.pt')
+    log = train_clip(tmp_path / 'run', '--zeroshot_data=', '--text_size=clip_b', f'--text_init_from={tmp_path}/b32.pt',
+                     '--text_init_model=ViT-B-32', '--batch_size=8', '--micro_batch=4', '--samples_seen=8',
+                     '--warmup_steps=1', '--eval_interval=1', nproc=2)
+    assert 'load_text_tower: ' in log and 'text_projection (512, 512) -> (512, 64)' in log
+    sd = torch.load(tmp_path / 'run' / 'clip.pt', weights_only=False)['model']
+    ref = src.state_dict()
+    text = {k[len('text.'):]: v for k, v in sd.items() if k.startswith('text.')}
+    assert len(text) == len([k for k in ref if k.startswith(('token_embedding', 'positional_embedding',
+                                                             'transformer.', 'ln_final', 'text_projection'))])
+    for k, v in text.items():
+        if k != 'text_projection':
+            assert torch.equal(v, ref[k]), k
