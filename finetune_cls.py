@@ -35,6 +35,7 @@ out_dir = 'out/finetune_cls'  # checkpoints and log.jsonl; a run auto-resumes fr
 log_interval = 20  # steps between log lines
 eval_only = False  # evaluate init_from (raw and, where the file has one, its EMA) and exit
 stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
+save_ckpt = True  # checkpoints and last.pt / best.pt at every epoch end (False: none, for benchmarks)
 wandb_project = ''  # '' disables wandb
 wandb_run_name = 'eva-cls'  # wandb run name
 # data
@@ -66,6 +67,7 @@ init_from = ''  # checkpoint to start from (anything load_pretrained reads); '' 
 drop_path = 0.4  # stochastic depth of the last block
 freeze_patch_embed = True  # EVA-01 fine-tuning keeps the patch embedding fixed
 grad_checkpointing = False  # recompute blocks in backward: less memory, ~1/3 more compute
+compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
 ema_decay = 0.9999  # EMA of the weights, evaluated beside them; 0 disables
 # optimization
 batch_size = 512  # global batch
@@ -156,6 +158,9 @@ if init_from:
     load_pretrained(model, init_from)
 if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
+if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
+    for blk in model.blocks:
+        blk.compile()
 ema_model = None
 if ema_decay > 0 and not eval_only:
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)  # float32, never trained directly
@@ -391,8 +396,9 @@ while step < total_steps:
         is_best = top > best['top1']
         if is_best:
             best = {'top1': top, 'step': step}
-        save_checkpoint(step, best)
-        if is_best and master:  # best.pt: a copy of last.pt at the best epoch
+        if save_ckpt:
+            save_checkpoint(step, best)
+        if is_best and master and save_ckpt:  # best.pt: a copy of last.pt at the best epoch
             shutil.copyfile(os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'best.pt.tmp'))
             os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
     elif step == stop_step:

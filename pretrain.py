@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
-                  mim_transform, train_batches)
+                  mim_transform, normalize_batch, train_batches)
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,7 @@ model_size = 'eva_g'  # a key of model.SIZES
 drop_path = 0.1  # stochastic depth of the last block
 init_std = 0.02  # trunc-normal init std of the student
 grad_checkpointing = False  # recompute blocks in backward: less memory (EVA-g on 24 GB GPUs), ~1/3 more compute
+compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
 init_from = ''  # start from an encoder checkpoint (anything load_pretrained reads); '' = random init
 teacher_model = 'ViT-L-14'  # open_clip model name; 'tiny' = small random tower of the same class (tests)
 teacher_pretrained = 'openai'  # open_clip tag or a local checkpoint file
@@ -106,7 +107,7 @@ torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 assert batch_size % (micro_batch * world) == 0, \
     f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}"
 grad_accum = batch_size // (micro_batch * world)
-train_source = image_source(data_path, img_size, synthetic_size, seed)
+train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
 steps_per_epoch = len(train_source) // batch_size
 assert steps_per_epoch > 0, f"{len(train_source)} training images are fewer than one batch of {batch_size}"
 total_steps = max_steps or epochs * steps_per_epoch
@@ -121,7 +122,7 @@ print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = g
 cfg = eva_config(model_size, img_size=img_size, drop_path=drop_path, grad_checkpointing=grad_checkpointing,
                  pooling='cls', use_mask_token=True, mim_dim=768, init_std=init_std)
 mask_gen = MaskingGenerator(cfg.grid, num_mask_patches, min_num_patches=min_mask_patches)
-train_set = Samples(train_source, mim_transform(img_size, crop_scale), seed, mask_gen)
+train_set = Samples(train_source, mim_transform(img_size, crop_scale, uint8=True), seed, mask_gen)
 sampler = ResumableSampler(len(train_set), world, rank, seed)
 val_set = None
 if val_data_path:
@@ -138,6 +139,9 @@ with torch.device(device):  # initialising 1B parameters on the GPU takes second
     model = EVA(cfg)
 if init_from:
     load_pretrained(model, init_from)
+if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
+    for blk in model.blocks:
+        blk.compile()
 if local_rank != 0:
     dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
 teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_size).to(device)
@@ -303,7 +307,7 @@ while step < total_steps:
         x, _, mask, idx, skipped = next(data)
         if samples_file:
             samples_file.write(json.dumps({'step': step, 'indices': idx.tolist()}) + '\n')
-        x = x.to(device, non_blocking=True)
+        x = normalize_batch(x.to(device, non_blocking=True))  # uint8 from the loader -> normalised float32
         mask = mask.to(device, non_blocking=True).flatten(1)  # (B, N) bool
         target = teacher(x)  # (B, N, 768), no grad
         pred = engine(x.to(model_dtype), mask)  # (M, 768) at the masked positions

@@ -1,0 +1,269 @@
+"""
+Benchmark of this repository's real training steps against the reference a user would otherwise run, and of the
+MIM input pipeline against torchvision's.
+
+    python bench.py                                    # EVA-g MIM step, batch 64 at 224, fp16 ZeRO-1, vs timm's Eva
+    python bench.py --grad_checkpointing=True --micro_batch=32 --zero_ranks=16
+    python bench.py --compile_blocks=True
+    python bench.py --stage=finetune --img_size=336 --micro_batch=8
+    python bench.py --mode=data                        # input pipeline, images/s per CPU core
+    python bench.py --model_size=eva_tiny --img_size=32 --micro_batch=8 --teacher_model=tiny --steps=3 --warmup=2
+                                                       # a CPU smoke run (correctness only, never a speed claim)
+
+Step mode runs the stage script itself (pretrain.py: teacher forward, student forward and backward, the DeepSpeed
+optimizer step, data loading; finetune_cls.py: forward, backward, step, EMA) on synthetic data, each in a fresh
+subprocess so that its peak memory is its own, and reads the step times from its log. The reference run is the
+same script with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM) before
+the script imports it: same engine, same teacher, same data. Warm-up steps are dropped; the median step is
+reported. MFU counts the student's forward + backward and the teacher's forward (matmul FLOPs) against the matmul
+rate measured here (fp16 on a GPU, fp32 on a CPU). The projected per-GPU peak under ZeRO-1 over N ranks
+subtracts (1 - 1/N) of the fp32 master weights and Adam moments (12 bytes per trained parameter) that one rank
+holds whole here: an upper bound (gradient buckets and transient fp32 gradients are not subtracted).
+
+Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
+process on one thread, data.py's MIM sample (read_rgb, uint8 crop + flip, block mask; normalised on the GPU later)
+against torchvision's ImageFolder + PIL RandomResizedCrop, flip, ToTensor, Normalize and the same mask generator,
+and compares the two output distributions.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def timm_eva_class():
+    """timm's Eva behind our EVA's constructor and interface (EVA(config), forward(x, mask) for MIM, .config,
+    flops_per_image): the reference student. Same key names, so param_groups and checkpoints treat it alike."""
+    import timm.models.eva as timm_eva
+    from torch.utils.checkpoint import checkpoint
+
+    import model as ours
+
+    class TimmEVA(timm_eva.Eva):
+        def __init__(self, cfg):
+            super().__init__(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                             depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim,
+                             num_classes=cfg.num_classes, global_pool='avg' if cfg.pooling == 'mean' else 'token',
+                             drop_path_rate=cfg.drop_path)
+            self.config = cfg
+            self.set_grad_checkpointing(cfg.grad_checkpointing)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_mask_token else None
+            self.lm_head = nn.Linear(cfg.embed_dim, cfg.mim_dim) if cfg.mim_dim > 0 else None
+
+        def forward(self, x, mask=None):
+            if mask is None:
+                return super().forward(x)
+            x = self.patch_embed(x)
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+            x, rope = self._pos_embed(x)
+            for blk in self.blocks:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, rope=rope, use_reentrant=False)
+                else:
+                    x = blk(x, rope=rope)
+            return self.lm_head(self.norm(x)[:, 1:][mask])
+
+        flops_per_image = ours.EVA.flops_per_image
+
+    return TimmEVA
+
+
+def worker(job):
+    """In the subprocess: run a stage script as __main__ with the job's arguments (and timm's Eva as the model
+    class for the reference), as `python script ARGS` would."""
+    import runpy
+
+    import model
+    if job['impl'] == 'timm':
+        model.EVA = timm_eva_class()
+    sys.argv = [job['script'], *job['args']]
+    runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
+
+
+def matmul_tflops():
+    """Measured dense matmul rate: fp16 8192^3 on a GPU, fp32 1024^3 on a CPU (TFLOP/s)."""
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.float16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device='cuda' if cuda else 'cpu')
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    reps = 50 if cuda else 5
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+if __name__ == '__main__' and 'BENCH_JOB' in os.environ:
+    worker(json.loads(os.environ['BENCH_JOB']))
+    raise SystemExit(0)
+
+# -----------------------------------------------------------------------------
+# config
+mode = 'step'  # 'step': training steps, ours vs timm's Eva; 'data': the MIM input pipeline vs torchvision's
+stage = 'pretrain'  # 'pretrain' (pretrain.py's MIM step with the CLIP teacher) or 'finetune' (finetune_cls.py's)
+model_size = 'eva_g'  # a key of model.SIZES
+img_size = 224  # resolution
+micro_batch = 64  # images per step (one GPU, no accumulation)
+grad_checkpointing = False  # recompute blocks in backward
+compile_blocks = False  # torch.compile each block (both implementations)
+reference = 'timm'  # 'timm': also run timm's Eva as the student; '': ours only
+teacher_model = 'ViT-L-14'  # pretrain teacher, randomly initialised (its cost, not its weights); 'tiny' for CPU
+dtype = 'fp16'  # training precision on a GPU (a CPU falls back to fp32, as the stages do)
+steps = 10  # timed steps; the median is reported
+warmup = 5  # steps run first and not timed (allocator, autotuning, compilation)
+zero_ranks = 16  # project the per-GPU peak memory under ZeRO-1 over this many ranks
+num_workers = 8  # DataLoader workers of the stage
+out_dir = 'out/bench'  # logs of the runs and bench.json
+data_images = 256  # data mode: JPEGs written
+data_passes = 3  # data mode: timed passes over them (after one untimed pass)
+exec(open(os.path.join(ROOT, 'configurator.py')).read())
+config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
+# -----------------------------------------------------------------------------
+
+
+def run_step(impl, num_masked, min_masked):
+    """One stage run of warmup + steps steps; -> per-step img/s (timed steps), peak GiB, trained parameters."""
+    run_dir = os.path.join(out_dir, f'{stage}_{impl}')
+    if os.path.isdir(run_dir):
+        import shutil
+        shutil.rmtree(run_dir)
+    n = warmup + steps
+    common = [f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
+              f'--micro_batch={micro_batch}', f'--batch_size={micro_batch}', f'--grad_checkpointing={grad_checkpointing}',
+              f'--compile_blocks={compile_blocks}', f'--dtype={dtype}', f'--num_workers={num_workers}', '--log_interval=1',
+              f'--synthetic_size={micro_batch * n}']
+    if stage == 'pretrain':
+        script = 'pretrain.py'  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
+        args = common + ['--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0', '--val_data_path=',
+                         f'--teacher_model={teacher_model}', '--teacher_pretrained=', f'--num_mask_patches={num_masked}',
+                         f'--min_mask_patches={min_masked}']
+    else:
+        script = 'finetune_cls.py'
+        args = common + ['--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
+                         f'--val_size={micro_batch}']
+    env = dict(os.environ, BENCH_JOB=json.dumps({'script': script, 'impl': impl, 'args': args}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py')], env=env, cwd=ROOT, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{script} with {impl} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
+    steps_rows = [row for row in rows if 'img_s' in row]
+    assert len(steps_rows) == n, f"{script}: {len(steps_rows)} logged steps, expected {n}"
+    mem = max((row['mem_gb'] or 0) for row in steps_rows) or None
+    return [row['img_s'] for row in steps_rows[warmup:]], mem
+
+
+def step_mode():
+    from model import EVA, CLIPTeacher, eva_config, vit_flops
+    cuda = torch.cuda.is_available()
+    rate = matmul_tflops()
+    mim = stage == 'pretrain'
+    cfg = eva_config(model_size, img_size=img_size, pooling='cls' if mim else 'mean', use_mask_token=mim,
+                     mim_dim=768 if mim else 0, num_classes=0 if mim else 1000)
+    with torch.device('meta'):
+        student = EVA(cfg)
+    params = sum(p.numel() for p in student.parameters())
+    num_masked = round(105 / 256 * cfg.num_patches)  # the paper's 105 of 256 at any grid
+    flops = student.flops_per_image(num_masked=num_masked if mim else 0)
+    if mim and teacher_model == 'tiny':
+        flops += CLIPTeacher('tiny', '', img_size, cfg.patch_size).flops_per_image
+    elif mim:  # an open_clip tower: its forward from its config, without building it
+        import open_clip
+        mc = open_clip.get_model_config(teacher_model)
+        v, grid = mc['vision_cfg'], mc['vision_cfg']['image_size'] // mc['vision_cfg']['patch_size']
+        flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], int(v['width'] * v.get('mlp_ratio', 4.0)))
+        flops += 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
+    results = {'config': config, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
+               'matmul_tflops': round(rate, 2), 'flops_per_image': flops, 'params': params, 'runs': {}}
+    for impl in ['ours'] + ([reference] if reference else []):
+        img_s, mem = run_step(impl, num_masked, 16 if cfg.grid >= 14 else 4)
+        med = statistics.median(img_s)
+        optimizer_gb = 12 * params / 2**30
+        results['runs'][impl] = {
+            'img_s': med, 'img_s_all': img_s, 'mfu': med * flops / (rate * 1e12), 'peak_gb': mem,
+            'zero_projected_gb': mem - optimizer_gb * (1 - 1 / zero_ranks) if mem else None}
+    ours = results['runs']['ours']
+    if reference:
+        ours['vs_reference'] = ours['img_s'] / results['runs'][reference]['img_s']
+    print(f"{stage} step, {model_size} at {img_size}, micro-batch {micro_batch}, {dtype if cuda else 'fp32 (CPU)'}, grad checkpointing "
+          f"{grad_checkpointing}, compile {compile_blocks} on {results['device']} (matmul {rate:.1f} TFLOP/s measured):")
+    for impl, r in results['runs'].items():
+        print(f"  {impl:5s} {r['img_s']:8.1f} img/s (median of {steps}) | MFU {100 * r['mfu']:5.1f}% | peak "
+              f"{r['peak_gb']} GiB | ZeRO-1 over {zero_ranks}: <= {r['zero_projected_gb'] and round(r['zero_projected_gb'], 2)} GiB"
+              + (f" | {r['vs_reference']:.2f}x {reference}" if 'vs_reference' in r else ''))
+    return results
+
+
+def write_jpegs(folder, n):
+    """n JPEGs at ImageNet-like sizes and detail: synthetic shapes scaled to 500x375 / 375x500 with noise."""
+    import numpy as np
+    from PIL import Image
+
+    from data import SyntheticShapes
+    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
+    src, rng = SyntheticShapes(n, 256, seed=11), np.random.default_rng(0)
+    for i in range(n):
+        w, h = (500, 375) if i % 2 else (375, 500)
+        a = np.asarray(src.load(i)[0].resize((w, h), Image.BICUBIC)).astype(np.float32)
+        a = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(os.path.join(folder, 'images', f'{i:05d}.jpg'), quality=90)
+
+
+def data_mode():
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from data import CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, mim_transform, normalize_batch
+    torch.set_num_threads(1)  # one core: the rate a DataLoader worker gets
+    folder = os.path.join(out_dir, 'jpegs')
+    if not os.path.isdir(folder) or len(os.listdir(os.path.join(folder, 'images'))) != data_images:
+        write_jpegs(folder, data_images)
+    kb = sum(e.stat().st_size for e in os.scandir(os.path.join(folder, 'images'))) / data_images / 1e3
+    grid = img_size // 14
+    masks = MaskingGenerator(grid, round(105 / 256 * grid * grid))
+    ref_set = datasets.ImageFolder(folder, transform=T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]))
+    ours_set = Samples(ImageFiles(folder, tensors=True), mim_transform(img_size, uint8=True), 0, masks)
+    pipelines = {
+        'torchvision': lambda i: (ref_set[i][0], masks())[0],
+        'ours': lambda i: ours_set[i][0],
+        'ours+normalise': lambda i: normalize_batch(ours_set[i][0][None])[0],  # what the GPU does, done here
+    }
+    results = {'config': config, 'image_kb': kb, 'runs': {}}
+    for name, f in pipelines.items():
+        outs = [f(i) for i in range(data_images)]  # untimed pass: file cache, allocator
+        t = time.perf_counter()
+        for _ in range(data_passes):
+            for i in range(data_images):
+                f(i)
+        rate = data_passes * data_images / (time.perf_counter() - t)
+        x = torch.stack([normalize_batch(o[None])[0] for o in outs])
+        results['runs'][name] = {'img_s_per_core': rate, 'channel_mean': x.mean((0, 2, 3)).tolist(),
+                                 'channel_std': x.std((0, 2, 3)).tolist()}
+    ref = results['runs']['torchvision']['img_s_per_core']
+    print(f"MIM input pipeline, {data_images} JPEGs of ~{kb:.0f} kB (500x375), crop {img_size}, one core:")
+    for name, r in results['runs'].items():
+        r['vs_torchvision'] = r['img_s_per_core'] / ref
+        print(f"  {name:15s} {r['img_s_per_core']:7.1f} img/s/core | {r['vs_torchvision']:.2f}x | output mean "
+              f"{', '.join(f'{v:+.3f}' for v in r['channel_mean'])} std {', '.join(f'{v:.3f}' for v in r['channel_std'])}")
+    return results
+
+
+os.makedirs(out_dir, exist_ok=True)
+result = data_mode() if mode == 'data' else step_mode()
+with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
+    json.dump(result, f, indent=1)

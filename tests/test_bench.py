@@ -1,0 +1,74 @@
+"""bench.py on the CPU with the tiny size: correctness of what it measures and reports, never a speed threshold.
+The timm reference it swaps in must be the same model as ours (same keys, same MIM outputs)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from model import EVA, eva_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(*args):
+    r = subprocess.run([sys.executable, 'bench.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def bench_module():
+    """bench.py's definitions (above its config section), without running it."""
+    src = open(os.path.join(ROOT, 'bench.py')).read()
+    ns = {'__name__': 'bench', '__file__': os.path.join(ROOT, 'bench.py')}
+    exec(compile(src[:src.index('# config\n')], 'bench.py', 'exec'), ns)
+    return ns
+
+
+def test_timm_reference_is_the_same_model():
+    """The reference student: timm's Eva behind our interface. With our weights it gives our MIM predictions and
+    our logits, so the benchmark compares implementations of one model, not two models."""
+    TimmEVA = bench_module()['timm_eva_class']()
+    torch.manual_seed(0)
+    for cfg in (eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768),
+                eva_config('eva_tiny', num_classes=10)):
+        ours, ref = EVA(cfg).eval(), TimmEVA(cfg).eval()
+        assert set(ours.state_dict()) == set(ref.state_dict())
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(3, 3, 32, 32)
+        mask = torch.rand(3, 64) < 0.4
+        with torch.no_grad():
+            if cfg.mim_dim:
+                torch.testing.assert_close(ref(x, mask), ours(x, mask), atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(ref(x), ours(x), atol=1e-5, rtol=0)
+        assert ref.flops_per_image() == ours.flops_per_image()
+
+
+def test_step_mode_runs_both_stages_and_reports(tmp_path):
+    out = bench('--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--teacher_model=tiny', '--steps=3',
+                '--warmup=2', '--num_workers=0', f'--out_dir={tmp_path}')
+    res = json.load(open(tmp_path / 'bench_step.json'))
+    ours, timm = res['runs']['ours'], res['runs']['timm']
+    assert len(ours['img_s_all']) == 3 and sorted(ours['img_s_all'])[1] == ours['img_s']  # the median
+    assert ours['vs_reference'] == ours['img_s'] / timm['img_s'] and 'x timm' in out
+    # MFU = img/s x (student fwd+bwd + teacher fwd FLOPs) / the measured matmul rate
+    assert abs(ours['mfu'] - ours['img_s'] * res['flops_per_image'] / (res['matmul_tflops'] * 1e12)) < 1e-3
+    logs = [json.loads(line) for line in open(tmp_path / 'pretrain_ours' / 'log.jsonl')]
+    assert [r['step'] for r in logs if 'img_s' in r] == [1, 2, 3, 4, 5]  # warm-up 2 + 3 timed, the real script
+    bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2', '--warmup=1',
+          '--num_workers=0', '--reference=', f'--out_dir={tmp_path}')
+    res = json.load(open(tmp_path / 'bench_step.json'))
+    assert list(res['runs']) == ['ours'] and res['runs']['ours']['img_s'] > 0
+    assert not (tmp_path / 'finetune_ours' / 'last.pt').exists()  # save_ckpt=False: no checkpoint writing timed
+
+
+def test_data_mode_compares_pipelines(tmp_path):
+    out = bench('--mode=data', '--data_images=16', '--data_passes=1', '--img_size=112', f'--out_dir={tmp_path}')
+    res = json.load(open(tmp_path / 'bench_data.json'))
+    assert set(res['runs']) == {'torchvision', 'ours', 'ours+normalise'} and 'img/s/core' in out
+    assert 60 < res['image_kb'] < 200  # ImageNet-like JPEG sizes
+    for name in ('ours', 'ours+normalise'):  # normalised outputs of the same images: close statistics
+        for a, b in zip(res['runs'][name]['channel_mean'], res['runs']['torchvision']['channel_mean']):
+            assert abs(a - b) < 0.1
