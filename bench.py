@@ -21,7 +21,7 @@ subtracts (1 - 1/N) of the fp32 master weights and Adam moments (12 bytes per tr
 holds whole here: an upper bound (gradient buckets and transient fp32 gradients are not subtracted).
 
 Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
-process on one thread, data.py's MIM sample (read_rgb, uint8 crop + flip, block mask; normalised on the GPU later)
+process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop + flip, block mask; normalised on the GPU later)
 against torchvision's ImageFolder + PIL RandomResizedCrop, flip, ToTensor, Normalize and the same mask generator,
 and compares the two output distributions.
 """
@@ -128,7 +128,7 @@ zero_ranks = 16  # project the per-GPU peak memory under ZeRO-1 over this many r
 num_workers = 8  # DataLoader workers of the stage
 out_dir = 'out/bench'  # logs of the runs and bench.json
 data_images = 256  # data mode: JPEGs written
-data_passes = 3  # data mode: timed passes over them (after one untimed pass)
+data_passes = 5  # data mode: timed passes over them per pipeline, interleaved; the median pass is reported
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
@@ -244,16 +244,18 @@ def data_mode():
         'ours+normalise': lambda i: normalize_batch(ours_set[i][0][None])[0],  # what the GPU does, done here
     }
     results = {'config': config, 'image_kb': kb, 'runs': {}}
-    for name, f in pipelines.items():
-        outs = [f(i) for i in range(data_images)]  # untimed pass: file cache, allocator
-        t = time.perf_counter()
-        for _ in range(data_passes):
+    for name, f in pipelines.items():  # an untimed pass each (file cache, allocator), kept for the statistics
+        x = torch.stack([normalize_batch(f(i)[None])[0] for i in range(data_images)])
+        results['runs'][name] = {'channel_mean': x.mean((0, 2, 3)).tolist(), 'channel_std': x.std((0, 2, 3)).tolist(),
+                                 'passes': []}
+    for _ in range(data_passes):  # passes interleaved, so that a drifting machine slows every pipeline alike
+        for name, f in pipelines.items():
+            t = time.perf_counter()
             for i in range(data_images):
                 f(i)
-        rate = data_passes * data_images / (time.perf_counter() - t)
-        x = torch.stack([normalize_batch(o[None])[0] for o in outs])
-        results['runs'][name] = {'img_s_per_core': rate, 'channel_mean': x.mean((0, 2, 3)).tolist(),
-                                 'channel_std': x.std((0, 2, 3)).tolist()}
+            results['runs'][name]['passes'].append(data_images / (time.perf_counter() - t))
+    for r in results['runs'].values():
+        r['img_s_per_core'] = statistics.median(r['passes'])
     ref = results['runs']['torchvision']['img_s_per_core']
     print(f"MIM input pipeline, {data_images} JPEGs of ~{kb:.0f} kB (500x375), crop {img_size}, one core:")
     for name, r in results['runs'].items():

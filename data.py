@@ -425,24 +425,24 @@ class Samples(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
+        seq = np.random.SeedSequence([self.seed, self.epoch, i])
+        torch_seed, np_seed = seq.generate_state(2, dtype=np.uint64)
         for skipped in range(self.max_skips):
             j = (i + skipped) % len(self.source)
             try:
                 img, label = self.source.load(j)
                 if self.text_transform is not None:
                     label = self.text_transform(label)
+                with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG: seed, restore
+                    # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator
+                    # module, with a stack trace each (a third of a millisecond per sample in a DataLoader worker)
+                    torch.default_generator.manual_seed(int(torch_seed) & ((1 << 63) - 1))
+                    x = self.transform(img)  # inside the try: an image a transform chokes on is skipped too
                 break
             except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
                 print(f"warning: skipping unreadable sample {self.source.name(j)}: {e}", file=sys.stderr)
         else:
             raise RuntimeError(f"{self.max_skips} unreadable images in a row from {self.source.name(i)} on")
-        seq = np.random.SeedSequence([self.seed, self.epoch, i])
-        torch_seed, np_seed = seq.generate_state(2, dtype=np.uint64)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG: seed it, then restore
-            # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator module, with a
-            # stack trace each (a third of a millisecond per sample in a DataLoader worker)
-            torch.default_generator.manual_seed(int(torch_seed) & ((1 << 63) - 1))
-            x = self.transform(img)
         mask = 0
         if self.mask_generator is not None:
             mask = torch.from_numpy(self.mask_generator(np.random.default_rng(int(np_seed))))
@@ -673,18 +673,33 @@ def mim_transform(img_size=224, scale=(0.2, 1.0), mean=CLIP_MEAN, std=CLIP_STD, 
     the same crop and flip draws from the same seed, torch's antialiased bicubic (PIL's filter, AVX2 on uint8;
     pixels within 2 levels of PIL's), no per-image float conversion on the CPU, a 4x smaller batch to ship."""
     if uint8:
-        from torchvision.transforms import v2
-        return v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3),
-                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
+        return MIMCrop(img_size, scale)
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+class MIMCrop:
+    """RandomResizedCrop (bicubic) + horizontal flip of a uint8 tensor, returning uint8 (3, S, S): torchvision's crop
+    and flip draws, in the same order from the same generator, so a seed gives the crop and flip of the PIL
+    pipeline; the resize is torch's antialiased bicubic (PIL's filter, with an AVX2 uint8 kernel). (Decoding JPEGs
+    at 1/2 scale for large crops was tried: on photo-like files the Huffman decoding dominates, the gain was ~5% and
+    the pixels moved by a level on average, so it is not used.)"""
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img):
+        from torchvision.transforms.v2 import functional as TF
+        # get_params reads only the shape: an uninitialised 1-channel stand-in of the image's size
+        top, left, h, w = T.RandomResizedCrop.get_params(
+            torch.empty((1, *img.shape[-2:]), dtype=torch.uint8), self.scale, self.ratio)
+        x = TF.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=T.InterpolationMode.BICUBIC,
+                            antialias=True)
+        return x.flip(-1) if torch.rand(1) < 0.5 else x
 
 
 def eval_transform(img_size=224, crop_pct=1.0, mean=CLIP_MEAN, std=CLIP_STD):
