@@ -187,7 +187,7 @@ def step_mode():
         flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], int(v['width'] * v.get('mlp_ratio', 4.0)))
         flops += 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
     results = {'config': config, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
-               'matmul_tflops': round(rate, 2), 'flops_per_image': flops, 'params': params, 'runs': {}}
+               'matmul_tflops': rate, 'flops_per_image': flops, 'params': params, 'runs': {}}
     for impl in ['ours'] + ([reference] if reference else []):
         img_s, mem = run_step(impl, num_masked, 16 if cfg.grid >= 14 else 4)
         med = statistics.median(img_s)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from model import EVA, eva_config
@@ -54,7 +55,7 @@ def test_step_mode_runs_both_stages_and_reports(tmp_path):
     assert len(ours['img_s_all']) == 3 and sorted(ours['img_s_all'])[1] == ours['img_s']  # the median
     assert ours['vs_reference'] == ours['img_s'] / timm['img_s'] and 'x timm' in out
     # MFU = img/s x (student fwd+bwd + teacher fwd FLOPs) / the measured matmul rate
-    assert abs(ours['mfu'] - ours['img_s'] * res['flops_per_image'] / (res['matmul_tflops'] * 1e12)) < 1e-3
+    assert ours['mfu'] == pytest.approx(ours['img_s'] * res['flops_per_image'] / (res['matmul_tflops'] * 1e12))
     logs = [json.loads(line) for line in open(tmp_path / 'pretrain_ours' / 'log.jsonl')]
     assert [r['step'] for r in logs if 'img_s' in r] == [1, 2, 3, 4, 5]  # warm-up 2 + 3 timed, the real script
     bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2', '--warmup=1',
