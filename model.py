@@ -440,11 +440,10 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         else:
             layer_id = depth + 1
         no_decay = p.ndim == 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
-        key = (layer_id, no_decay)
-        if key not in groups:
-            groups[key] = dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                               lr_scale=layer_decay ** (depth + 1 - layer_id))
-        groups[key]['params'].append(p)
+        # one group per distinct (lr scale, decay): without layer decay that is 2 groups, not 2 per layer, and
+        # DeepSpeed keeps a flat buffer and a loop iteration per group
+        key = (layer_decay ** (depth + 1 - layer_id), 0.0 if no_decay else weight_decay)
+        groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=key[0]))['params'].append(p)
     return [groups[k] for k in sorted(groups)]
 
 @torch.no_grad()

@@ -219,6 +219,9 @@ def test_param_groups_layer_decay_and_weight_decay():
     m = EVA(eva_config('eva_tiny', depth=3, num_classes=10, use_mask_token=True))
     m.patch_embed.proj.weight.requires_grad_(False)  # frozen parameters belong to no group
     groups = param_groups(m, weight_decay=0.05, layer_decay=0.75)
+    flat = param_groups(m, weight_decay=0.05, layer_decay=1.0)  # no layer decay: decay and no-decay, nothing else
+    assert sorted((g['lr_scale'], g['weight_decay']) for g in flat) == [(1.0, 0.0), (1.0, 0.05)]
+    assert sum(len(g['params']) for g in flat) == sum(len(g['params']) for g in groups)
     names = {id(p): n for n, p in m.named_parameters()}
     seen = [names[id(p)] for g in groups for p in g['params']]
     assert sorted(seen) == sorted(n for n, p in m.named_parameters() if p.requires_grad)  # each exactly once
