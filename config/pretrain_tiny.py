@@ -1,6 +1,6 @@
 """
 Tiny MIM pretraining on the synthetic shapes: a 2-block 64-wide EVA against a small randomly initialised
-open_clip tower, on a CPU in about a minute.
+open_clip tower, on a CPU in about 30 seconds.
 
     python pretrain.py config/pretrain_tiny.py
 
