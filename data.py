@@ -44,6 +44,10 @@ warnings.filterwarnings('ignore', message='The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
+def pil_to_uint8(img):
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
 def read_rgb(path):
     """An image file as a uint8 RGB tensor (3, H, W). JPEG and PNG go straight from libjpeg-turbo / libpng into a
     tensor (torchvision.io: no PIL image in between, the same pixels as PIL's decoder); whatever torchvision does
@@ -56,11 +60,7 @@ def read_rgb(path):
                 return x
         except RuntimeError:
             pass  # PIL has the last word, and names the problem if the file is bad
-    return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
-
-
-def pil_to_uint8(img):
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    return pil_to_uint8(load_rgb(path))
 
 # -----------------------------------------------------------------------------
 # sources
@@ -538,18 +538,15 @@ def expand_shards(spec):
 
 
 class TarShards(torch.utils.data.IterableDataset):
-    """Image-text pairs streamed from tar shards in the webdataset layout that img2dataset writes: members
-    'KEY.jpg' (or .jpeg/.png/.webp) and 'KEY.txt' next to each other (other members, e.g. KEY.json, ignored).
-    Made for LAION-scale data: nothing is indexed up front, so there is no length.
-
-    The stream never ends: pass p reads the shards in a permutation seeded by (seed, start_step, p), split across
-    the ranks and the DataLoader workers (every unit gets whole shards; with fewer shards than units, every unit
-    reads all and keeps its share of the samples). Samples go through a shuffle buffer as raw bytes and are
-    decoded after it (webdataset's order). A sample without an image or a caption, an undecodable image, an empty
-    caption and a broken shard are skipped, named on stderr, and counted in the `skipped` of the next sample.
-    Yields (image tensor, token ids, 0, sample number, skipped) like Samples. `start_step` (set on resume)
-    reseeds the stream, as open_clip's resampled webdataset does: a resumed run reads a new order, not the
-    continuation of the old one. `passes` > 0 stops after that many passes (for tests and evaluation)."""
+    """Image-text pairs streamed from tar shards in img2dataset's webdataset layout ('KEY.jpg' (.jpeg/.png/.webp)
+    beside 'KEY.txt'; other members ignored), for LAION-scale data: nothing is indexed, there is no length.
+    Pass p reads the shards in a permutation seeded by (seed, start_step, p), whole shards per (rank, DataLoader
+    worker), or, with fewer shards than those, every sample-th share of all; the stream never ends unless
+    `passes` > 0. Raw bytes go through a shuffle buffer and are decoded after it (webdataset's order), each sample
+    with its own seed. Samples without image or caption, undecodable images, empty captions and broken shards are
+    skipped, named on stderr and counted in the next sample's `skipped`. Yields (image, token ids, 0, sample
+    number, skipped) like Samples. A resume sets `start_step`: a new order, not the old one's continuation (as
+    open_clip's resampled webdataset)."""
 
     IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 
@@ -618,50 +615,40 @@ class TarShards(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         unit, units = self.rank * nw + wid, self.world * nw
         rng = np.random.default_rng([self.seed, self.start_step, unit, 1])
-        buffer, n, skipped = [], 0, 0
 
-        def emit(name, image, caption):
-            seq = np.random.SeedSequence([self.seed, self.start_step, unit, n])
+        def shuffled():  # webdataset's buffer: full, each new sample swaps out a random one; the rest at the end
+            buffer = []
+            for item in self._raw(unit, units):
+                if item[1] is not None and len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                if item[1] is not None:  # (a bad sample passes straight through, to be counted)
+                    i = int(rng.integers(len(buffer)))
+                    item, buffer[i] = buffer[i], item
+                yield item
+            rng.shuffle(buffer)  # only reached with passes > 0
+            yield from buffer
+
+        n, skipped = 0, 0
+        for name, image, caption in shuffled():
             try:
+                if image is None:
+                    raise ValueError("no sample")  # named already by _raw
                 text = caption.decode('utf-8').strip()
                 if not text:
                     raise ValueError("empty caption")
                 img = load_rgb(io.BytesIO(image))
+                seq = np.random.SeedSequence([self.seed, self.start_step, unit, n])
+                with torch.random.fork_rng(devices=[]):  # per-sample seed, as Samples
+                    torch.default_generator.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1))
+                    x = self.transform(img)
             except Exception as e:
-                print(f"warning: skipping {name}: {e}", file=sys.stderr)
-                return None
-            with torch.random.fork_rng(devices=[]):  # per-sample seed, as Samples
-                torch.default_generator.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1))
-                x = self.transform(img)
-            return x, self.text_transform(text)
-
-        def drain(item):
-            nonlocal n, skipped
-            out = emit(*item)
-            if out is None:
+                if image is not None:
+                    print(f"warning: skipping {name}: {e}", file=sys.stderr)
                 skipped += 1
-                return None
-            sample = (*out, 0, n, skipped)
+                continue
+            yield x, self.text_transform(text), 0, n, skipped
             n, skipped = n + 1, 0
-            return sample
-
-        for item in self._raw(unit, units):
-            if item[1] is None:
-                skipped += 1
-                continue
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            i = int(rng.integers(len(buffer)))
-            item, buffer[i] = buffer[i], item
-            sample = drain(item)
-            if sample is not None:
-                yield sample
-        rng.shuffle(buffer)  # a finite stream (passes > 0): what is left in the buffer
-        for item in buffer:
-            sample = drain(item)
-            if sample is not None:
-                yield sample
 
 # -----------------------------------------------------------------------------
 # transforms
