@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

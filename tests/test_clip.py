@@ -162,7 +162,7 @@ def test_two_ranks_train_as_one(tmp_path):
 
 def test_resume_is_exact(tmp_path):
     common = ['--zeroshot_data=', '--batch_size=16', '--micro_batch=16', '--samples_seen=96', '--warmup_steps=2',
-              '--log_interval=1', '--eval_interval=100', '--drop_path=0.1', f'--synthetic_size=40']
+              '--log_interval=1', '--eval_interval=100', '--drop_path=0.1', '--synthetic_size=40']
     train_clip(tmp_path / 'full', *common)
     train_clip(tmp_path / 'cut', *common, '--stop_step=3')
     train_clip(tmp_path / 'cut', *common)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data import (ImageFiles, Samples, SyntheticShapes, eval_transform, imagenet_classes, imagenet_real_labels,
                   imagenet_subset, topk_hits)
-from model import EVA, eva_config, load_pretrained
+from model import EVA, eva_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEARNED = 25.0  # top-1 (%) the tiny config must reach on held-out synthetic images; chance is 10 (it gets ~33)

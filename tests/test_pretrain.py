@@ -2,11 +2,9 @@
 the loss and the CLIP teacher's targets."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
