@@ -7,6 +7,7 @@ MIM input pipeline against torchvision's.
     python bench.py --compile_blocks=True
     python bench.py --stage=finetune --img_size=336 --micro_batch=8
     python bench.py --mode=data                        # input pipeline, images/s per CPU core
+    python bench.py --mode=targets                     # all of issue 6's targets in one run, each said met or not
     python bench.py --model_size=eva_tiny --img_size=32 --micro_batch=8 --teacher_model=tiny --steps=3 --warmup=2
                                                        # a CPU smoke run (correctness only, never a speed claim)
 
@@ -112,7 +113,7 @@ if __name__ == '__main__' and 'BENCH_JOB' in os.environ:
 
 # -----------------------------------------------------------------------------
 # config
-mode = 'step'  # 'step': training steps, ours vs timm's Eva; 'data': the MIM input pipeline vs torchvision's
+mode = 'step'  # 'step': ours vs timm's Eva; 'data': input pipeline vs torchvision's; 'targets': issue 6's checks
 stage = 'pretrain'  # 'pretrain' (pretrain.py's MIM step with the CLIP teacher) or 'finetune' (finetune_cls.py's)
 model_size = 'eva_g'  # a key of model.SIZES
 img_size = 224  # resolution
@@ -265,7 +266,39 @@ def data_mode():
     return results
 
 
+def targets_mode():
+    """The performance targets in one command (one GPU session): the MIM step at micro_batch against timm (>= 1.25x,
+    >= 50% MFU), the checkpointed step at micro-batch 32 projected over 16 ranks (<= 20 GiB), the input pipeline
+    (>= 1.5x torchvision per core). Each is a bench.py run of its own; the other settings pass through."""
+    passed = [f'--{k}={v}' for k, v in config.items() if k not in ('mode', 'out_dir', 'micro_batch',
+                                                                   'grad_checkpointing', 'reference', 'zero_ranks')]
+    runs = {'step': ['--mode=step', f'--micro_batch={micro_batch}'],
+            'checkpointed': ['--mode=step', '--grad_checkpointing=True', '--micro_batch=32', '--reference=',
+                             '--zero_ranks=16'],
+            'data': ['--mode=data']}
+    res = {}
+    for name, args in runs.items():
+        d = os.path.join(out_dir, name)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *passed, *args, f'--out_dir={d}'],
+                           cwd=ROOT, capture_output=True, text=True)
+        print(r.stdout, end='')
+        if r.returncode != 0:
+            raise RuntimeError(f"bench.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+        res[name] = json.load(open(os.path.join(d, f"bench_{args[0].split('=')[1]}.json")))
+    step, ckpt = res['step']['runs']['ours'], res['checkpointed']['runs']['ours']
+    checks = [(f'{model_size} step vs timm >= 1.25x', step['vs_reference'], 1.25),
+              ('MFU >= 50%', step['mfu'], 0.5),
+              ('checkpointed micro-batch 32, ZeRO-1 over 16: <= 20 GiB', ckpt['zero_projected_gb'], 20.0),
+              ('input pipeline vs torchvision per core >= 1.5x', res['data']['runs']['ours']['vs_torchvision'], 1.5)]
+    print("targets:")
+    for what, value, bound in checks:
+        ok = value is not None and (value <= bound if 'GiB' in what else value >= bound)
+        print(f"  {'met    ' if ok else 'NOT met'} {what}: {value if value is None else round(value, 3)}")
+    res['checks'] = [dict(what=w, value=v, bound=b) for w, v, b in checks]
+    return res
+
+
 os.makedirs(out_dir, exist_ok=True)
-result = data_mode() if mode == 'data' else step_mode()
+result = {'data': data_mode, 'step': step_mode, 'targets': targets_mode}[mode]()
 with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -73,3 +73,16 @@ def test_data_mode_compares_pipelines(tmp_path):
     for name in ('ours', 'ours+normalise'):  # normalised outputs of the same images: close statistics
         for a, b in zip(res['runs'][name]['channel_mean'], res['runs']['torchvision']['channel_mean']):
             assert abs(a - b) < 0.1
+
+
+def test_targets_mode_reports_every_check(tmp_path):
+    out = bench('--mode=targets', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--teacher_model=tiny',
+                '--steps=1', '--warmup=1', '--num_workers=0', '--data_images=8', '--data_passes=1',
+                f'--out_dir={tmp_path}')
+    res = json.load(open(tmp_path / 'bench_targets.json'))
+    assert [c['bound'] for c in res['checks']] == [1.25, 0.5, 20.0, 1.5] and out.count('met ') == 4
+    step = res['step']['runs']['ours']
+    assert res['checks'][0]['value'] == step['vs_reference'] and res['checks'][1]['value'] == step['mfu']
+    assert res['checkpointed']['config']['grad_checkpointing'] is True
+    assert res['checkpointed']['config']['micro_batch'] == 32 and res['checkpointed']['config']['zero_ranks'] == 16
+    assert res['checks'][2]['value'] is None  # no GPU memory on a CPU: reported, never faked
