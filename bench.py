@@ -24,7 +24,8 @@ holds whole here: an upper bound (gradient buckets and transient fp32 gradients 
 Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
 process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop + flip, block mask; normalised on the GPU later)
 against torchvision's ImageFolder + PIL RandomResizedCrop, flip, ToTensor, Normalize and the same mask generator,
-and compares the two output distributions.
+and compares the two outputs' statistics on the same crops (an untimed pass with every pipeline's generator seeded
+per image).
 """
 import json
 import os
@@ -227,7 +228,8 @@ def data_mode():
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from data import CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, mim_transform, normalize_batch
+    from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, mim_transform, normalize_batch,
+                      sample_seeds)
     torch.set_num_threads(1)  # one core: the rate a DataLoader worker gets
     folder = os.path.join(out_dir, 'jpegs')
     if not os.path.isdir(folder) or len(os.listdir(os.path.join(folder, 'images'))) != data_images:
@@ -244,9 +246,14 @@ def data_mode():
         'ours': lambda i: ours_set[i][0],
         'ours+normalise': lambda i: normalize_batch(ours_set[i][0][None])[0],  # what the GPU does, done here
     }
+    def same_crops(f, i):  # torch's generator seeded as Samples seeds sample i: every pipeline draws the same crop
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seeds(0, 0, i)[0])
+            return f(i)
+
     results = {'config': config, 'image_kb': kb, 'runs': {}}
-    for name, f in pipelines.items():  # an untimed pass each (file cache, allocator), kept for the statistics
-        x = torch.stack([normalize_batch(f(i)[None])[0] for i in range(data_images)])
+    for name, f in pipelines.items():  # an untimed pass each (file cache, allocator), with the same crops for all
+        x = torch.stack([normalize_batch(same_crops(f, i)[None])[0] for i in range(data_images)])
         results['runs'][name] = {'channel_mean': x.mean((0, 2, 3)).tolist(), 'channel_std': x.std((0, 2, 3)).tolist(),
                                  'passes': []}
     for _ in range(data_passes):  # passes interleaved, so that a drifting machine slows every pipeline alike

@@ -408,6 +408,12 @@ class MaskingGenerator:
 # dataset wrapper and sampler
 
 
+def sample_seeds(seed, epoch, i):
+    """The seeds of sample i in an epoch: (torch's, for the transform; numpy's, for the mask)."""
+    torch_seed, np_seed = np.random.SeedSequence([seed, epoch, i]).generate_state(2, dtype=np.uint64)
+    return int(torch_seed) & ((1 << 63) - 1), int(np_seed)
+
+
 class Samples(torch.utils.data.Dataset):
     """source + transform (+ mask generator) -> (image tensor, label, mask or 0, index, skipped); for an
     image-text source, label is the caption after text_transform (token ids).
@@ -425,8 +431,7 @@ class Samples(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
-        seq = np.random.SeedSequence([self.seed, self.epoch, i])
-        torch_seed, np_seed = seq.generate_state(2, dtype=np.uint64)
+        torch_seed, np_seed = sample_seeds(self.seed, self.epoch, i)
         for skipped in range(self.max_skips):
             j = (i + skipped) % len(self.source)
             try:
@@ -436,7 +441,7 @@ class Samples(torch.utils.data.Dataset):
                 with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG: seed, restore
                     # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator
                     # module, with a stack trace each (a third of a millisecond per sample in a DataLoader worker)
-                    torch.default_generator.manual_seed(int(torch_seed) & ((1 << 63) - 1))
+                    torch.default_generator.manual_seed(torch_seed)
                     x = self.transform(img)  # inside the try: an image a transform chokes on is skipped too
                 break
             except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
@@ -445,7 +450,7 @@ class Samples(torch.utils.data.Dataset):
             raise RuntimeError(f"{self.max_skips} unreadable images in a row from {self.source.name(i)} on")
         mask = 0
         if self.mask_generator is not None:
-            mask = torch.from_numpy(self.mask_generator(np.random.default_rng(int(np_seed))))
+            mask = torch.from_numpy(self.mask_generator(np.random.default_rng(np_seed)))
         return x, label, mask, i, skipped
 
 
