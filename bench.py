@@ -229,7 +229,7 @@ def data_mode():
     from torchvision import transforms as T
 
     from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, mim_transform, normalize_batch,
-                      sample_seeds)
+                      sample_seeds, seeded)
     torch.set_num_threads(1)  # one core: the rate a DataLoader worker gets
     folder = os.path.join(out_dir, 'jpegs')
     if not os.path.isdir(folder) or len(os.listdir(os.path.join(folder, 'images'))) != data_images:
@@ -246,14 +246,10 @@ def data_mode():
         'ours': lambda i: ours_set[i][0],
         'ours+normalise': lambda i: normalize_batch(ours_set[i][0][None])[0],  # what the GPU does, done here
     }
-    def same_crops(f, i):  # torch's generator seeded as Samples seeds sample i: every pipeline draws the same crop
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seeds(0, 0, i)[0])
-            return f(i)
-
     results = {'config': config, 'image_kb': kb, 'runs': {}}
     for name, f in pipelines.items():  # an untimed pass each (file cache, allocator), with the same crops for all
-        x = torch.stack([normalize_batch(same_crops(f, i)[None])[0] for i in range(data_images)])
+        # torch's generator seeded as Samples seeds sample i: every pipeline draws the same crop
+        x = torch.stack([normalize_batch(seeded(f, i, sample_seeds(0, 0, i)[0])[None])[0] for i in range(data_images)])
         results['runs'][name] = {'channel_mean': x.mean((0, 2, 3)).tolist(), 'channel_std': x.std((0, 2, 3)).tolist(),
                                  'passes': []}
     for _ in range(data_passes):  # passes interleaved, so that a drifting machine slows every pipeline alike

@@ -408,10 +408,20 @@ class MaskingGenerator:
 # dataset wrapper and sampler
 
 
-def sample_seeds(seed, epoch, i):
-    """The seeds of sample i in an epoch: (torch's, for the transform; numpy's, for the mask)."""
-    torch_seed, np_seed = np.random.SeedSequence([seed, epoch, i]).generate_state(2, dtype=np.uint64)
+def sample_seeds(*key):
+    """The seeds of one sample, from its key (seed, epoch, index): (torch's, for the transform; numpy's, for the
+    mask)."""
+    torch_seed, np_seed = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint64)
     return int(torch_seed) & ((1 << 63) - 1), int(np_seed)
+
+
+def seeded(fn, x, torch_seed):
+    """fn(x) with torch's CPU generator seeded (torchvision draws from it), then restored. The CPU generator only:
+    torch.manual_seed also queues a seed for every lazy accelerator module, with a stack trace each (a third of a
+    millisecond per sample in a DataLoader worker)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(torch_seed)
+        return fn(x)
 
 
 class Samples(torch.utils.data.Dataset):
@@ -438,11 +448,7 @@ class Samples(torch.utils.data.Dataset):
                 img, label = self.source.load(j)
                 if self.text_transform is not None:
                     label = self.text_transform(label)
-                with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG: seed, restore
-                    # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator
-                    # module, with a stack trace each (a third of a millisecond per sample in a DataLoader worker)
-                    torch.default_generator.manual_seed(torch_seed)
-                    x = self.transform(img)  # inside the try: an image a transform chokes on is skipped too
+                x = seeded(self.transform, img, torch_seed)  # in the try: an image a transform chokes on is skipped
                 break
             except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
                 print(f"warning: skipping unreadable sample {self.source.name(j)}: {e}", file=sys.stderr)
@@ -643,10 +649,7 @@ class TarShards(torch.utils.data.IterableDataset):
                 if not text:
                     raise ValueError("empty caption")
                 img = load_rgb(io.BytesIO(image))
-                seq = np.random.SeedSequence([self.seed, self.start_step, unit, n])
-                with torch.random.fork_rng(devices=[]):  # per-sample seed, as Samples
-                    torch.default_generator.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1))
-                    x = self.transform(img)
+                x = seeded(self.transform, img, sample_seeds(self.seed, self.start_step, unit, n)[0])
             except Exception as e:
                 if image is not None:
                     print(f"warning: skipping {name}: {e}", file=sys.stderr)

@@ -240,13 +240,16 @@ class EVA(nn.Module):
         return 3 * f if backward else f
 
 
+def transformer_flops(tokens, width, depth, mlp_dim):
+    """Forward matmul FLOPs of pre-norm transformer blocks: per block qkv, q k^T and attn v, proj, and the MLP."""
+    N, D = tokens, width
+    return depth * (2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * mlp_dim)
+
+
 def vit_flops(img_size, patch_size, width, depth, mlp_dim, in_chans=3):
-    """Forward matmul FLOPs of a plain ViT with a cls token: patch embedding, then per block qkv, q k^T and
-    attn v, proj, and the MLP."""
+    """Forward matmul FLOPs of a plain ViT with a cls token: the patch embedding, then the blocks."""
     P = (img_size // patch_size) ** 2
-    N, D = P + 1, width
-    block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * mlp_dim
-    return 2 * P * in_chans * patch_size ** 2 * D + depth * block
+    return 2 * P * in_chans * patch_size ** 2 * width + transformer_flops(P + 1, width, depth, mlp_dim)
 
 
 def mim_loss(pred, target, mask):
@@ -511,9 +514,8 @@ class CLIP(nn.Module):
     def flops_per_pair(self, backward=True):
         """Matmul FLOPs of one image and one caption (for MFU): the EVA tower and the text transformer."""
         t = self.text_cfg
-        L, W = t['context_length'], t['width']
-        text = t['layers'] * (2 * L * W * 3 * W + 4 * L * L * W + 2 * L * W * W + 4 * L * W * 4 * W)
-        text += 2 * W * self.embed_dim
+        text = transformer_flops(t['context_length'], t['width'], t['layers'], 4 * t['width'])
+        text += 2 * t['width'] * self.embed_dim
         return self.visual.flops_per_image(backward=backward) + (3 if backward else 1) * text
 
 

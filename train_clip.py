@@ -295,10 +295,12 @@ def retrieval_eval(net):
     """Image -> text and text -> image recall@1/5/10 (%) over the whole pairs file (COCO / Flickr protocol: an
     image is found by any of its captions' images, a caption must find its own image)."""
     paths, captions, owner = retrieval_set
+
+    def encode_images(part):
+        return net.encode_image(torch.stack([eval_tf(load_rgb(p)) for p in part]).to(device, model_dtype))
+
     feats = []
-    for items, encode in ((paths, lambda part: net.encode_image(torch.stack(
-            [eval_tf(load_rgb(p)) for p in part]).to(device, model_dtype))),
-                          (captions, lambda part: encode_texts(net, part))):
+    for items, encode in ((paths, encode_images), (captions, lambda part: encode_texts(net, part))):
         full = torch.zeros(len(items), embed_dim, device=device)
         mine = list(range(rank, len(items), world))  # each rank a share, summed into the full matrix
         for i in range(0, len(mine), micro_batch):
@@ -358,9 +360,8 @@ def text_param_groups(text, weight_decay, layer_decay):
         else:
             layer_id = depth + 1
         no_decay = p.ndim == 1 or name.endswith('.bias') or 'embedding' in name
-        groups.setdefault((layer_id, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                                                     lr_scale=layer_decay ** (depth + 1 - layer_id)))
-        groups[(layer_id, no_decay)]['params'].append(p)
+        key = (layer_decay ** (depth + 1 - layer_id), 0.0 if no_decay else weight_decay)  # merged as param_groups
+        groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=key[0]))['params'].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
