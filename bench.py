@@ -3,8 +3,9 @@ Benchmark of this repository's real training steps against the reference a user 
 MIM input pipeline against torchvision's.
 
     python bench.py                                    # EVA-g MIM step, batch 64 at 224, fp16 ZeRO-1, vs timm's Eva
-    python bench.py --grad_checkpointing=True --micro_batch=32 --zero_ranks=16
+    python bench.py --grad_checkpointing=True --micro_batch=32 --zero_ranks=16 --reference=no_checkpointing
     python bench.py --compile_blocks=True
+    python bench.py --profile=True --reference=        # + a torch.profiler trace of two steps (out/bench/*/trace.json)
     python bench.py --stage=finetune --img_size=336 --micro_batch=8
     python bench.py --mode=data                        # input pipeline, images/s per CPU core
     python bench.py --mode=targets                     # all of issue 6's targets in one run, each said met or not
@@ -13,19 +14,22 @@ MIM input pipeline against torchvision's.
 
 Step mode runs the stage script itself (pretrain.py: teacher forward, student forward and backward, the DeepSpeed
 optimizer step, data loading; finetune_cls.py: forward, backward, step, EMA) on synthetic data, each in a fresh
-subprocess so that its peak memory is its own, and reads the step times from its log. The reference run is the
-same script with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM) before
-the script imports it: same engine, same teacher, same data. Warm-up steps are dropped; the median step is
-reported. MFU counts the student's forward + backward and the teacher's forward (matmul FLOPs) against the matmul
-rate measured here (fp16 on a GPU, fp32 on a CPU). The projected per-GPU peak under ZeRO-1 over N ranks
-subtracts (1 - 1/N) of the fp32 master weights and Adam moments (12 bytes per trained parameter) that one rank
-holds whole here: an upper bound (gradient buckets and transient fp32 gradients are not subtracted).
+subprocess so that its peak memory is its own, and reads the step times from its log. The references are the same
+script with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM), eager,
+before the script imports it: same teacher, same data, same DeepSpeed config. 'timm' also undoes our one change to
+DeepSpeed's optimizer (model.fuse_zero_grad_checks), so it is timm's Eva under DeepSpeed as it ships: what a user
+would otherwise run; 'timm_our_engine' keeps it, so ours against it is the model's (and compile's) own share.
+Warm-up steps are dropped; the median step is reported. MFU counts the student's forward + backward and the
+teacher's forward (matmul FLOPs) against the matmul rate measured here (fp16 on a GPU, fp32 on a CPU). The
+projected per-GPU peak under ZeRO-1 over N ranks subtracts (1 - 1/N) of the fp32 master weights and Adam moments
+(12 bytes per trained parameter) that one rank holds whole here: an upper bound (gradient buckets and transient
+fp32 gradients are not subtracted).
 
 Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
-process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop + flip, block mask; normalised on the GPU later)
-against torchvision's ImageFolder + PIL RandomResizedCrop, flip, ToTensor, Normalize and the same mask generator,
-and compares the two outputs' statistics on the same crops (an untimed pass with every pipeline's generator seeded
-per image).
+process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop +
+flip, block mask; normalised on the GPU later) against torchvision's ImageFolder + PIL RandomResizedCrop, flip,
+ToTensor, Normalize and the same mask generator, and compares the two outputs' statistics on the same crops (an
+untimed pass with every pipeline's generator seeded per image).
 """
 import json
 import os
@@ -60,6 +64,13 @@ def timm_eva_class():
             self.lm_head = nn.Linear(cfg.embed_dim, cfg.mim_dim) if cfg.mim_dim > 0 else None
 
         def forward(self, x, mask=None):
+            # DeepSpeed casts the parameters to fp16, not the buffers: timm's constant zero k_bias would stay float32
+            # and promote the concatenated qkv bias (and F.linear's output) to float32
+            dtype = self.patch_embed.proj.weight.dtype
+            for mod in self.modules():
+                for name, b in mod._buffers.items():
+                    if b is not None and b.is_floating_point() and b.dtype != dtype:
+                        mod._buffers[name] = b.to(dtype)
             if mask is None:
                 return super().forward(x)
             x = self.patch_embed(x)
@@ -83,10 +94,43 @@ def worker(job):
     import runpy
 
     import model
-    if job['impl'] == 'timm':
+    if job['impl'].startswith('timm'):
         model.EVA = timm_eva_class()
+    if job['impl'] == 'timm':  # DeepSpeed's optimizer as it ships: its per-tensor gradient checks left in place
+        model.fuse_zero_grad_checks = lambda optimizer: optimizer
     sys.argv = [job['script'], *job['args']]
-    runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
+    if not job.get('profile'):
+        runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
+        return
+    # a trace of two steps after the warm-up: the profiler steps with each call of the engine's step()
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def write(prof):
+        prof.export_chrome_trace(os.path.join(job['profile'], 'trace.json'))
+        with open(os.path.join(job['profile'], 'profile.txt'), 'w') as f:
+            sort = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    from torch.profiler import record_function
+
+    def named(cls, method, label, then=None):  # the step's phases as labelled ranges in the trace
+        inner = getattr(cls, method)
+
+        def wrapped(*a, **k):
+            with record_function(label):
+                out = inner(*a, **k)
+            if then:
+                then()
+            return out
+        setattr(cls, method, wrapped)
+    with profile(activities=activities, schedule=schedule(wait=job['wait'], warmup=1, active=2),
+                 on_trace_ready=write) as prof:
+        named(DeepSpeedEngine, 'forward', 'student_forward')
+        named(DeepSpeedEngine, 'backward', 'student_backward')
+        named(DeepSpeedEngine, 'step', 'optimizer_step', then=prof.step)
+        named(model.CLIPTeacher, 'forward', 'teacher_forward')
+        runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
 
 
 def matmul_tflops():
@@ -120,8 +164,11 @@ model_size = 'eva_g'  # a key of model.SIZES
 img_size = 224  # resolution
 micro_batch = 64  # images per step (one GPU, no accumulation)
 grad_checkpointing = False  # recompute blocks in backward
-compile_blocks = False  # torch.compile each block (both implementations)
-reference = 'timm'  # 'timm': also run timm's Eva as the student; '': ours only
+compile_blocks = False  # torch.compile each of our blocks (the timm references always run eager)
+profile = False  # step mode: also write a torch.profiler trace of two steps of ours (out_dir/<stage>_ours/trace.json)
+reference = 'timm,timm_our_engine'  # runs to compare with, comma-separated: 'timm' (timm's Eva, eager, under
+# DeepSpeed as it ships: what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine
+# changes: the model's own share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only
 teacher_model = 'ViT-L-14'  # pretrain teacher, randomly initialised (its cost, not its weights); 'tiny' for CPU
 dtype = 'fp16'  # training precision on a GPU (a CPU falls back to fp32, as the stages do)
 steps = 10  # timed steps; the median is reported
@@ -143,9 +190,10 @@ def run_step(impl, num_masked, min_masked):
         import shutil
         shutil.rmtree(run_dir)
     n = warmup + steps
+    ckpt, comp = grad_checkpointing and impl != 'no_checkpointing', compile_blocks and not impl.startswith('timm')
     common = [f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
-              f'--micro_batch={micro_batch}', f'--batch_size={micro_batch}', f'--grad_checkpointing={grad_checkpointing}',
-              f'--compile_blocks={compile_blocks}', f'--dtype={dtype}', f'--num_workers={num_workers}', '--log_interval=1',
+              f'--micro_batch={micro_batch}', f'--batch_size={micro_batch}', f'--grad_checkpointing={ckpt}',
+              f'--compile_blocks={comp}', f'--dtype={dtype}', f'--num_workers={num_workers}', '--log_interval=1',
               f'--synthetic_size={micro_batch * n}']
     if stage == 'pretrain':
         script = 'pretrain.py'  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
@@ -156,16 +204,24 @@ def run_step(impl, num_masked, min_masked):
         script = 'finetune_cls.py'
         args = common + ['--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
                          f'--val_size={micro_batch}']
-    env = dict(os.environ, BENCH_JOB=json.dumps({'script': script, 'impl': impl, 'args': args}))
+    job = {'script': script, 'impl': impl, 'args': args}
+    if profile and impl == 'ours':  # profiled steps are slower: this run's own img/s are not reported then
+        job.update(profile=os.path.abspath(run_dir), wait=max(warmup - 1, 0))
+    env = dict(os.environ, BENCH_JOB=json.dumps(job))
+    t = time.time()
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py')], env=env, cwd=ROOT, capture_output=True,
                        text=True)
+    wall = time.time() - t
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'output.txt'), 'w') as f:  # the stage's own output, for a failure or a look
+        f.write(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"{script} with {impl} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
     steps_rows = [row for row in rows if 'img_s' in row]
     assert len(steps_rows) == n, f"{script}: {len(steps_rows)} logged steps, expected {n}"
     mem = max((row['mem_gb'] or 0) for row in steps_rows) or None
-    return [row['img_s'] for row in steps_rows[warmup:]], mem
+    return [row['img_s'] for row in steps_rows[warmup:]], mem, wall
 
 
 def step_mode():
@@ -190,22 +246,29 @@ def step_mode():
         flops += 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
     results = {'config': config, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
                'matmul_tflops': rate, 'flops_per_image': flops, 'params': params, 'runs': {}}
-    for impl in ['ours'] + ([reference] if reference else []):
-        img_s, mem = run_step(impl, num_masked, 16 if cfg.grid >= 14 else 4)
+    references = [r for r in reference.split(',') if r]
+    unknown = set(references) - {'timm', 'timm_our_engine', 'no_checkpointing'}
+    assert not unknown, f"unknown reference {unknown}: 'timm', 'timm_our_engine' or 'no_checkpointing'"
+    for impl in ['ours'] + references:
+        img_s, mem, wall = run_step(impl, num_masked, 16 if cfg.grid >= 14 else 4)
         med = statistics.median(img_s)
         optimizer_gb = 12 * params / 2**30
         results['runs'][impl] = {
-            'img_s': med, 'img_s_all': img_s, 'mfu': med * flops / (rate * 1e12), 'peak_gb': mem,
-            'zero_projected_gb': mem - optimizer_gb * (1 - 1 / zero_ranks) if mem else None}
+            'img_s': med, 'img_s_all': img_s, 'wall_s': round(wall, 1), 'mfu': med * flops / (rate * 1e12),
+            'peak_gb': mem, 'zero_projected_gb': mem - optimizer_gb * (1 - 1 / zero_ranks) if mem else None,
+            'profiled': profile and impl == 'ours'}  # then its img/s include the profiler's overhead
     ours = results['runs']['ours']
-    if reference:
-        ours['vs_reference'] = ours['img_s'] / results['runs'][reference]['img_s']
-    print(f"{stage} step, {model_size} at {img_size}, micro-batch {micro_batch}, {dtype if cuda else 'fp32 (CPU)'}, grad checkpointing "
-          f"{grad_checkpointing}, compile {compile_blocks} on {results['device']} (matmul {rate:.1f} TFLOP/s measured):")
+    ours['vs'] = {ref: ours['img_s'] / results['runs'][ref]['img_s'] for ref in references}
+    precision = dtype if cuda or dtype != 'fp16' else 'fp32 (CPU)'  # the stages' CPU fallback for fp16
+    print(f"{stage} step, {model_size} at {img_size}, micro-batch {micro_batch}, {precision}, grad checkpointing "
+          f"{grad_checkpointing}, compile {compile_blocks} on {results['device']} (matmul {rate:.1f} TFLOP/s "
+          "measured):")
     for impl, r in results['runs'].items():
-        print(f"  {impl:5s} {r['img_s']:8.1f} img/s (median of {steps}) | MFU {100 * r['mfu']:5.1f}% | peak "
-              f"{r['peak_gb']} GiB | ZeRO-1 over {zero_ranks}: <= {r['zero_projected_gb'] and round(r['zero_projected_gb'], 2)} GiB"
-              + (f" | {r['vs_reference']:.2f}x {reference}" if 'vs_reference' in r else ''))
+        projected = r['zero_projected_gb'] and round(r['zero_projected_gb'], 2)
+        print(f"  {impl:16s} {r['img_s']:6.1f} img/s (median of {steps}) | MFU {100 * r['mfu']:5.1f}% | peak "
+              f"{r['peak_gb']} GiB | ZeRO-1 over {zero_ranks}: <= {projected} GiB"
+              + ''.join(f" | {v:.2f}x {ref}" for ref, v in r.get('vs', {}).items())
+              + (' | profiled: slower, trace in ' + os.path.join(out_dir, f'{stage}_{impl}') if r['profiled'] else ''))
     return results
 
 
@@ -276,8 +339,8 @@ def targets_mode():
     passed = [f'--{k}={v}' for k, v in config.items() if k not in ('mode', 'out_dir', 'micro_batch',
                                                                    'grad_checkpointing', 'reference', 'zero_ranks')]
     runs = {'step': ['--mode=step', f'--micro_batch={micro_batch}'],
-            'checkpointed': ['--mode=step', '--grad_checkpointing=True', '--micro_batch=32', '--reference=',
-                             '--zero_ranks=16'],
+            'checkpointed': ['--mode=step', '--grad_checkpointing=True', '--micro_batch=32',  # eager (see pretrain.py)
+                             '--reference=no_checkpointing', '--zero_ranks=16', '--compile_blocks=False'],
             'data': ['--mode=data']}
     res = {}
     for name, args in runs.items():
@@ -285,14 +348,21 @@ def targets_mode():
         r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *passed, *args, f'--out_dir={d}'],
                            cwd=ROOT, capture_output=True, text=True)
         print(r.stdout, end='')
-        if r.returncode != 0:
-            raise RuntimeError(f"bench.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-        res[name] = json.load(open(os.path.join(d, f"bench_{args[0].split('=')[1]}.json")))
-    step, ckpt = res['step']['runs']['ours'], res['checkpointed']['runs']['ours']
-    checks = [(f'{model_size} step vs timm >= 1.25x', step['vs_reference'], 1.25),
-              ('MFU >= 50%', step['mfu'], 0.5),
-              ('checkpointed micro-batch 32, ZeRO-1 over 16: <= 20 GiB', ckpt['zero_projected_gb'], 20.0),
-              ('input pipeline vs torchvision per core >= 1.5x', res['data']['runs']['ours']['vs_torchvision'], 1.5)]
+        res[name] = None
+        if r.returncode == 0:
+            res[name] = json.load(open(os.path.join(d, f"bench_{args[0].split('=')[1]}.json")))
+        else:  # the other checks still run: a short GPU session should not lose them to one failure
+            print(f"bench.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    step = res['step'] and res['step']['runs']['ours']
+    ckpt = res['checkpointed'] and res['checkpointed']['runs']['ours']
+    checks = [(f'{model_size} step vs timm under DeepSpeed >= 1.25x', step and step['vs']['timm'], 1.25),
+              ('MFU >= 50%', step and step['mfu'], 0.5),
+              ('checkpointed micro-batch 32, ZeRO-1 over 16: <= 20 GiB', ckpt and ckpt['zero_projected_gb'], 20.0),
+              ('input pipeline vs torchvision per core >= 1.5x',
+               res['data'] and res['data']['runs']['ours']['vs_torchvision'], 1.5)]
+    if ckpt:
+        print(f"gradient checkpointing at micro-batch 32 runs at {ckpt['vs']['no_checkpointing']:.2f}x the speed "
+              f"without it ({res['checkpointed']['runs']['no_checkpointing']['peak_gb']} GiB peak without)")
     print("targets:")
     for what, value, bound in checks:
         ok = value is not None and (value <= bound if 'GiB' in what else value >= bound)

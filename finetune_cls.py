@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
-from model import EVA, ema_update_, eva_config, load_pretrained, param_groups
+from model import EVA, ema_update_, eva_config, fuse_zero_grad_checks, load_pretrained, param_groups
 
 # -----------------------------------------------------------------------------
 # config: defaults are the IN-1K 336 px recipe (DESIGN.md section 3)
@@ -158,6 +158,9 @@ if init_from:
 if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
 if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
+    # on an H200 (torch 2.11) checkpoint's recompute of a compiled block saved other tensors than its forward had
+    # (the drop-path draw) and the backward stopped; a CPU runs both
+    assert not (grad_checkpointing and cuda), "compile_blocks with grad_checkpointing fails on CUDA: choose one"
     for blk in model.blocks:
         blk.compile()
 ema_model = None
@@ -259,6 +262,7 @@ ds_config = {
     'steps_per_print': 1 << 30,
 }
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
 
 
 def get_lr(step):

@@ -86,8 +86,11 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        # a uniform draw compared with the keep rate rather than bernoulli_(rate): the comparison lets torch.compile
+        # treat the rate as an input, so the blocks' different rates share one compiled graph (bernoulli_ bakes the
+        # rate into the graph: one recompilation per block, and dynamo stops compiling after 8)
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < 1.0 - self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
 
 
 class PatchEmbed(nn.Module):
@@ -448,6 +451,45 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         key = (layer_decay ** (depth + 1 - layer_id), 0.0 if no_decay else weight_decay)
         groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=key[0]))['params'].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def fuse_zero_grad_checks(optimizer):
+    """Make DeepSpeed's ZeRO-1/2 optimizer check its gradients with one multi-tensor kernel instead of a few per
+    tensor. Before its step it tests every gradient tensor for inf/NaN (amax, amin, 2 isfinite, and, not, add) and
+    takes every tensor's L2 norm in float64: for EVA-g's 529 tensors ~8,600 tiny kernels per step, ~130 ms of
+    launches while the H200 waits (profiled: a third of the MIM step at micro-batch 64). Here both come from
+    torch._foreach_norm in float32 (inf/NaN anywhere in a tensor make its norm non-finite; float32 holds the
+    squared sum of 1e9 fp16 values), reduced across ranks as DeepSpeed does. -> the optimizer, patched in place."""
+    import torch.distributed as dist
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return optimizer
+    opt, norm_direct = optimizer, optimizer.get_grad_norm_direct
+
+    def l2_norms(grads):
+        grads = [g for g in grads if g is not None]
+        if not grads:  # a rank that owns no gradient of this group
+            return torch.zeros(1, device=opt.device)
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+
+    def has_overflow():  # replaces has_overflow_partitioned_grads_serial: a (1,) bool tensor on the device
+        grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients[i] or [])]
+        return (~l2_norms(grads).isfinite()).any().reshape(1)
+
+    def grad_norm(gradients, params, norm_type=2):  # replaces get_grad_norm_direct for the L2 norm
+        if float(norm_type) != 2.0:
+            return norm_direct(gradients, params, norm_type)
+        total = l2_norms(g for g in gradients if not getattr(g, '_zero_padding', False)).square().sum()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+        opt._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+        total = total.sqrt()
+        mask_nan_or_inf_with_val_inplace(total, device=opt.device)  # as DeepSpeed: a non-finite norm -> -1
+        return total
+
+    opt.has_overflow_partitioned_grads_serial, opt.get_grad_norm_direct = has_overflow, grad_norm
+    return optimizer
+
 
 @torch.no_grad()
 def ema_update_(ema_model, model, decay):

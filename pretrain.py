@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
                   mim_transform, normalize_batch, train_batches)
-from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
+from model import EVA, CLIPTeacher, eva_config, fuse_zero_grad_checks, load_pretrained, mim_loss, param_groups
 
 # -----------------------------------------------------------------------------
 # config: the paper's recipe (EVA-01 pretraining, DESIGN.md section 3)
@@ -140,6 +140,9 @@ with torch.device(device):  # initialising 1B parameters on the GPU takes second
 if init_from:
     load_pretrained(model, init_from)
 if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
+    # on an H200 (torch 2.11) checkpoint's recompute of a compiled block saved other tensors than its forward had
+    # (the drop-path draw) and the backward stopped; a CPU runs both
+    assert not (grad_checkpointing and cuda), "compile_blocks with grad_checkpointing fails on CUDA: choose one"
     for blk in model.blocks:
         blk.compile()
 if local_rank != 0:
@@ -173,6 +176,7 @@ ds_config = {
     'wall_clock_breakdown': False,
 }
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
 model_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype]
 flops_per_image = model.flops_per_image(num_masked=num_mask_patches) + teacher.flops_per_image
 

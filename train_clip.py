@@ -34,7 +34,7 @@ from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSample
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
 from model import CLIP, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained, load_text_tower, \
-    param_groups
+    fuse_zero_grad_checks, param_groups
 
 # -----------------------------------------------------------------------------
 # config: EVA-CLIP g/14 (DESIGN.md section 3; the schedule is ours, see config/clip_eva_g.py)
@@ -382,6 +382,7 @@ ds_config = {
     'steps_per_print': 1 << 30,
 }
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
 
 
 def get_lr(step):
