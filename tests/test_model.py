@@ -215,6 +215,29 @@ def test_drop_path_is_linear_over_depth():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
+def test_drop_path_statistics_and_one_compiled_graph_for_all_rates():
+    """Stochastic depth drops a sample's branch with probability p and rescales the kept ones (expectation kept);
+    compiled block by block, the blocks' different rates share one graph instead of one compile each (dynamo
+    gives up after 8 recompilations: EVA-g's 40 blocks would mostly run uncompiled)."""
+    from model import DropPath
+    torch.manual_seed(0)
+    x = torch.ones(40_000, 3, 2)
+    y = DropPath(0.3).train()(x)
+    dropped = (y[:, 0, 0] == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 40_000)  # 4 standard deviations
+    assert torch.all((y == 0).all((1, 2)) | (y - 1 / 0.7).abs().lt(1e-6).all((1, 2)))  # whole samples, rescaled
+    assert torch.equal(DropPath(0.3).eval()(x), x)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = EVA(eva_config('eva_tiny', depth=6, drop_path=0.3))
+    for blk in m.blocks:
+        blk.compile()
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters['stats']['unique_graphs'] <= 3  # the rate-0 block, then the others (at most one respecialisation)
+    torch._dynamo.reset()
+
+
 def test_param_groups_layer_decay_and_weight_decay():
     m = EVA(eva_config('eva_tiny', depth=3, num_classes=10, use_mask_token=True))
     m.patch_embed.proj.weight.requires_grad_(False)  # frozen parameters belong to no group
