@@ -338,7 +338,7 @@ def targets_mode():
     (>= 1.5x torchvision per core). Each is a bench.py run of its own; the other settings pass through."""
     passed = [f'--{k}={v}' for k, v in config.items() if k not in ('mode', 'out_dir', 'micro_batch',
                                                                    'grad_checkpointing', 'reference', 'zero_ranks')]
-    runs = {'step': ['--mode=step', f'--micro_batch={micro_batch}'],
+    runs = {'step': ['--mode=step', f'--micro_batch={micro_batch}', '--reference=timm'],
             'checkpointed': ['--mode=step', '--grad_checkpointing=True', '--micro_batch=32',  # eager (see pretrain.py)
                              '--reference=no_checkpointing', '--zero_ranks=16', '--compile_blocks=False'],
             'data': ['--mode=data']}
