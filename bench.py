@@ -104,15 +104,14 @@ def worker(job):
         return
     # a trace of two steps after the warm-up: the profiler steps with each call of the engine's step()
     from deepspeed.runtime.engine import DeepSpeedEngine
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+    cuda = torch.cuda.is_available()
 
     def write(prof):
         prof.export_chrome_trace(os.path.join(job['profile'], 'trace.json'))
         with open(os.path.join(job['profile'], 'profile.txt'), 'w') as f:
-            sort = 'cuda_time_total' if torch.cuda.is_available() else 'cpu_time_total'
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    from torch.profiler import record_function
+            f.write(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=60))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
     def named(cls, method, label, then=None):  # the step's phases as labelled ranges in the trace
         inner = getattr(cls, method)
@@ -205,7 +204,7 @@ def run_step(impl, num_masked, min_masked):
         args = common + ['--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
                          f'--val_size={micro_batch}']
     job = {'script': script, 'impl': impl, 'args': args}
-    if profile and impl == 'ours':  # profiled steps are slower: this run's own img/s are not reported then
+    if profile and impl == 'ours':  # profiled steps are slower: this run's img/s are marked 'profiled'
         job.update(profile=os.path.abspath(run_dir), wait=max(warmup - 1, 0))
     env = dict(os.environ, BENCH_JOB=json.dumps(job))
     t = time.time()

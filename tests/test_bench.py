@@ -50,7 +50,7 @@ def test_timm_reference_is_the_same_model():
 def test_step_mode_runs_both_stages_and_reports(tmp_path):
     # bf16: a low-precision engine as on a GPU (DeepSpeed casts parameters, not buffers: timm's k_bias must follow)
     out = bench('--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--teacher_model=tiny', '--steps=3',
-                '--warmup=2', '--num_workers=0', '--dtype=bf16', f'--out_dir={tmp_path}')
+                '--warmup=2', '--num_workers=0', '--dtype=bf16', '--profile=True', f'--out_dir={tmp_path}')
     res = json.load(open(tmp_path / 'bench_step.json'))
     ours = res['runs']['ours']
     assert list(res['runs']) == ['ours', 'timm', 'timm_our_engine'] and res['config']['dtype'] == 'bf16'
@@ -61,6 +61,12 @@ def test_step_mode_runs_both_stages_and_reports(tmp_path):
     assert ours['mfu'] == pytest.approx(ours['img_s'] * res['flops_per_image'] / (res['matmul_tflops'] * 1e12))
     logs = [json.loads(line) for line in open(tmp_path / 'pretrain_ours' / 'log.jsonl')]
     assert [r['step'] for r in logs if 'img_s' in r] == [1, 2, 3, 4, 5]  # warm-up 2 + 3 timed, the real script
+    # --profile: ours marked, a trace of two steps with each phase labelled twice
+    assert ours['profiled'] and not res['runs']['timm']['profiled']
+    trace = json.load(open(tmp_path / 'pretrain_ours' / 'trace.json'))['traceEvents']
+    phases = [e['name'] for e in trace if e.get('cat') == 'user_annotation']
+    for phase in ('teacher_forward', 'student_forward', 'student_backward', 'optimizer_step'):
+        assert phases.count(phase) == 2, (phase, phases)
     bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2', '--warmup=1',
           '--num_workers=0', '--reference=', f'--out_dir={tmp_path}')
     res = json.load(open(tmp_path / 'bench_step.json'))
