@@ -94,6 +94,9 @@ def worker(job):
     import runpy
 
     import model
+    # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo would go on
+    # in eager silently (bernoulli_'s per-rate graphs once left 32 of EVA-g's 40 blocks uncompiled); fail instead
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if job['impl'].startswith('timm'):
         model.EVA = timm_eva_class()
     if job['impl'] == 'timm':  # DeepSpeed's optimizer as it ships: its per-tensor gradient checks left in place

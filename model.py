@@ -90,7 +90,8 @@ class DropPath(nn.Module):
         # treat the rate as an input, so the blocks' different rates share one compiled graph (bernoulli_ bakes the
         # rate into the graph: one recompilation per block, and dynamo stops compiling after 8)
         keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < 1.0 - self.p
-        return x * keep.to(x.dtype) / (1.0 - self.p)
+        # rescaled per sample first (as timm's drop_path): one pass over x forward and backward, not two
+        return x * (keep.to(x.dtype) / (1.0 - self.p))
 
 
 class PatchEmbed(nn.Module):
@@ -119,7 +120,10 @@ class Attention(nn.Module):
         B, N, D = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        # the same (B, H, N, hd) views as permute(2, 0, 3, 1, 4) (timm's Eva), split at dim 2 so that backward stacks
+        # dq, dk, dv straight into the (B, N, 3, H, hd) layout: one copy, not a stack and then a transposing copy
+        # (on an H200 the two took ~20 ms of a 310 ms EVA-g MIM step at micro-batch 64)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, flash / memory-efficient kernels
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm.models.eva as timm_eva
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
 from model import EVA, eva_config, load_pretrained, param_groups, resize_patch_embed, resize_pos_embed
@@ -156,6 +157,21 @@ def test_psz14to16_cli_equals_bicubic_kernel(tmp_path):
     assert resize_patch_embed(w, 14) is w
 
 
+class Writes(TorchDispatchMode):
+    """Records the ops that write a new tensor of `numel` elements (views excluded): memory passes."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        copies = not (func.is_view or func is torch.ops.aten._unsafe_view.default)  # reshape's view of a clone
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel and copies:
+            self.ops.append(str(func.overloadpacket))
+        return out
+
+
 def test_sdpa_matches_manual_attention():
     torch.manual_seed(0)
     attn = randomize_(M.Attention(eva_config('eva_tiny')))
@@ -166,6 +182,30 @@ def test_sdpa_matches_manual_attention():
     a = torch.softmax(heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(16), dim=-1)
     expected = attn.proj((a @ heads(v)).transpose(1, 2).reshape(2, 5, 64))
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_gradients_and_one_copy_of_the_qkv_gradient():
+    """The head split's backward (a performance choice) gives the manual attention's gradients and writes the
+    (B, N, 3D) qkv gradient once: permute(2, 0, 3, 1, 4) + unbind(0) would stack and then copy it again."""
+    torch.manual_seed(0)
+    attn = randomize_(M.Attention(eva_config('eva_tiny'))).double()
+    x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 64, dtype=torch.float64)  # a weighting so the loss is not symmetric in the outputs
+    params = [x, attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj.weight]
+
+    def manual():
+        q, k, v = F.linear(x, attn.qkv.weight).chunk(3, dim=-1)
+        heads = lambda t: t.reshape(2, 5, 4, 16).transpose(1, 2)
+        a = torch.softmax(heads(q + attn.q_bias) @ heads(k).transpose(-2, -1) / 4.0, dim=-1)
+        return attn.proj((a @ heads(v + attn.v_bias)).transpose(1, 2).reshape(2, 5, 64))
+    expected = torch.autograd.grad((manual() * w).sum(), params)
+
+    loss = (attn(x) * w).sum()
+    with Writes(numel=2 * 5 * 192) as writes:  # the qkv activation's size
+        got = torch.autograd.grad(loss, params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
+    assert len(writes.ops) == 1, writes.ops  # the stack of dq, dk, dv (permute + unbind(0): ['aten.stack', 'aten.clone'])
 
 
 def test_gradient_checkpointing_same_gradients():
@@ -227,6 +267,13 @@ def test_drop_path_statistics_and_one_compiled_graph_for_all_rates():
     assert abs(dropped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 40_000)  # 4 standard deviations
     assert torch.all((y == 0).all((1, 2)) | (y - 1 / 0.7).abs().lt(1e-6).all((1, 2)))  # whole samples, rescaled
     assert torch.equal(DropPath(0.3).eval()(x), x)
+    x.requires_grad_(True)
+    with Writes(numel=x.numel()) as fwd:
+        y = DropPath(0.3).train()(x)
+    dy = torch.ones_like(y)
+    with Writes(numel=x.numel()) as bwd:
+        y.backward(dy)
+    assert fwd.ops == ['aten.mul'] and bwd.ops == ['aten.mul']  # one pass each way (x * keep / (1-p): two)
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
