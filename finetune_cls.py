@@ -157,12 +157,8 @@ if init_from:
     load_pretrained(model, init_from)
 if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
-if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
-    # on an H200 (torch 2.11) checkpoint's recompute of a compiled block saved other tensors than its forward had
-    # (the drop-path draw) and the backward stopped; a CPU runs both
-    assert not (grad_checkpointing and cuda), "compile_blocks with grad_checkpointing fails on CUDA: choose one"
-    for blk in model.blocks:
-        blk.compile()
+if compile_blocks:
+    model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 ema_model = None
 if ema_decay > 0 and not eval_only:
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)  # float32, never trained directly

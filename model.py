@@ -220,6 +220,15 @@ class EVA(nn.Module):
                 x = blk(x)
         return self.norm(x)
 
+    def compile_blocks(self):
+        """torch.compile each block in place: the same modules (and parameters) DeepSpeed and checkpointing see.
+        Refused with gradient checkpointing on CUDA: on an H200 (torch 2.11) the recompute of a compiled block saved
+        other tensors than its forward had and the backward stopped (a CPU runs both)."""
+        assert not (self.config.grad_checkpointing and self.cls_token.is_cuda), \
+            "compile_blocks with grad_checkpointing fails on CUDA: choose one"
+        for blk in self.blocks:
+            blk.compile()
+
     def forward_head(self, x):
         """tokens (B, 1+N, D) -> logits (B, num_classes), or pooled features (B, D) without a head."""
         x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.config.pooling == 'mean' else x[:, 0]

@@ -139,12 +139,8 @@ with torch.device(device):  # initialising 1B parameters on the GPU takes second
     model = EVA(cfg)
 if init_from:
     load_pretrained(model, init_from)
-if compile_blocks:  # block by block: the same modules (and parameters) DeepSpeed and checkpointing see
-    # on an H200 (torch 2.11) checkpoint's recompute of a compiled block saved other tensors than its forward had
-    # (the drop-path draw) and the backward stopped; a CPU runs both
-    assert not (grad_checkpointing and cuda), "compile_blocks with grad_checkpointing fails on CUDA: choose one"
-    for blk in model.blocks:
-        blk.compile()
+if compile_blocks:
+    model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 if local_rank != 0:
     dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
 teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_size).to(device)

@@ -278,8 +278,7 @@ def test_drop_path_statistics_and_one_compiled_graph_for_all_rates():
     torch._dynamo.reset()
     counters.clear()
     m = EVA(eva_config('eva_tiny', depth=6, drop_path=0.3))
-    for blk in m.blocks:
-        blk.compile()
+    m.compile_blocks()  # what the stages' --compile_blocks=True calls
     m(torch.randn(2, 3, 32, 32)).sum().backward()
     assert counters['stats']['unique_graphs'] <= 3  # the rate-0 block, then the others (at most one respecialisation)
     torch._dynamo.reset()
