@@ -65,12 +65,15 @@ def timm_eva_class():
 
         def forward(self, x, mask=None):
             # DeepSpeed casts the parameters to fp16, not the buffers: timm's constant zero k_bias would stay float32
-            # and promote the concatenated qkv bias (and F.linear's output) to float32
+            # and promote the concatenated qkv bias (and F.linear's output) to float32. Cast once per dtype, not in
+            # every timed step (a walk over all modules is host time the reference would pay and ours not)
             dtype = self.patch_embed.proj.weight.dtype
-            for mod in self.modules():
-                for name, b in mod._buffers.items():
-                    if b is not None and b.is_floating_point() and b.dtype != dtype:
-                        mod._buffers[name] = b.to(dtype)
+            if getattr(self, 'buffer_dtype', None) != dtype:
+                for mod in self.modules():
+                    for name, b in mod._buffers.items():
+                        if b is not None and b.is_floating_point():
+                            mod._buffers[name] = b.to(dtype)
+                self.buffer_dtype = dtype
             if mask is None:
                 return super().forward(x)
             x = self.patch_embed(x)
