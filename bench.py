@@ -8,7 +8,7 @@ MIM input pipeline against torchvision's.
     python bench.py --profile=True --reference=        # + a torch.profiler trace of two steps (out/bench/*/trace.json)
     python bench.py --stage=finetune --img_size=336 --micro_batch=8
     python bench.py --mode=data                        # input pipeline, images/s per CPU core
-    python bench.py --mode=targets                     # all of issue 6's targets in one run, each said met or not
+    python bench.py --mode=targets                     # the performance targets in one run, each said met or not
     python bench.py --model_size=eva_tiny --img_size=32 --micro_batch=8 --teacher_model=tiny --steps=3 --warmup=2
                                                        # a CPU smoke run (correctness only, never a speed claim)
 
@@ -17,7 +17,7 @@ optimizer step, data loading; finetune_cls.py: forward, backward, step, EMA) on 
 subprocess so that its peak memory is its own, and reads the step times from its log. The references are the same
 script with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM), eager,
 before the script imports it: same teacher, same data, same DeepSpeed config. 'timm' also undoes our one change to
-DeepSpeed's optimizer (model.fuse_zero_grad_checks), so it is timm's Eva under DeepSpeed as it ships: what a user
+DeepSpeed's optimizer (common.fuse_zero_grad_checks), so it is timm's Eva under DeepSpeed as it ships: what a user
 would otherwise run; 'timm_our_engine' keeps it, so ours against it is the model's (and compile's) own share.
 Warm-up steps are dropped; the median step is reported. MFU counts the student's forward + backward and the
 teacher's forward (matmul FLOPs) against the matmul rate measured here (fp16 on a GPU, fp32 on a CPU). The
@@ -33,6 +33,8 @@ untimed pass with every pipeline's generator seeded per image).
 """
 import json
 import os
+import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,8 +96,7 @@ def timm_eva_class():
 def worker(job):
     """In the subprocess: run a stage script as __main__ with the job's arguments (and timm's Eva as the model
     class for the reference), as `python script ARGS` would."""
-    import runpy
-
+    import common
     import model
     # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo would go on
     # in eager silently (bernoulli_'s per-rate graphs once left 32 of EVA-g's 40 blocks uncompiled); fail instead
@@ -103,7 +104,7 @@ def worker(job):
     if job['impl'].startswith('timm'):
         model.EVA = timm_eva_class()
     if job['impl'] == 'timm':  # DeepSpeed's optimizer as it ships: its per-tensor gradient checks left in place
-        model.fuse_zero_grad_checks = lambda optimizer: optimizer
+        common.fuse_zero_grad_checks = lambda optimizer: optimizer
     sys.argv = [job['script'], *job['args']]
     if not job.get('profile'):
         runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
@@ -163,7 +164,7 @@ if __name__ == '__main__' and 'BENCH_JOB' in os.environ:
 
 # -----------------------------------------------------------------------------
 # config
-mode = 'step'  # 'step': ours vs timm's Eva; 'data': input pipeline vs torchvision's; 'targets': issue 6's checks
+mode = 'step'  # 'step': ours vs timm's Eva; 'data': input pipeline vs torchvision's; 'targets': the performance targets
 stage = 'pretrain'  # 'pretrain' (pretrain.py's MIM step with the CLIP teacher) or 'finetune' (finetune_cls.py's)
 model_size = 'eva_g'  # a key of model.SIZES
 img_size = 224  # resolution
@@ -192,7 +193,6 @@ def run_step(impl, num_masked, min_masked):
     """One stage run of warmup + steps steps; -> per-step img/s (timed steps), peak GiB, trained parameters."""
     run_dir = os.path.join(out_dir, f'{stage}_{impl}')
     if os.path.isdir(run_dir):
-        import shutil
         shutil.rmtree(run_dir)
     n = warmup + steps
     ckpt, comp = grad_checkpointing and impl != 'no_checkpointing', compile_blocks and not impl.startswith('timm')
@@ -311,8 +311,8 @@ def data_mode():
     ours_set = Samples(ImageFiles(folder, tensors=True), mim_transform(img_size, uint8=True), 0, masks)
     pipelines = {
         'torchvision': lambda i: (ref_set[i][0], masks())[0],
-        'ours': lambda i: ours_set[i][0],
-        'ours+normalise': lambda i: normalize_batch(ours_set[i][0][None])[0],  # what the GPU does, done here
+        'ours': lambda i: ours_set[i]['image'],
+        'ours+normalise': lambda i: normalize_batch(ours_set[i]['image'][None])[0],  # what the GPU does, done here
     }
     results = {'config': config, 'image_kb': kb, 'runs': {}}
     for name, f in pipelines.items():  # an untimed pass each (file cache, allocator), with the same crops for all

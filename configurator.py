@@ -9,7 +9,7 @@ A config file is plain Python run in its own namespace; a --key=value value is r
 (numbers, tuples, lists, True/None) and is kept as a string when that fails (paths). An unknown key fails naming
 the close matches; a value of the wrong type fails naming the key (ints are accepted for floats, lists for
 tuples; any value for a None default). The config keys are the script's globals of plain types defined before
-this file runs.
+this file runs, but for UPPER_CASE constants.
 """
 import ast as _ast
 import difflib as _difflib
@@ -17,7 +17,8 @@ import re as _re
 import sys as _sys
 
 _TYPES = (bool, int, float, str, tuple, list, type(None))
-_keys = [k for k, v in list(globals().items()) if not k.startswith('_') and isinstance(v, _TYPES)]
+_keys = [k for k, v in list(globals().items())  # constants (CLIP_MEAN, ROOT) are not settings
+         if not k.startswith('_') and not k.isupper() and isinstance(v, _TYPES)]
 
 
 def _cfg_set(key, value, where):

@@ -7,10 +7,17 @@ A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad fi
 turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
 with any number of workers, before and after a resume.
 """
+import colorsys
+import csv
+import glob
+import io
 import json
 import math
 import os
+import pkgutil
+import re
 import sys
+import tarfile
 import warnings
 
 import numpy as np
@@ -18,9 +25,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision import transforms as T
 
-# OpenAI CLIP's normalisation: EVA's MIM student sees exactly what its CLIP teacher sees (EVA-01 pretraining)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from model import CLIP_MEAN, CLIP_STD  # OpenAI CLIP's normalisation: the MIM student sees what its CLIP teacher sees
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.pgm')
@@ -216,7 +222,6 @@ class SyntheticShapes:
 
     def render(self, i, shift=(0.0, 0.0)):
         """-> (RGB image, L mask of the shape) with the shape moved by shift (dx, dy) pixels."""
-        import colorsys
         p = self._params(i)
         im = self._background(p)
         mask = Image.new('L', im.size, 0)
@@ -258,7 +263,6 @@ class CaptionFiles:
     unreadable image and an empty caption raise on load, so Samples skips and counts them."""
 
     def __init__(self, path, img_key='filepath', caption_key='title', sep=''):
-        import csv
         if not os.path.isfile(path):
             raise FileNotFoundError(f"caption file not found: {path}")
         sep = sep or ('\t' if path.endswith('.tsv') else ',')
@@ -324,7 +328,6 @@ def imagenet_classes(name='imagenet-1k'):
 
 
 def _timm_info(filename):
-    import pkgutil
     return pkgutil.get_data('timm.data', f'_info/{filename}').decode()
 
 
@@ -425,8 +428,10 @@ def seeded(fn, x, torch_seed):
 
 
 class Samples(torch.utils.data.Dataset):
-    """source + transform (+ mask generator) -> (image tensor, label, mask or 0, index, skipped); for an
-    image-text source, label is the caption after text_transform (token ids).
+    """source + transform (+ mask generator) -> a sample as named fields: {'image': tensor, 'label': class index
+    (-1: none), 'index': i, 'skipped': bad files passed over}, plus 'mask' (N,) bool with a mask generator; an
+    image-text source gives 'text' (the caption after text_transform: token ids) instead of 'label'. The
+    DataLoader batches each field; stages read the fields they need.
     Sample i of epoch e is drawn with its own seeds from (seed, e, i), so it is the same whatever the worker,
     the number of workers or a resume. An unreadable file is skipped: named in a warning, replaced by the next
     index, and counted in `skipped` (the training loop sums and reports it); the run goes on."""
@@ -454,10 +459,11 @@ class Samples(torch.utils.data.Dataset):
                 print(f"warning: skipping unreadable sample {self.source.name(j)}: {e}", file=sys.stderr)
         else:
             raise RuntimeError(f"{self.max_skips} unreadable images in a row from {self.source.name(i)} on")
-        mask = 0
+        sample = {'image': x, 'text' if self.text_transform is not None else 'label': label, 'index': i,
+                  'skipped': skipped}
         if self.mask_generator is not None:
-            mask = torch.from_numpy(self.mask_generator(np.random.default_rng(np_seed)))
-        return x, label, mask, i, skipped
+            sample['mask'] = torch.from_numpy(self.mask_generator(np.random.default_rng(np_seed))).flatten()
+        return sample
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -520,8 +526,6 @@ def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, st
 def expand_shards(spec):
     """Shard files from a spec: a folder (its .tar files), brace ranges as img2dataset names them
     ('laion/{00000..41407}.tar', zero padding kept), globs; several specs joined with ','. Sorted, checked."""
-    import glob
-    import re
     files = []
     for part in filter(None, spec.split(',')):
         if os.path.isdir(part):
@@ -555,8 +559,8 @@ class TarShards(torch.utils.data.IterableDataset):
     worker), or, with fewer shards than those, every sample-th share of all; the stream never ends unless
     `passes` > 0. Raw bytes go through a shuffle buffer and are decoded after it (webdataset's order), each sample
     with its own seed. Samples without image or caption, undecodable images, empty captions and broken shards are
-    skipped, named on stderr and counted in the next sample's `skipped`. Yields (image, token ids, 0, sample
-    number, skipped) like Samples. A resume sets `start_step`: a new order, not the old one's continuation (as
+    skipped, named on stderr and counted in the next sample's `skipped`. Yields {'image', 'text' (token ids),
+    'index' (sample number), 'skipped'} like Samples. A resume sets `start_step`: a new order, not the old one's continuation (as
     open_clip's resampled webdataset)."""
 
     IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -569,7 +573,6 @@ class TarShards(torch.utils.data.IterableDataset):
 
     def _read(self, shard):
         """-> (key, {extension: bytes}) per sample in a shard; ('', None) for each broken sample or shard."""
-        import tarfile
         key, files = None, {}
         try:
             with tarfile.open(shard, 'r|*') as tar:
@@ -621,7 +624,6 @@ class TarShards(torch.utils.data.IterableDataset):
             p += 1
 
     def __iter__(self):
-        import io
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         unit, units = self.rank * nw + wid, self.world * nw
@@ -655,7 +657,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     print(f"warning: skipping {name}: {e}", file=sys.stderr)
                 skipped += 1
                 continue
-            yield x, self.text_transform(text), 0, n, skipped
+            yield {'image': x, 'text': self.text_transform(text), 'index': n, 'skipped': skipped}
             n, skipped = n + 1, 0
 
 # -----------------------------------------------------------------------------

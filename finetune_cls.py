@@ -23,18 +23,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed,
+                    open_log, print0, resolve_dtype, resume, save_checkpoint)
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
-from model import EVA, ema_update_, eva_config, fuse_zero_grad_checks, load_pretrained, param_groups
+from model import EVA, ema_update_, eva_config, load_pretrained, param_groups
 
 # -----------------------------------------------------------------------------
-# config: defaults are the IN-1K 336 px recipe (DESIGN.md section 3)
+# config: defaults are the IN-1K 336 px recipe (EVA-01's IN-1K fine-tuning script)
 # I/O
 out_dir = 'out/finetune_cls'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 20  # steps between log lines
 eval_only = False  # evaluate init_from (raw and, where the file has one, its EMA) and exit
 stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
 save_ckpt = True  # checkpoints and last.pt / best.pt at every epoch end (False: none, for benchmarks)
+keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are deleted)
 wandb_project = ''  # '' disables wandb
 wandb_run_name = 'eva-cls'  # wandb run name
 # data
@@ -64,7 +67,7 @@ objectnet_mapping = ''  # JSON {ObjectNet folder: [IN-1K indices]}, required wit
 model_size = 'eva_g'  # a key of model.SIZES
 init_from = ''  # checkpoint to start from (anything load_pretrained reads); '' = random init
 drop_path = 0.4  # stochastic depth of the last block
-freeze_patch_embed = True  # EVA-01 fine-tuning keeps the patch embedding fixed
+freeze_patch_embed = True  # EVA-01 fine-tuning keeps the patch embedding fixed (see the model section)
 grad_checkpointing = False  # recompute blocks in backward: less memory, ~1/3 more compute
 compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
 ema_decay = 0.9999  # EMA of the weights, evaluated beside them; 0 disables
@@ -74,7 +77,7 @@ micro_batch = 16  # per GPU per forward; gradient accumulation fills the rest
 epochs = 10  # over the training set
 warmup_epochs = 2.0  # linear warmup from 0
 lr = 3e-5  # peak learning rate (before layer decay)
-min_lr = 1e-6  # end of the cosine decay
+min_lr = 0.0  # end of the cosine decay (EVA-01's IN-1K scripts: 0; its IN-21K script keeps the default 1e-6)
 layer_decay = 0.95  # lr scale per block from the top: layer_decay ** (depth + 1 - layer)
 weight_decay = 0.05  # AdamW, not on biases, norms, pos_embed, cls_token
 beta1 = 0.9  # AdamW beta1
@@ -85,36 +88,17 @@ grad_clip = 0.0  # global gradient-norm clip; 0 disables
 dtype = 'fp16'  # 'fp16' (dynamic loss scale), 'bf16' or 'fp32'; a CPU cannot run DeepSpeed fp16: fp32 there
 zero_stage = 1  # DeepSpeed ZeRO stage
 seed = 0  # init, data order and augmentation
+peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun's env, or one process
-import deepspeed  # noqa: E402 (after the configurator, so that --help is instant)
-
-if 'RANK' not in os.environ:
-    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
-    os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
-rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-cuda = torch.cuda.is_available()
-if cuda:
-    torch.cuda.set_device(local_rank)
-device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
-deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo')
-master = rank == 0
-
-
-def print0(*a):
-    if master:
-        print(*a, flush=True)
-
-
-if not cuda and dtype == 'fp16':
-    print0("no GPU: DeepSpeed runs fp16 only on CUDA, training in fp32 instead")
-    dtype = config['dtype'] = 'fp32'
-model_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype]
+rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+cuda = device.type == 'cuda'
+dtype, model_dtype = resolve_dtype(dtype, cuda)
+config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
-# data
+# data (eval_only: the validation set and init_from; no training data, no optimizer, no steps)
 train_tf = [v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip()]
 if rand_augment:
@@ -123,16 +107,14 @@ train_tf += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normali
 classes = imagenet_classes(class_list) if class_list else None
 val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1, classes),
                   eval_transform(img_size, crop_pct), seed)
+grad_accum = grad_accum_steps(batch_size, micro_batch, world)
+train_set, steps_per_epoch, total_steps, warmup_steps = None, 1, 0, 0
 if not eval_only:
-    assert batch_size % (micro_batch * world) == 0, \
-        f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}"
-    grad_accum = batch_size // (micro_batch * world)
     train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
     steps_per_epoch = len(train_set) // batch_size
     assert steps_per_epoch > 0, f"{len(train_set)} training images are fewer than one batch of {batch_size}"
     total_steps = epochs * steps_per_epoch
-    warmup_steps = round(warmup_epochs * steps_per_epoch)
-    sampler = ResumableSampler(len(train_set), world, rank, seed)
+    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
     print0(json.dumps(config, indent=1))
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
            f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch:,} steps/epoch, "
@@ -143,11 +125,8 @@ if mixup > 0 or cutmix > 0:  # timm's Mixup: one of the two per batch when both 
                                        v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None)
                            if m is not None])
 
-
 # -----------------------------------------------------------------------------
 # model
-
-
 torch.manual_seed(seed)
 cfg = eva_config(model_size, img_size=img_size, num_classes=num_classes, pooling='mean', drop_path=drop_path,
                  grad_checkpointing=grad_checkpointing)
@@ -155,14 +134,24 @@ with torch.device(device):
     model = EVA(cfg)
 if init_from:
     load_pretrained(model, init_from)
+# EVA-01 detaches the patch embedding's output (stop_grad_conv1) and leaves its parameters in the layer-0 optimizer
+# groups. DeepSpeed gives a parameter without a gradient a zero one, so there AdamW's moments stay 0 and only the
+# decoupled weight decay acts: the kernel shrinks by (1 - lr_0 * wd) a step (the bias has no decay), ~0.23% over the
+# 336 px IN-1K recipe (lr_0 = 3e-5 * 0.95^41). Frozen and out of the optimizer, ours stays exactly as pretrained:
+# the same training up to that shrink, which we choose not to reproduce.
 if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
-ema_model = None
-if ema_decay > 0 and not eval_only:
-    ema_model = EVA(cfg).to(device).eval().requires_grad_(False)  # float32, never trained directly
-    ema_model.load_state_dict(model.state_dict())
+assert init_from or not eval_only, "eval_only needs --init_from=CHECKPOINT"
+ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
+ema_sd = torch.load(init_from, map_location='cpu', weights_only=False).get('model_ema') if eval_only else None
+if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
+    ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
+    if isinstance(ema_sd, dict):
+        load_pretrained(ema_model, {'model': ema_sd})
+    else:
+        ema_model.load_state_dict(model.state_dict())
 
 
 @torch.no_grad()
@@ -173,12 +162,12 @@ def evaluate(net, dataset, classes=None, correct=None):
     net.eval()
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
     stats = torch.zeros(3, dtype=torch.float64)  # (top-1 hits, top-5 hits, images scored)
-    for x, y, _, idx, _ in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
+    for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
         dt = next(net.parameters()).dtype
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and dt == torch.float32):
-            logits = net(x.to(device, dt, non_blocking=True)).float().cpu()
+            logits = net(batch['image'].to(device, dt, non_blocking=True)).float().cpu()
         targets = torch.zeros_like(logits, dtype=torch.bool)
-        for row, (i, label) in enumerate(zip(idx.tolist(), y.tolist())):
+        for row, (i, label) in enumerate(zip(batch['index'].tolist(), batch['label'].tolist())):
             targets[row, correct(i) if correct is not None else [label] if label >= 0 else []] = True
         stats += torch.tensor(topk_hits(logits, targets, 5, classes), dtype=torch.float64)
     stats = stats.to(device)
@@ -227,38 +216,9 @@ def evaluate_all(nets, robust=False):
     return results
 
 
-if eval_only:
-    assert init_from, "eval_only needs --init_from=CHECKPOINT"
-    nets = {'model': model.eval()}
-    ckpt = torch.load(init_from, map_location='cpu', weights_only=False)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('model_ema'), dict):  # our last.pt / best.pt
-        nets['model_ema'] = EVA(cfg).to(device)
-        load_pretrained(nets['model_ema'], {'model': ckpt['model_ema']})
-    results = evaluate_all(nets, robust=True)
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, **results}, f, indent=1)
-    dist.destroy_process_group()
-    raise SystemExit(0)
-
-# -----------------------------------------------------------------------------
-# engine
-groups = param_groups(model, weight_decay, layer_decay)
-optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
-ds_config = {
-    'train_batch_size': batch_size,
-    'train_micro_batch_size_per_gpu': micro_batch,
-    'gradient_accumulation_steps': grad_accum,
-    'gradient_clipping': grad_clip,
-    'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'overlap_comm': cuda},
-    'fp16': {'enabled': dtype == 'fp16', 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 500,
-             'hysteresis': 2, 'min_loss_scale': 1},
-    'bf16': {'enabled': dtype == 'bf16'},
-    'steps_per_print': 1 << 30,
-}
-engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
+def soft_cross_entropy(logits, target):
+    """Cross-entropy against soft targets (mixed and/or smoothed), in float32."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def get_lr(step):
@@ -269,96 +229,39 @@ def get_lr(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def soft_cross_entropy(logits, target):
-    """Cross-entropy against soft targets (mixed and/or smoothed), in float32."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
 # -----------------------------------------------------------------------------
-# checkpoints (as pretrain.py): DeepSpeed's + RNG per rank + EMA in the client state; last.pt / best.pt
-
-
-ckpt_dir = os.path.join(out_dir, 'ckpt')
-
-
-def atomic_save(obj, path):
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def save_checkpoint(step, best):
-    from deepspeed.utils import safe_get_full_fp32_param
-    tag = f'step{step}'
-    ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={'step': step, 'config': config, 'best': best,
-                                                            'ema': ema_sd}, save_latest=False)
-    atomic_save({'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None},
-                os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
-    sd = {}  # fp32 master weights: gathered by every rank (a collective), kept by rank 0, which writes them
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None  # frozen: not in the optimizer
-        if master:
-            sd[name] = (full if full is not None else p.detach().float()).cpu().clone()
-    dist.barrier()
-    if master:
-        atomic_save({'model': sd, 'model_ema': ema_sd, 'config': config, 'step': step, 'best': best},
-                    os.path.join(out_dir, 'last.pt'))
-        with open(os.path.join(ckpt_dir, 'latest.tmp'), 'w') as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt_dir, 'latest.tmp'), os.path.join(ckpt_dir, 'latest'))
-        for d in os.listdir(ckpt_dir):
-            if d.startswith('step') and d != tag:
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    dist.barrier()
-
-
+# engine, resume, log (training only)
+engine = optimizer = log = None
 step, best = 0, {'top1': -1.0}
-latest = os.path.join(ckpt_dir, 'latest')
-if os.path.exists(latest):
-    tag = open(latest).read().strip()
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    step, best = client['step'], client['best']
-    if ema_model is not None:
-        ema_model.load_state_dict(client['ema'])
-    rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)
-    torch.set_rng_state(rng['torch'])
-    if cuda and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    print0(f"resumed from {ckpt_dir}/{tag} at step {step}")
-else:
-    torch.manual_seed(seed + rank)
-
-os.makedirs(out_dir, exist_ok=True)
-if master:
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
-    log_file.write(json.dumps({'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                               'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}) + '\n')
-    wandb = None
-    if wandb_project:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
-
-
-def log(row):
-    if master:
-        log_file.write(json.dumps(row) + '\n')
-        log_file.flush()
-        if wandb is not None:
-            wandb.log(row, step=row['step'])
-
+if not eval_only:
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2),
+                                  eps=eps, **({'fused': True} if cuda else {}))
+    engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+    step, client = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+    if step:
+        best = client['best']
+        if ema_model is not None:
+            ema_model.load_state_dict(client['ema'])
+    log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                             'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps},
+                   wandb_project, wandb_run_name)
+nets = {'model': engine.module if engine is not None else model.eval(),
+        **({'model_ema': ema_model} if ema_model is not None else {})}
+flops_per_image = model.flops_per_image()
 
 # -----------------------------------------------------------------------------
 # training loop: evaluate and checkpoint at the end of every epoch
-engine.train()
-data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
+data = None if eval_only else train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed),
+                                            micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
-t_log, n_logged = time.time(), 0
+t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr_now * group['lr_scale']
     for _ in range(grad_accum):
-        x, y, _, _, skipped = next(data)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = next(data)
+        x, y = batch['image'].to(device, non_blocking=True), batch['label'].to(device, non_blocking=True)
         if mix is not None:
             x, target = mix(x, y)  # soft targets (B, num_classes)
         else:
@@ -368,7 +271,7 @@ while step < total_steps:
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
-        bad += skipped.sum()
+        bad += batch['skipped'].sum()
     step += 1
     n_logged += 1
     if ema_model is not None:
@@ -377,34 +280,41 @@ while step < total_steps:
         stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
         dist.all_reduce(stats)
         img_s = n_logged * batch_size / (time.time() - t_log)
-        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world,
-               'lr': lr_now, 'loss_scale': optimizer.cur_scale if dtype == 'fp16' else None,
-               'skipped': engine.skipped_steps, 'img_s': round(img_s, 1), 'bad_samples': int(stats[1].item()),
-               'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-        log(row)
-        print0(f"step {step}/{total_steps} ep {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr_now:.2e} | "
-               f"skipped {row['skipped']} | {img_s:.1f} img/s | mem {row['mem_gb']} GiB | bad {row['bad_samples']}")
+        log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
+             **engine_stats(engine), 'img_s': round(img_s, 1),
+             'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4) if cuda else None,
+             'bad_samples': int(stats[1].item()),
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3)})
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
-    if step % steps_per_epoch == 0 or step == total_steps:
+    epoch_end = step % steps_per_epoch == 0 or step == total_steps
+    if epoch_end:
         print0(f"epoch {step / steps_per_epoch:.2f}:")
-        nets = {'model': engine.module, **({'model_ema': ema_model} if ema_model is not None else {})}
         results = evaluate_all(nets, robust=step == total_steps)
+        log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results}, echo=False)
         top = max(r['val']['top1'] for r in results.values())
-        log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results})
         is_best = top > best['top1']
         if is_best:
             best = {'top1': top, 'step': step}
-        if save_ckpt:
-            save_checkpoint(step, best)
-        if is_best and master and save_ckpt:  # best.pt: a copy of last.pt at the best epoch
+    if save_ckpt and epoch_end or step == stop_step:
+        ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
+        sd = full_state_dict(engine)  # a collective: every rank
+        save_checkpoint(engine, out_dir, step, {'config': config, 'best': best, 'ema': ema_sd},
+                        {'last.pt': {'model': sd, 'model_ema': ema_sd, 'config': config, 'step': step, 'best': best}},
+                        keep_ckpts)
+        if epoch_end and is_best and rank == 0:  # best.pt: a copy of last.pt at the best epoch
             shutil.copyfile(os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'best.pt.tmp'))
             os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
-    elif step == stop_step:
-        save_checkpoint(step, best)
     if step == stop_step:
         print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
         break
-print0(f"best top-1 {best['top1']:.3f} at step {best.get('step')}")
+if eval_only:  # init_from, and the EMA weights its file holds, on the val set and the robustness sets
+    results = evaluate_all(nets, robust=True)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'init_from': init_from, **results}, f, indent=1)
+else:
+    print0(f"best top-1 {best['top1']:.3f} at step {best.get('step')}")
 dist.barrier()
 dist.destroy_process_group()

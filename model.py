@@ -10,7 +10,11 @@ State-dict keys are those of the official EVA-01 release (github.com/baaivision/
 file layouts; `python model.py psz14to16 IN.pt OUT.pt` converts a patch-14 checkpoint to patch 16 the way the
 official `interpolate_patch_14to16.py` does (used by detection and segmentation).
 """
+import dataclasses
+import inspect
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -21,6 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # sizes
+
+# the input normalisation of OpenAI's CLIP, which the MIM teacher, EVA (EVA-01 trains with it) and EVA-CLIP expect
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # EVA-g is the paper's model (Table 1 of the paper: 1408 wide, 40 deep, 16 heads, MLP 6144, patch 14).
 # eva_l / eva_b are the usual ViT-L / ViT-B shapes at patch 14; eva_tiny is for CPU tests and demos.
@@ -48,6 +56,7 @@ class EVAConfig:
     use_mask_token: bool = False  # MIM pretraining: masked patch embeddings are replaced by a learned token
     mim_dim: int = 0             # >0: add lm_head Linear(embed_dim, mim_dim) predicting the teacher's features
     init_std: float = 0.02       # trunc-normal std of every Linear / Conv / token
+    init_trunc: float = 0.0      # >0: draws cut at +-init_trunc * init_std (EVA-01's MIM model: 1); 0: at +-2 absolute
     head_init_scale: float = 0.001  # classifier head scaled after init (BEiT/EVA fine-tuning)
 
     def __post_init__(self):
@@ -176,11 +185,14 @@ class EVA(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # official EVA-01 / BEiT init: trunc-normal for every Linear, Conv and token, LayerNorm at (1, 0)
+        # official EVA-01 / BEiT init: trunc-normal for every Linear, Conv and token, LayerNorm at (1, 0). The
+        # fine-tuning models cut the draws at +-2 (timm's default, absolute: no cut at std 0.02); EVA-01's MIM model
+        # (modeling_pretrain.py) cuts them at +-1 std, which leaves an effective std of 0.54 * init_std
         std = self.config.init_std
+        cut = self.config.init_trunc * std if self.config.init_trunc > 0 else 2.0
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=std)
+                nn.init.trunc_normal_(m.weight, std=std, a=-cut, b=cut)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -188,7 +200,7 @@ class EVA(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.pos_embed, self.mask_token):
             if p is not None:
-                nn.init.trunc_normal_(p, std=std)
+                nn.init.trunc_normal_(p, std=std, a=-cut, b=cut)
         # BEiT's fix_init_weight: the residual branches of block i (1-based) are scaled by 1/sqrt(2i), so that
         # the residual stream's variance does not grow with depth
         for i, blk in enumerate(self.blocks, start=1):
@@ -318,9 +330,10 @@ def uses_quick_gelu(name, pretrained):
 # resizing, as the official code does it (pure functions, float32 inside)
 
 
-def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1):
+def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, compute_dtype=torch.float32):
     """(1, prefix + H*W, D) -> (1, prefix + h*w, D): the cls entry is kept, the grid is resized with bicubic
-    interpolation, align_corners=False (EVA-01 run_class_finetuning.py / interpolate_patch_14to16.py)."""
+    interpolation, align_corners=False (EVA-01 run_class_finetuning.py / interpolate_patch_14to16.py), computed in
+    compute_dtype (None: in pos_embed's own dtype, as interpolate_patch_14to16.py does to an fp16 file)."""
     new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
@@ -328,7 +341,7 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1):
     if (old, old) == new_grid:
         return pos_embed
     D = grid.shape[-1]
-    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, H, W)
+    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).to(compute_dtype or grid.dtype)  # (1, D, H, W)
     grid = F.interpolate(grid, size=new_grid, mode='bicubic', align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
     return torch.cat((prefix, grid), dim=1)
@@ -351,7 +364,6 @@ HEAD_KEYS = ('head.', 'fc_norm.', 'norm.', 'lm_head.', 'mask_token')
 
 
 def _read_checkpoint(path):
-    import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -466,44 +478,6 @@ def param_groups(model, weight_decay, layer_decay=1.0):
     return [groups[k] for k in sorted(groups)]
 
 
-def fuse_zero_grad_checks(optimizer):
-    """Make DeepSpeed's ZeRO-1/2 optimizer check its gradients with one multi-tensor kernel instead of a few per
-    tensor. Before its step it tests every gradient tensor for inf/NaN (amax, amin, 2 isfinite, and, not, add) and
-    takes every tensor's L2 norm in float64: for EVA-g's 529 tensors ~8,600 tiny kernels per step, ~130 ms of
-    launches while the H200 waits (profiled: a third of the MIM step at micro-batch 64). Here both come from
-    torch._foreach_norm in float32 (inf/NaN anywhere in a tensor make its norm non-finite; float32 holds the
-    squared sum of 1e9 fp16 values), reduced across ranks as DeepSpeed does. -> the optimizer, patched in place."""
-    import torch.distributed as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
-        return optimizer
-    opt, norm_direct = optimizer, optimizer.get_grad_norm_direct
-
-    def l2_norms(grads):
-        grads = [g for g in grads if g is not None]
-        if not grads:  # a rank that owns no gradient of this group
-            return torch.zeros(1, device=opt.device)
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-
-    def has_overflow():  # replaces has_overflow_partitioned_grads_serial: a (1,) bool tensor on the device
-        grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients[i] or [])]
-        return (~l2_norms(grads).isfinite()).any().reshape(1)
-
-    def grad_norm(gradients, params, norm_type=2):  # replaces get_grad_norm_direct for the L2 norm
-        if float(norm_type) != 2.0:
-            return norm_direct(gradients, params, norm_type)
-        total = l2_norms(g for g in gradients if not getattr(g, '_zero_padding', False)).square().sum()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
-        opt._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
-        total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=opt.device)  # as DeepSpeed: a non-finite norm -> -1
-        return total
-
-    opt.has_overflow_partitioned_grads_serial, opt.get_grad_norm_direct = has_overflow, grad_norm
-    return optimizer
-
-
 @torch.no_grad()
 def ema_update_(ema_model, model, decay):
     """EMA of the weights in float32 (timm's ModelEmaV2, as EVA-01's fine-tuning uses it):
@@ -545,7 +519,6 @@ class CLIP(nn.Module):
 
     def describe(self):
         """The towers' shapes, stored beside the weights in clip.pt so that export_open_clip can rebuild them."""
-        import dataclasses
         return {'vision_cfg': dataclasses.asdict(self.vision_cfg), 'text_cfg': self.text_cfg,
                 'embed_dim': self.embed_dim, 'quick_gelu': self.quick_gelu}
 
@@ -628,8 +601,6 @@ def timm_eva_name(cfg):
 def register_timm_eva(export_dir_or_cfg):
     """Register the image tower of an export (its open_clip_config.json) or an EVAConfig in timm, so that
     `open_clip.create_model('local-dir:DIR')` can build a size timm does not ship. Returns the timm name."""
-    import json
-    import os
     import timm
     from timm.models import register_model
     cfg = export_dir_or_cfg
@@ -641,7 +612,6 @@ def register_timm_eva(export_dir_or_cfg):
                     num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
 
         def build(pretrained=False, **kwargs):  # timm's factory also passes its own bookkeeping (cache_dir, ...)
-            import inspect
             from timm.models.eva import Eva
             known = inspect.signature(Eva).parameters
             return Eva(**{**args, **{k: v for k, v in kwargs.items() if k in known}})
@@ -665,9 +635,6 @@ def export_open_clip(ckpt, out_dir):
     open_clip_config.json (CustomTextCLIP over timm's Eva, as open_clip's EVA01-g-14) and
     open_clip_pytorch_model.bin. Load it with open_clip.create_model_and_transforms('local-dir:' + out_dir)
     (for sizes other than EVA-g, call register_timm_eva(out_dir) first)."""
-    import json
-    import os
-    from data import CLIP_MEAN, CLIP_STD
     ckpt = _read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
     vision_cfg, text_cfg = EVAConfig(**ckpt['vision_cfg']), ckpt['text_cfg']
     os.makedirs(out_dir, exist_ok=True)
@@ -695,16 +662,17 @@ def export_open_clip(ckpt, out_dir):
 
 
 def convert_psz14to16(src, dst, image_size=224, patch_size=16):
-    """The official interpolate_patch_14to16.py: resize the patch kernel and pos_embed in place, keep every
-    other entry of the file (its layout, optimizer-free 'model' dict, args) as it was."""
+    """The official interpolate_patch_14to16.py, bit for bit: the patch kernel resized in fp32 and kept in fp32,
+    pos_embed resized in its own dtype (fp16 in the released eva_psz14.pt); every other entry of the file (its
+    layout, the 'model' dict, args) kept as it was."""
     ckpt = _read_checkpoint(src)
     sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     for k in ('patch_embed.proj.weight', 'pos_embed'):
         if k not in sd:
             raise KeyError(f"{src} has no '{k}' (keys: {', '.join(list(sd)[:8])} ...)")
     old_p, old_g = sd['patch_embed.proj.weight'].shape[-1], math.isqrt(sd['pos_embed'].shape[1] - 1)
-    sd['patch_embed.proj.weight'] = resize_patch_embed(sd['patch_embed.proj.weight'], patch_size)
-    sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], image_size // patch_size)
+    sd['patch_embed.proj.weight'] = resize_patch_embed(sd['patch_embed.proj.weight'].float(), patch_size)
+    sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], image_size // patch_size, compute_dtype=None)
     torch.save(ckpt, dst)
     print(f"{src} -> {dst}: patch {old_p}->{patch_size}, pos_embed {old_g}x{old_g}->"
           f"{image_size // patch_size}x{image_size // patch_size}")

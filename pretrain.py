@@ -15,19 +15,19 @@ mask_token and lm_head, official key names: load_pretrained and timm read it).
 import json
 import math
 import os
-import shutil
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed, open_log,
+                    print0, resolve_dtype, resume, save_checkpoint)
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
                   mim_transform, normalize_batch, train_batches)
-from model import EVA, CLIPTeacher, eva_config, fuse_zero_grad_checks, load_pretrained, mim_loss, param_groups
+from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
 
 # -----------------------------------------------------------------------------
-# config: the paper's recipe (EVA-01 pretraining, DESIGN.md section 3)
+# config: the paper's recipe (EVA paper sec. 2.1, Table 13; EVA-01 pretraining scripts)
 # I/O
 out_dir = 'out/pretrain'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 10  # steps between log lines
@@ -43,6 +43,7 @@ data_path = 'synthetic'  # 'synthetic', a folder tree, a .txt list of paths, or 
 val_data_path = 'synthetic:1'  # held-out images for the validation loss; '' for none
 synthetic_size = 29_600_000  # images in the synthetic dataset (merged-30M has 29.6M)
 val_size = 10_000  # images of the synthetic validation set
+val_crop_pct = 224 / 256  # validation: shorter side resized to img_size / val_crop_pct, then a center crop (EVA-01)
 num_workers = 10  # DataLoader workers per GPU
 img_size = 224  # training resolution of student and teacher
 crop_scale = (0.2, 1.0)  # RandomResizedCrop scale range
@@ -51,7 +52,8 @@ min_mask_patches = 16  # smallest block of the block-wise masking
 # model
 model_size = 'eva_g'  # a key of model.SIZES
 drop_path = 0.1  # stochastic depth of the last block
-init_std = 0.02  # trunc-normal init std of the student
+init_std = 0.015  # trunc-normal init std of the student (EVA-01's eva_g_patch14 MIM model)
+init_trunc = 1.0  # each init draw cut at +-init_trunc std (EVA-01's MIM model: trunc_normal_(a=-std, b=std))
 grad_checkpointing = False  # recompute blocks in backward: less memory (EVA-g on 24 GB GPUs), ~1/3 more compute
 compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
 init_from = ''  # start from an encoder checkpoint (anything load_pretrained reads); '' = random init
@@ -78,35 +80,13 @@ peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun's env, or one process
-import deepspeed  # noqa: E402 (after the configurator, so that --help is instant)
-
-if 'RANK' not in os.environ:  # plain `python pretrain.py`: a world of one
-    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
-    os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
-rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-cuda = torch.cuda.is_available()
-if cuda:
-    torch.cuda.set_device(local_rank)
-device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
-deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo')
-master = rank == 0
-
-
-def print0(*a):
-    if master:
-        print(*a, flush=True)
-
-
-if not cuda and dtype == 'fp16':
-    print0("no GPU: DeepSpeed runs fp16 only on CUDA, training in fp32 instead")
-    dtype = config["dtype"] = "fp32"
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+cuda = device.type == 'cuda'
+dtype, model_dtype = resolve_dtype(dtype, cuda)
+config['dtype'] = dtype
 
 # derived quantities
-assert batch_size % (micro_batch * world) == 0, \
-    f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}"
-grad_accum = batch_size // (micro_batch * world)
+grad_accum = grad_accum_steps(batch_size, micro_batch, world)
 train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
 steps_per_epoch = len(train_source) // batch_size
 assert steps_per_epoch > 0, f"{len(train_source)} training images are fewer than one batch of {batch_size}"
@@ -120,17 +100,17 @@ print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = g
 # -----------------------------------------------------------------------------
 # data
 cfg = eva_config(model_size, img_size=img_size, drop_path=drop_path, grad_checkpointing=grad_checkpointing,
-                 pooling='cls', use_mask_token=True, mim_dim=768, init_std=init_std)
+                 pooling='cls', use_mask_token=True, mim_dim=768, init_std=init_std, init_trunc=init_trunc)
 mask_gen = MaskingGenerator(cfg.grid, num_mask_patches, min_num_patches=min_mask_patches)
 train_set = Samples(train_source, mim_transform(img_size, crop_scale, uint8=True), seed, mask_gen)
 sampler = ResumableSampler(len(train_set), world, rank, seed)
 val_set = None
 if val_data_path:
-    val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1), eval_transform(img_size), seed)
-
-
-# validation: every other patch masked, in a checkerboard (EVA reports the val loss this way)
-val_mask = torch.from_numpy(np.indices((cfg.grid, cfg.grid)).sum(0) % 2 == 0).flatten()
+    val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1), eval_transform(img_size, val_crop_pct),
+                      seed)
+# validation: the flat patch indices 0, 2, 4, ... masked in every image (EVA-01's evaluate_pt: on a 16-wide grid,
+# every other column, 128 of 256 patches), the same mask for every image, so the loss compares across runs
+val_mask = torch.arange(cfg.num_patches) % 2 == 0
 
 # -----------------------------------------------------------------------------
 # model, teacher, engine
@@ -157,23 +137,7 @@ assert n_teacher[1:] == (cfg.num_patches, 768), f"teacher gives {tuple(n_teacher
 
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps,
                               **({'fused': True} if cuda else {}))
-ds_config = {
-    'train_batch_size': batch_size,
-    'train_micro_batch_size_per_gpu': micro_batch,
-    'gradient_accumulation_steps': grad_accum,
-    'gradient_clipping': grad_clip,
-    'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'overlap_comm': cuda,
-                          'reduce_bucket_size': 5e8, 'allgather_bucket_size': 5e8},
-    # EVA-01's DeepSpeed fp16 settings: dynamic scale from 2^16, halved after 2 overflows, raised after 500
-    'fp16': {'enabled': dtype == 'fp16', 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 500,
-             'hysteresis': 2, 'min_loss_scale': 1},
-    'bf16': {'enabled': dtype == 'bf16'},
-    'steps_per_print': 1 << 30,
-    'wall_clock_breakdown': False,
-}
-engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
-model_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype]
+engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
 flops_per_image = model.flops_per_image(num_masked=num_mask_patches) + teacher.flops_per_image
 
 
@@ -184,108 +148,18 @@ def get_lr(step):
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
-# -----------------------------------------------------------------------------
-# checkpoints: DeepSpeed's (all ranks) + per-rank RNG states + one encoder file; 'latest' is written last and
-# atomically, so a crash mid-save leaves the previous checkpoint as the one a restart resumes from
-ckpt_dir = os.path.join(out_dir, 'ckpt')
-
-
-def atomic_save(obj, path):
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def full_state_dict():
-    """The full-precision weights: ZeRO keeps fp32 master copies partitioned over ranks, so every rank takes
-    part in gathering them (a collective); only rank 0, which writes the file, keeps a host copy."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    sd = {}
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # None without ZeRO: then the module's weights are the master copy
-        if master:
-            sd[name] = (full if full is not None else p.detach().float()).cpu().clone()
-    return sd
-
-
-def save_checkpoint(step):
-    tag = f'step{step}'
-    # the data position follows from the step (each epoch's order is seeded); it is stored for the reader
-    epoch, within = divmod(step, steps_per_epoch)
-    position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={'step': step, 'config': config, 'data': position},
-                           save_latest=False)
-    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None,
-           'numpy': np.random.get_state()}
-    atomic_save(rng, os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
-    sd = full_state_dict()
-    # ZeRO-1 keeps a full copy of the working weights on every rank: check that they agree
-    checksum = sum(p.detach().double().sum() for p in engine.module.parameters()).reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(world)]
-    dist.all_gather(sums, checksum)
-    in_sync = all(float(s) == float(sums[0]) for s in sums)
-    dist.barrier()
-    if master:
-        atomic_save({'model': sd, 'config': config, 'step': step}, os.path.join(out_dir, 'eva_mim.pt'))
-        with open(os.path.join(ckpt_dir, 'latest.tmp'), 'w') as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt_dir, 'latest.tmp'), os.path.join(ckpt_dir, 'latest'))
-        old = sorted((d for d in os.listdir(ckpt_dir) if d.startswith('step') and d != tag),
-                     key=lambda d: int(d[4:]))
-        for d in old[:max(len(old) - keep_ckpts + 1, 0)]:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    print0(f"saved checkpoint {tag} and {out_dir}/eva_mim.pt; weights identical on all {world} ranks: {in_sync}")
-    assert in_sync, f"rank weights diverged: checksums {[float(s) for s in sums]}"
-    dist.barrier()
-
-
-step = 0
-latest = os.path.join(ckpt_dir, 'latest')
-if os.path.exists(latest):
-    tag = open(latest).read().strip()
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    step = client['step']
-    rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)
-    torch.set_rng_state(rng['torch'])
-    np.random.set_state(rng['numpy'])
-    if cuda and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    print0(f"resumed from {ckpt_dir}/{tag} at step {step}")
-else:
-    torch.manual_seed(seed + rank)  # drop path draws differ across ranks, as their data do
-
-# -----------------------------------------------------------------------------
-# logging
-os.makedirs(out_dir, exist_ok=True)  # on every rank: each may write its own files here
-if master:
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
-    log_file.write(json.dumps({'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                               'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}) + '\n')
-    wandb = None
-    if wandb_project:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
-samples_file = open(os.path.join(out_dir, f'samples_rank{rank}.jsonl'), 'a') if log_samples else None
-
-
-def log(row):
-    if master:
-        log_file.write(json.dumps(row) + '\n')
-        log_file.flush()
-        if wandb is not None:
-            wandb.log(row, step=row['step'])
-
 
 @torch.no_grad()
 def evaluate():
+    """Validation loss: the mean over images of the negative cosine similarity at the val_mask positions."""
     engine.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)  # each image once
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of per-image losses, images)
-    for x, _, _, _, _ in make_loader(val_set, sampler, micro_batch, num_workers, cuda):
-        x = x.to(device, non_blocking=True)
+    for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda):
+        x = batch['image'].to(device, non_blocking=True)
         mask = val_mask.to(device).expand(x.shape[0], -1)
         pred = engine(x.to(model_dtype), mask)
-        target = teacher(x)
-        cos = torch.nn.functional.cosine_similarity(pred.float(), target[mask].float(), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(pred.float(), teacher(x)[mask].float(), dim=-1)
         total += torch.stack((-cos.sum().double() / int(val_mask.sum()), torch.tensor(x.shape[0], device=device)))
     dist.all_reduce(total)
     engine.train()
@@ -293,58 +167,57 @@ def evaluate():
 
 
 # -----------------------------------------------------------------------------
+# resume, log
+step, _ = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from; 3. else random
+log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                         'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
+samples_file = open(os.path.join(out_dir, f'samples_rank{rank}.jsonl'), 'a') if log_samples else None
+
+# -----------------------------------------------------------------------------
 # training loop
 engine.train()
 data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
-loss_sum = torch.zeros((), device=device)
-bad_samples = torch.zeros((), device=device)
-t_log, steps_logged, t_start, start_step = time.time(), 0, time.time(), step
+loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr_now * group['lr_scale']
     for _ in range(grad_accum):
-        x, _, mask, idx, skipped = next(data)
+        batch = next(data)
         if samples_file:
-            samples_file.write(json.dumps({'step': step, 'indices': idx.tolist()}) + '\n')
-        x = normalize_batch(x.to(device, non_blocking=True))  # uint8 from the loader -> normalised float32
-        mask = mask.to(device, non_blocking=True).flatten(1)  # (B, N) bool
+            samples_file.write(json.dumps({'step': step, 'indices': batch['index'].tolist()}) + '\n')
+        x = normalize_batch(batch['image'].to(device, non_blocking=True))  # uint8 -> normalised float32
+        mask = batch['mask'].to(device, non_blocking=True)  # (B, N) bool
         target = teacher(x)  # (B, N, 768), no grad
         pred = engine(x.to(model_dtype), mask)  # (M, 768) at the masked positions
         loss = mim_loss(pred, target, mask)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         loss_sum += loss.detach()
-        bad_samples += skipped.sum()
+        bad += batch['skipped'].sum()
     step += 1
-    steps_logged += 1
+    n_logged += 1
 
     if step % log_interval == 0 or step == total_steps:
-        stats = torch.stack((loss_sum / (steps_logged * grad_accum), bad_samples))
+        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
         dist.all_reduce(stats)
-        dt = time.time() - t_log
-        img_s = steps_logged * batch_size / dt
-        grad_norm = engine.get_global_grad_norm()
-        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world,
-               'lr': lr_now, 'loss_scale': optimizer.cur_scale if dtype == 'fp16' else None,
-               'grad_norm': float(grad_norm) if grad_norm is not None else None, 'skipped': engine.skipped_steps,
-               'img_s': round(img_s, 1), 'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4),
-               'bad_samples': int(stats[1].item()),
-               'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-               'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 2)}
-        log(row)
-        print0(f"step {step}/{total_steps} ep {row['epoch']:.2f} | loss {row['loss']:.4f} | lr {lr_now:.2e} | "
-               f"scale {row['loss_scale']} | gnorm {row['grad_norm'] or 0:.3f} | skipped {row['skipped']} | "
-               f"{img_s:.1f} img/s | mfu {100 * row['mfu']:.1f}% | mem {row['mem_gb']} GiB | bad {row['bad_samples']} | "
-               f"eta {row['eta_h']:.2f} h")
+        img_s = n_logged * batch_size / (time.time() - t_log)
+        log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
+             **engine_stats(engine), 'img_s': round(img_s, 1),
+             'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4) if cuda else None,
+             'bad_samples': int(stats[1].item()),
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3)})
         loss_sum.zero_()
-        t_log, steps_logged = time.time(), 0
+        t_log, n_logged = time.time(), 0
     if val_set is not None and eval_interval and (step % eval_interval == 0 or step == total_steps):
-        val_loss = evaluate()
-        log({'step': step, 'val_loss': val_loss})
-        print0(f"step {step}: val loss {val_loss:.4f}")
+        log({'step': step, 'val_loss': evaluate()})
     if ckpt_interval and (step % ckpt_interval == 0 or step == total_steps) or step == stop_step:
-        save_checkpoint(step)
+        epoch, within = divmod(step, steps_per_epoch)  # the data position, for the reader (resume derives it)
+        position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}
+        sd = full_state_dict(engine)  # a collective: every rank
+        save_checkpoint(engine, out_dir, step, {'config': config, 'data': position},
+                        {'eva_mim.pt': {'model': sd, 'config': config, 'step': step}}, keep_ckpts)
     if step == stop_step:
         print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
         break

@@ -22,7 +22,6 @@ CLIP.pt DIR` exports any clip.pt).
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -30,20 +29,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed, open_log,
+                    print0, resolve_dtype, resume, save_checkpoint)
 from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSampler, Samples, SyntheticShapes,
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
 from model import CLIP, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained, load_text_tower, \
-    fuse_zero_grad_checks, param_groups
+    param_groups
 
 # -----------------------------------------------------------------------------
-# config: EVA-CLIP g/14 (DESIGN.md section 3; the schedule is ours, see config/clip_eva_g.py)
+# config: EVA-CLIP g/14 (EVA paper sec. 2.3.5; the schedule is ours, see config/clip_eva_g.py)
 # I/O
 out_dir = 'out/clip'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 20  # steps between log lines
 eval_interval = 2000  # steps between zero-shot evaluations and checkpoints (one of each also at the end)
 stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
 eval_only = False  # evaluate init_from (a clip.pt or an open_clip EVA-CLIP file) and exit
+keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are deleted)
 wandb_project = ''  # '' disables wandb
 wandb_run_name = 'eva-clip'  # wandb run name
 # data
@@ -92,34 +94,16 @@ grad_clip = 5.0  # global gradient-norm clip; 0 disables
 dtype = 'fp16'  # 'fp16' (dynamic loss scale), 'bf16' or 'fp32'; a CPU cannot run DeepSpeed fp16: fp32 there
 zero_stage = 1  # DeepSpeed ZeRO stage
 seed = 0  # init, data order and augmentation
+peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun's env, or one process
-import deepspeed  # noqa: E402 (after the configurator, so that --help is instant)
-import open_clip  # noqa: E402
+import open_clip  # noqa: E402 (after the configurator, so that --help is instant)
 
-if 'RANK' not in os.environ:
-    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
-    os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
-rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-cuda = torch.cuda.is_available()
-if cuda:
-    torch.cuda.set_device(local_rank)
-device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
-deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo')
-master = rank == 0
-
-
-def print0(*a):
-    if master:
-        print(*a, flush=True)
-
-
-if not cuda and dtype == 'fp16':
-    print0("no GPU: DeepSpeed runs fp16 only on CUDA, training in fp32 instead")
-    dtype = config['dtype'] = 'fp32'
-model_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}[dtype]
+rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+cuda = device.type == 'cuda'
+dtype, model_dtype = resolve_dtype(dtype, cuda)
+config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
 # data
@@ -134,10 +118,9 @@ def tokenize(caption):
 
 
 eval_tf = eval_transform(img_size, 1.0)
+grad_accum = grad_accum_steps(batch_size, micro_batch, world)
+train_set, streamed, steps_per_epoch, total_steps = None, False, 0, 0  # eval_only: no training data, no steps
 if not eval_only:
-    assert batch_size % (micro_batch * world) == 0, \
-        f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}"
-    grad_accum = batch_size // (micro_batch * world)
     if grad_accum != 1:  # accumulation would split the contrastive batch into smaller ones: a different loss
         print0(f"note: gradient accumulation {grad_accum}: each micro-batch of {micro_batch * world} pairs is its "
                f"own contrastive batch (the paper's is the whole {batch_size})")
@@ -154,6 +137,7 @@ if not eval_only:
         assert steps_per_epoch > 0, f"{len(train_set)} training pairs are fewer than one batch of {batch_size}"
         data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
     total_steps = samples_seen // batch_size
+    warmup_steps = min(warmup_steps, total_steps)
     print0(json.dumps(config, indent=1))
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
            f"{data_desc}; {total_steps:,} steps = {total_steps * batch_size:,} samples seen, warmup {warmup_steps:,}; "
@@ -280,8 +264,9 @@ def zeroshot_eval(net):
     weights = F.normalize(F.normalize(weights, dim=-1).mean(1), dim=-1)  # (C, E)
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
     stats = torch.zeros(3, dtype=torch.float64)  # (top-1 hits, top-5 hits, images)
-    for x, y, _, _, _ in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
-        logits = (net.encode_image(x.to(device, model_dtype)).float() @ weights.T).cpu()
+    for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
+        logits = (net.encode_image(batch['image'].to(device, model_dtype)).float() @ weights.T).cpu()
+        y = batch['label']
         targets = F.one_hot(y.clamp(min=0), len(names)).bool() & (y >= 0)[:, None]
         stats += torch.tensor(topk_hits(logits, targets, 5), dtype=torch.float64)
     stats = stats.to(device)
@@ -333,20 +318,6 @@ def evaluate(net):
     return res
 
 
-if eval_only:
-    model.to(model_dtype if cuda else torch.float32)
-    results = evaluate(model)
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, **results}, f, indent=1)
-    dist.destroy_process_group()
-    raise SystemExit(0)
-
-# -----------------------------------------------------------------------------
-# engine: image tower, text tower and temperature each with their own lr, decay and layer decay (EVA-CLIP)
-
-
 def text_param_groups(text, weight_decay, layer_decay):
     """AdamW groups of the text tower, as param_groups does for the image tower: the embeddings are layer 0,
     block i is i + 1, ln_final and the projection depth + 1; no decay on 1-D parameters and embeddings."""
@@ -365,106 +336,12 @@ def text_param_groups(text, weight_decay, layer_decay):
     return [groups[k] for k in sorted(groups)]
 
 
-groups = [dict(g, peak_lr=lr * g['lr_scale']) for g in param_groups(model.visual, weight_decay, layer_decay)]
-groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_param_groups(model.text, text_weight_decay,
-                                                                                text_layer_decay)]
-groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
-optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
-ds_config = {
-    'train_batch_size': batch_size,
-    'train_micro_batch_size_per_gpu': micro_batch,
-    'gradient_accumulation_steps': grad_accum,
-    'gradient_clipping': grad_clip,
-    'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'overlap_comm': cuda},
-    'fp16': {'enabled': dtype == 'fp16', 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 500,
-             'hysteresis': 2, 'min_loss_scale': 1},
-    'bf16': {'enabled': dtype == 'bf16'},
-    'steps_per_print': 1 << 30,
-}
-engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-fuse_zero_grad_checks(optimizer)  # DeepSpeed's per-tensor inf/NaN and norm loops as one kernel each
-
-
 def get_lr(step):
     """Factor of each group's peak lr: linear warmup from 0, then cosine to min_lr_ratio."""
     if step < warmup_steps:
         return step / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr_ratio + 0.5 * (1 - min_lr_ratio) * (1 + math.cos(math.pi * progress))
-
-# -----------------------------------------------------------------------------
-# checkpoints (as the other stages): DeepSpeed's + RNG per rank; clip.pt with fp32 weights
-
-
-ckpt_dir = os.path.join(out_dir, 'ckpt')
-
-
-def atomic_save(obj, path):
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def clip_file(step):
-    """The fp32 master weights (gathered by every rank: a collective), as clip.pt's dict on rank 0, else None."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    sd = {}
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        if master:
-            sd[name] = full.cpu().clone()
-    return {'model': sd, **model.describe(), 'config': config, 'step': step} if master else None
-
-
-def save_checkpoint(step):
-    tag = f'step{step}'
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={'step': step, 'config': config}, save_latest=False)
-    atomic_save({'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None},
-                os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
-    state = clip_file(step)
-    dist.barrier()
-    if master:
-        atomic_save(state, os.path.join(out_dir, 'clip.pt'))
-        with open(os.path.join(ckpt_dir, 'latest.tmp'), 'w') as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt_dir, 'latest.tmp'), os.path.join(ckpt_dir, 'latest'))
-        for d in os.listdir(ckpt_dir):
-            if d.startswith('step') and d != tag:
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    dist.barrier()
-    return state
-
-
-step = 0
-latest = os.path.join(ckpt_dir, 'latest')
-if os.path.exists(latest):
-    tag = open(latest).read().strip()
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    step = client['step']
-    rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)
-    torch.set_rng_state(rng['torch'])
-    if cuda and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    print0(f"resumed from {ckpt_dir}/{tag} at step {step}")
-else:
-    torch.manual_seed(seed + rank)
-
-os.makedirs(out_dir, exist_ok=True)
-if master:
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
-    log_file.write(json.dumps({'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                               'total_steps': total_steps}) + '\n')
-    wandb = None
-    if wandb_project:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume='allow')
-
-
-def log(row):
-    if master:
-        log_file.write(json.dumps(row) + '\n')
-        log_file.flush()
-        if wandb is not None:
-            wandb.log(row, step=row['step'])
 
 
 def micro_batches():
@@ -479,51 +356,79 @@ def micro_batches():
 
 
 # -----------------------------------------------------------------------------
+# engine, resume, log (training only): image tower, text tower and temperature each with their own lr, decay and
+# layer decay (EVA-CLIP)
+engine = optimizer = log = None
+step = 0
+if not eval_only:
+    groups = [dict(g, peak_lr=lr * g['lr_scale']) for g in param_groups(model.visual, weight_decay, layer_decay)]
+    groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_param_groups(model.text, text_weight_decay,
+                                                                                    text_layer_decay)]
+    groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
+    engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+    step, _ = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+    log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                             'total_steps': total_steps}, wandb_project, wandb_run_name)
+else:
+    model.to(model_dtype if cuda else torch.float32)
+flops_per_pair = model.flops_per_pair()
+
+
+def clip_file(step):
+    """clip.pt's dict: the fp32 weights (gathered by every rank: a collective), the towers' shapes; rank 0 only."""
+    sd = full_state_dict(engine)
+    return {'model': sd, **model.describe(), 'config': config, 'step': step} if rank == 0 else None
+
+
+# -----------------------------------------------------------------------------
 # training loop
-engine.train()
-data = micro_batches()
-flops = model.flops_per_pair() * batch_size  # per optimizer step, all ranks
+data = micro_batches() if not eval_only else None
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
-t_log, n_logged, state = time.time(), 0, None
+t_log, n_logged, t_start, start_step, state = time.time(), 0, time.time(), step, None
 while step < total_steps:
     factor = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = group['peak_lr'] * factor
     for _ in range(grad_accum):
-        x, tokens, _, _, skipped = next(data)
-        image_features, text_features, scale = engine(x.to(device, model_dtype, non_blocking=True),
-                                                      tokens.to(device, non_blocking=True))
+        batch = next(data)
+        image_features, text_features, scale = engine(batch['image'].to(device, model_dtype, non_blocking=True),
+                                                      batch['text'].to(device, non_blocking=True))
         loss = clip_loss(image_features, text_features, scale.float(), rank, world)
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
-        bad += skipped.sum()
+        bad += batch['skipped'].sum()
     step += 1
     n_logged += 1
     if step % log_interval == 0 or step == total_steps:
         stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
         dist.all_reduce(stats)
-        dt = time.time() - t_log
-        row = {'step': step, 'samples': step * batch_size, 'loss': stats[0].item() / world,
-               'logit_scale': scale.item(), 'lr': lr * factor, 'text_lr': text_lr * factor,
-               'loss_scale': optimizer.cur_scale if dtype == 'fp16' else None, 'skipped': engine.skipped_steps,
-               'pairs_s': round(n_logged * batch_size / dt, 1), 'bad_samples': int(stats[1].item()),
-               'tflops_gpu': round(n_logged * flops / dt / world / 1e12, 2),
-               'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-        log(row)
-        print0(f"step {step}/{total_steps} | loss {row['loss']:.4f} | scale {row['logit_scale']:.1f} | "
-               f"lr {row['lr']:.2e} | {row['pairs_s']:.1f} pairs/s | {row['tflops_gpu']} TFLOP/s/GPU | "
-               f"mem {row['mem_gb']} GiB | bad {row['bad_samples']}")
+        samples_s = n_logged * batch_size / (time.time() - t_log)
+        log({'step': step, 'epoch': round(step / steps_per_epoch, 4) if steps_per_epoch else None,
+             'loss': stats[0].item() / world, 'lr': lr * factor, **engine_stats(engine),
+             'samples_s': round(samples_s, 1),
+             'mfu': round(samples_s / world * flops_per_pair / (peak_tflops * 1e12), 4) if cuda else None,
+             'bad_samples': int(stats[1].item()),
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3),
+             'samples': step * batch_size, 'text_lr': text_lr * factor, 'logit_scale': scale.item()})
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if step % eval_interval == 0 or step == total_steps:
-        log({'step': step, 'eval': evaluate(engine.module)})
+        log({'step': step, 'eval': evaluate(engine.module)}, echo=False)
     if step % eval_interval == 0 or step == total_steps or step == stop_step:
-        state = save_checkpoint(step)
+        state = clip_file(step)
+        save_checkpoint(engine, out_dir, step, {'config': config}, {'clip.pt': state}, keep_ckpts)
     if step == stop_step:
         print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
         break
-if step == total_steps and master:
+if eval_only:  # init_from: zero-shot classification and retrieval
+    results = evaluate(model)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'init_from': init_from, **results}, f, indent=1)
+elif step == total_steps and rank == 0:
     state = state or torch.load(os.path.join(out_dir, 'clip.pt'), weights_only=False)
     export_open_clip(state, os.path.join(out_dir, 'open_clip'))
     print0(f"open_clip export: {out_dir}/open_clip (open_clip.create_model_and_transforms('local-dir:...'))")

@@ -35,6 +35,7 @@ grad_checkpointing = True  # 1,601 tokens per image at 560 px
 epochs = 15
 warmup_epochs = 2.0
 lr = 3e-5
+min_lr = 0.0  # EVA-01's IN-1K script sets min_lr=0.0 (the cosine ends at 0)
 layer_decay = 0.95
 weight_decay = 0.05
 beta1 = 0.9

@@ -28,6 +28,7 @@ micro_batch = 64
 epochs = 60
 warmup_epochs = 15.0
 lr = 1e-4
+min_lr = 1e-6  # EVA-01's default (its IN-21K script sets none)
 layer_decay = 0.85
 weight_decay = 0.05
 beta1 = 0.9

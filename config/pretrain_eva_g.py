@@ -21,6 +21,8 @@ num_mask_patches = 105
 min_mask_patches = 16
 model_size = 'eva_g'
 drop_path = 0.1
+init_std = 0.015  # EVA-01's eva_g_patch14 MIM model
+init_trunc = 1.0  # its trunc_normal_(a=-std, b=std): each draw cut at +-1 std
 teacher_model = 'ViT-L-14'
 teacher_pretrained = 'openai'
 batch_size = 4096

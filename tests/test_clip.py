@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import ROW_FORMAT
 from data import CaptionFiles, Samples, SyntheticCaptions, TarShards, eval_transform, expand_shards, recall_at_k
 from model import (CLIP, TEXT_SIZES, clip_loss, eva_config, load_text_tower, open_clip_state_dict,
                    register_timm_eva, uses_quick_gelu)
@@ -160,9 +161,12 @@ def test_two_ranks_train_as_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
-def test_resume_is_exact(tmp_path):
-    common = ['--zeroshot_data=', '--batch_size=16', '--micro_batch=16', '--samples_seen=96', '--warmup_steps=2',
-              '--log_interval=1', '--eval_interval=100', '--drop_path=0.1', '--synthetic_size=40']
+@pytest.mark.parametrize('zero_stage', [0, 1])
+def test_resume_is_exact(tmp_path, zero_stage):
+    # warmup_steps 10 > the run's 6 steps: the warmup is cut at 6 (lr 2e-3 (s - 1) / 6 at step s)
+    common = ['--zeroshot_data=', '--batch_size=16', '--micro_batch=16', '--samples_seen=96', '--warmup_steps=10',
+              '--log_interval=1', '--eval_interval=100', '--drop_path=0.1', '--synthetic_size=40',
+              f'--zero_stage={zero_stage}']
     train_clip(tmp_path / 'full', *common)
     train_clip(tmp_path / 'cut', *common, '--stop_step=3')
     train_clip(tmp_path / 'cut', *common)
@@ -170,6 +174,9 @@ def test_resume_is_exact(tmp_path):
     assert sorted(cut) == sorted(full) == [1, 2, 3, 4, 5, 6]
     for s in full:
         assert cut[s] == pytest.approx(full[s], rel=1e-6), (s, full, cut)
+    rows = [r for r in log_rows(tmp_path / 'cut') if 'loss' in r]
+    assert [r['lr'] for r in rows] == pytest.approx([2e-3 * s / 6 for s in range(6)])
+    assert set(ROW_FORMAT) - {'img_s'} <= set(rows[-1]) and rows[-1]['samples'] == 96
     a = torch.load(tmp_path / 'full' / 'clip.pt', weights_only=False)['model']
     b = torch.load(tmp_path / 'cut' / 'clip.pt', weights_only=False)['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -197,8 +204,8 @@ def test_csv_with_a_missing_image_and_an_empty_caption_is_skipped_and_counted(tm
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=6)))
     err = capfd.readouterr().err
     assert 'row 3 ' in err and 'empty caption' in err and '3.png' in err
-    assert list(batch[1]) == ['a red circle', 'a blue square', 'a blue square', 'y', 'y', 'z']  # the next row's
-    assert batch[4].tolist() == [0, 1, 0, 1, 0, 0] and int(batch[4].sum()) == 2
+    assert list(batch['text']) == ['a red circle', 'a blue square', 'a blue square', 'y', 'y', 'z']  # the next row's
+    assert batch['skipped'].tolist() == [0, 1, 0, 1, 0, 0] and int(batch['skipped'].sum()) == 2
     with pytest.raises(KeyError, match=r"pairs.csv: no column 'caption'.*\['filepath', 'title'\]"):
         CaptionFiles(path, caption_key='caption')
     with pytest.raises(FileNotFoundError, match='nope.csv'):
@@ -244,10 +251,10 @@ def stream(folder, **kw):
     for rank in range(kw['world']):
         ds = TarShards(folder, eval_transform(32), lambda c: c, rank=rank, passes=1, **kw)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-        for x, caption, _, n, sk in dl:
-            assert x.shape == (3, 32, 32)
-            out.append(caption)
-            skipped += sk
+        for sample in dl:
+            assert sample['image'].shape == (3, 32, 32) and set(sample) == {'image', 'text', 'index', 'skipped'}
+            out.append(sample['text'])
+            skipped += sample['skipped']
     return out, skipped
 
 

@@ -98,11 +98,11 @@ def test_image_folder_modes_labels_and_bad_file(tmp_path, capsys):
             assert im.mode == 'RGB' and im.size == (30, 20), name
     assert np.asarray(src.load(4)[0]).max() == 255  # 16-bit gray rescaled, not clipped to white
     ds = Samples(src, mim_transform(16), seed=0)
-    x, label, _, idx, skipped = ds[2]  # the corrupt file: replaced by the next image, counted, named
-    assert skipped == 1 and idx == 2 and label == 1 and x.shape == (3, 16, 16)
+    s = ds[2]  # the corrupt file: replaced by the next image, counted, named
+    assert s['skipped'] == 1 and s['index'] == 2 and s['label'] == 1 and s['image'].shape == (3, 16, 16)
     assert 'corrupt.jpg' in capsys.readouterr().err
     loader = torch.utils.data.DataLoader(ds, batch_size=7)
-    assert int(next(iter(loader))[4].sum()) == 1
+    assert int(next(iter(loader))['skipped'].sum()) == 1
 
 
 def test_path_list_and_merged_roots(tmp_path):
@@ -129,9 +129,10 @@ def test_samples_are_seeded_by_index_and_epoch():
     state = torch.get_rng_state()
     b = ds[7]
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert set(a) == {'image', 'label', 'mask', 'index', 'skipped'} and a['mask'].shape == (64,)
+    assert torch.equal(a['image'], b['image']) and torch.equal(a['mask'], b['mask'])
     ds.epoch = 1
-    assert not torch.equal(ds[7][0], a[0])  # another epoch, another crop
+    assert not torch.equal(ds[7]['image'], a['image'])  # another epoch, another crop
 
 
 def test_synthetic_shapes_learnable_but_not_by_colour():
@@ -157,6 +158,7 @@ def run_config(tmp_path, *args):
     script = tmp_path / 'stage.py'
     script.write_text(
         "import json, os\n"
+        "MEAN = (0.5, 0.5)  # a constant, not a setting\n"
         "lr = 1e-3  # peak learning rate\n"
         "batch_size = 4096  # global batch\n"
         "crop_scale = (0.2, 1.0)  # crop scale range\n"
@@ -190,7 +192,7 @@ def test_configurator_errors_and_help(tmp_path):
     r = run_config(tmp_path, 'missing.py')
     assert r.returncode != 0 and 'missing.py' in r.stderr
     r = run_config(tmp_path, '--help')
-    assert r.returncode == 0 and 'peak learning rate' in r.stdout and '4096' in r.stdout
+    assert r.returncode == 0 and 'peak learning rate' in r.stdout and '4096' in r.stdout and 'MEAN' not in r.stdout
 
 
 def test_read_rgb_gives_the_pixels_of_load_rgb_for_every_mode(tmp_path, capsys):
@@ -205,8 +207,8 @@ def test_read_rgb_gives_the_pixels_of_load_rgb_for_every_mode(tmp_path, capsys):
         ref = torch.from_numpy(np.array(load_rgb(src.name(i)))).permute(2, 0, 1)
         assert x.dtype == torch.uint8 and torch.equal(x, ref), src.name(i)
     ds = Samples(src, mim_transform(16, uint8=True), seed=0)
-    x, _, _, _, skipped = ds[2]  # the corrupt file, skipped and counted on this path too
-    assert skipped == 1 and x.dtype == torch.uint8 and x.shape == (3, 16, 16)
+    s = ds[2]  # the corrupt file, skipped and counted on this path too
+    assert s['skipped'] == 1 and s['image'].dtype == torch.uint8 and s['image'].shape == (3, 16, 16)
     assert 'corrupt.jpg' in capsys.readouterr().err
 
 
@@ -226,8 +228,8 @@ def test_uint8_mim_pipeline_matches_the_pil_pipeline_sample_by_sample(tmp_path):
     slow = Samples(ImageFiles(str(tmp_path)), mim_transform(112), 7, masks)
     diffs = []
     for i in range(12):
-        xf, _, mf, _, _ = fast[i]
-        xs, _, ms, _, _ = slow[i]
+        xf, mf = fast[i]['image'], fast[i]['mask']
+        xs, ms = slow[i]['image'], slow[i]['mask']
         assert xf.dtype == torch.uint8 and torch.equal(mf, ms)
         levels = xs * torch.tensor(CLIP_STD).view(3, 1, 1) * 255 + torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255
         diffs.append(xf.float() - levels)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import ROW_FORMAT
 from data import (ImageFiles, Samples, SyntheticShapes, eval_transform, imagenet_classes, imagenet_real_labels,
                   imagenet_subset, topk_hits)
 from model import EVA, eva_config
@@ -73,22 +74,29 @@ def test_timm_weights_evaluate_as_timm_does(trained, tmp_path):
     finetune(tmp_path, '--eval_only=True', f'--init_from={tmp_path / "timm.pth"}', '--val_size=60')
     ours = json.load(open(tmp_path / 'eval.json'))['model']['val']
     val = Samples(SyntheticShapes(60, 32, seed=1), eval_transform(32), 0)
-    x = torch.stack([val[i][0] for i in range(60)])
-    y = torch.tensor([val[i][1] for i in range(60)])
+    x = torch.stack([val[i]['image'] for i in range(60)])
+    y = torch.tensor([val[i]['label'] for i in range(60)])
     with torch.no_grad():
         hits = (ref(x).argmax(1) == y).sum().item()
     assert ours['images'] == 60 and ours['top1'] == pytest.approx(100 * hits / 60)
 
 
-def test_resume_is_exact_with_mixup_cutmix_randaugment_ema(tmp_path):
+@pytest.mark.parametrize('zero_stage', [0, 1])
+def test_resume_is_exact_with_mixup_cutmix_randaugment_ema(tmp_path, zero_stage):
+    # warmup_epochs 3 > epochs 2: the warmup is cut at the run's 8 steps (lr 1e-3 (s - 1) / 8 at step s)
     args = ['--synthetic_size=256', '--epochs=2', '--log_interval=1', '--val_size=40', '--mixup=0.8', '--cutmix=1.0',
-            '--drop_path=0.1', '--rand_augment=True', '--freeze_patch_embed=True']
+            '--drop_path=0.1', '--rand_augment=True', '--freeze_patch_embed=True', '--warmup_epochs=3.0',
+            f'--zero_stage={zero_stage}']
     finetune(tmp_path / 'full', *args)
     assert 'stopping at step 5' in finetune(tmp_path / 'split', *args, '--stop_step=5')
     assert 'resumed from' in finetune(tmp_path / 'split', *args)
     rows = {d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('full', 'split')}
     losses = {d: {r['step']: r['loss'] for r in rows[d] if 'loss' in r} for d in rows}
     assert sorted(losses['split']) == list(range(1, 9)) and losses['split'] == losses['full']  # CPU fp32: equal
+    train_rows = [r for r in rows['split'] if 'loss' in r]
+    assert [r['lr'] for r in train_rows] == pytest.approx([1e-3 * s / 8 for s in range(8)])
+    assert set(ROW_FORMAT) - {'samples_s'} <= set(train_rows[-1])
+    assert train_rows[-1]['grad_norm'] > 0 if zero_stage else train_rows[-1]['grad_norm'] is None
     assert [r['eval'] for r in rows['split'] if 'eval' in r][-1] == [r['eval'] for r in rows['full'] if 'eval' in r][-1]
     # the patch embedding stayed as initialised (EVA-01 fine-tuning freezes it)
     torch.manual_seed(0)
@@ -168,7 +176,7 @@ def test_robustness_table_against_a_manual_count(tmp_path):
         src = ImageFiles(str(tmp_path / folder))
         ds = Samples(src, eval_transform(32), 0)
         with torch.no_grad():
-            return m(torch.stack([ds[i][0] for i in range(len(ds))])), src
+            return m(torch.stack([ds[i]['image'] for i in range(len(ds))])), src
     la, src = logits('ina')
     truth = torch.tensor([sub[lab] for _, lab in src.items])
     pred = torch.tensor(sub)[la[:, sub].argmax(1)]  # argmax among the 200 only
@@ -183,3 +191,17 @@ def test_robustness_table_against_a_manual_count(tmp_path):
     assert res['IN-ReaL']['top1'] == pytest.approx(100 * np.mean([lr[k].argmax().item() in c for k, c in scored]))
     drops = [res['val']['top1'] - res[s]['top1'] for s in ('IN-V2', 'IN-A', 'IN-ReaL')]
     assert res['avg_drop'] == pytest.approx(sum(drops) / 3)
+
+
+def test_recipe_configs_follow_the_official_scripts():
+    """EVA-01's IN-1K fine-tuning scripts end the cosine at min_lr 0.0; its IN-21K script sets none, so the code's
+    default 1e-6 applies. Read from the config files as the configurator reads them."""
+    def read(name):
+        cfg = {}
+        exec(open(os.path.join(ROOT, 'config', name)).read(), cfg)
+        return cfg
+    for name, epochs in (('finetune_in1k_336.py', 10), ('finetune_in1k_560.py', 15)):
+        cfg = read(name)
+        assert (cfg['min_lr'], cfg['lr'], cfg['layer_decay'], cfg['epochs'], cfg['warmup_epochs']) == \
+            (0.0, 3e-5, 0.95, epochs, 2.0), name
+    assert read('finetune_in21k.py')['min_lr'] == 1e-6

@@ -157,6 +157,28 @@ def test_psz14to16_cli_equals_bicubic_kernel(tmp_path):
     assert resize_patch_embed(w, 14) is w
 
 
+def test_psz14to16_of_an_fp16_file_is_bit_for_bit_the_official_script(tmp_path):
+    """The released eva_psz14.pt holds fp16 weights. interpolate_patch_14to16.py resizes the kernel as
+    `F.interpolate(w.float(), ...)` and stores that fp32 result; it resizes pos_embed's grid (reshape, permute to
+    (1, D, H, W), bicubic, permute back, flatten) in fp16, the file's own dtype. Here those steps by hand."""
+    sd = {k: v.half() for k, v in EVA(eva_config('eva_tiny', img_size=56, patch_size=14)).state_dict().items()}
+    torch.save({'model': sd, 'epoch': 7}, tmp_path / 'in.pt')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'model.py'), 'psz14to16', str(tmp_path / 'in.pt'),
+                    str(tmp_path / 'out.pt'), '--image_size=48'], check=True, cwd=ROOT, capture_output=True)
+    out = torch.load(tmp_path / 'out.pt')
+    kernel = F.interpolate(sd['patch_embed.proj.weight'].float(), size=(16, 16), mode='bicubic', align_corners=False)
+    grid = sd['pos_embed'][:, 1:].reshape(-1, 4, 4, 64).permute(0, 3, 1, 2)  # 56/14 = 4 -> 48/16 = 3
+    grid = F.interpolate(grid, size=(3, 3), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    pos = torch.cat((sd['pos_embed'][:, :1], grid), dim=1)
+    got = out['model']
+    assert got['patch_embed.proj.weight'].dtype == torch.float32 and got['pos_embed'].dtype == torch.float16
+    assert torch.equal(got['patch_embed.proj.weight'], kernel) and torch.equal(got['pos_embed'], pos)
+    # fp32 arithmetic for the fp16 pos_embed would differ in some bits: the test can tell the two apart
+    assert not torch.equal(resize_pos_embed(sd['pos_embed'], 3), pos)
+    assert out['epoch'] == 7 and all(torch.equal(got[k], v) for k, v in sd.items() if 'pos_embed' not in k and
+                                     k != 'patch_embed.proj.weight')
+
+
 class Writes(TorchDispatchMode):
     """Records the ops that write a new tensor of `numel` elements (views excluded): memory passes."""
 
@@ -247,6 +269,31 @@ def test_init_follows_official_recipe():
         assert abs(std(m.blocks[i].mlp.fc2.weight) - 0.02 / math.sqrt(2 * (i + 1))) < 0.002 / math.sqrt(i + 1)
     assert abs(std(m.head.weight) - 0.02 * 0.001) < 2e-6
     assert m.blocks[3].attn.q_bias.abs().max() == 0 and m.blocks[3].norm1.weight.min() == 1
+
+
+def test_mim_init_cuts_every_draw_at_one_std():
+    """EVA-01's MIM model (modeling_pretrain.py) draws every Linear, Conv, pos_embed, cls_token, mask_token and
+    lm_head with trunc_normal_(std, a=-std, b=std): a normal cut at +-1 std, whose std is
+    std * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.5396 std; then BEiT's 1/sqrt(2 layer) rescale."""
+    torch.manual_seed(0)
+    std = 0.015
+    m = EVA(eva_config('eva_b', img_size=56, pooling='cls', use_mask_token=True, mim_dim=768, init_std=std,
+                       init_trunc=1.0))
+    phi1, Phi1 = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    cut_std = std * math.sqrt(1 - 2 * phi1 / (2 * Phi1 - 1))
+    assert cut_std == pytest.approx(0.5396 * std, rel=1e-3)
+    for name in ('pos_embed', 'cls_token', 'mask_token', 'lm_head.weight', 'patch_embed.proj.weight',
+                 'blocks.0.attn.qkv.weight', 'blocks.7.mlp.fc1.weight'):
+        t = m.get_parameter(name)
+        assert t.abs().max() <= std, name
+        if t.numel() > 10_000:
+            assert t.std().item() == pytest.approx(cut_std, rel=0.02), name
+    assert m.blocks[4].attn.proj.weight.abs().max() <= std / math.sqrt(2 * 5)
+    # the default (fine-tuning models, timm): cut at +-2 absolute, i.e. a plain normal at this std
+    torch.manual_seed(0)
+    plain = EVA(eva_config('eva_b', img_size=56, init_std=std))
+    assert plain.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(std, rel=0.01)
+    assert plain.blocks[0].mlp.fc1.weight.abs().max() > 3 * std
 
 
 def test_drop_path_is_linear_over_depth():

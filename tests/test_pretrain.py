@@ -7,8 +7,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from data import MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, mim_transform
+from common import ROW_FORMAT
+from data import MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, eval_transform, mim_transform
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +60,37 @@ def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path):
         torch.testing.assert_close(ref.eval()(x), mim.eval()(x), atol=1e-5, rtol=0)
 
 
-def test_resume_gives_the_same_losses(tmp_path):
-    args = ['--synthetic_size=256', '--max_steps=6', '--batch_size=16', '--micro_batch=8']
+def test_official_init_and_validation_loss(tmp_path):
+    """One step at lr 0 (the warmup's first) leaves eva_mim.pt at the init: EVA-01's MIM init, every draw cut at
+    +-1 std of 0.015. The logged validation loss is EVA-01's evaluate_pt: the flat patch indices 0, 2, 4, ...
+    masked in every image, images resized to 32 / (224/256) = 36 and center-cropped, recomputed here by hand."""
+    out = tmp_path / 'run'
+    pretrain(out, '--synthetic_size=32', '--max_steps=1', '--warmup_epochs=1.0', '--ckpt_interval=1',
+             '--eval_interval=1', '--val_data_path=synthetic:1', '--val_size=10')
+    sd = torch.load(out / 'eva_mim.pt', weights_only=False)['model']
+    for k in ('pos_embed', 'cls_token', 'mask_token', 'lm_head.weight', 'patch_embed.proj.weight',
+              'blocks.0.attn.qkv.weight', 'blocks.1.mlp.fc1.weight'):
+        assert 0.01 < sd[k].abs().max() <= 0.015, k
+    cfg = eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768, init_std=0.015, init_trunc=1.0)
+    torch.manual_seed(0)  # pretrain.py's order of draws: the student, then the teacher
+    student = EVA(cfg)
+    assert all(torch.equal(v, sd[k]) for k, v in student.state_dict().items())
+    teacher = CLIPTeacher('tiny', '', 32, 4)
+    student.eval()
+    val = Samples(SyntheticShapes(10, 32, seed=1), eval_transform(32, 224 / 256), 0)
+    x = torch.stack([val[i]['image'] for i in range(10)])
+    mask = torch.zeros(10, 8, 8, dtype=torch.bool)
+    mask[:, :, 0::2] = True  # on an 8-wide grid the even flat indices are the even columns: 32 of 64
+    mask = mask.flatten(1)
+    with torch.no_grad():
+        cos = F.cosine_similarity(student(x, mask), teacher(x)[mask], dim=-1).view(10, 32)
+    val_loss = [json.loads(line)['val_loss'] for line in open(out / 'log.jsonl') if 'val_loss' in line]
+    assert val_loss == [pytest.approx(-cos.mean().item(), abs=1e-6)]
+
+
+@pytest.mark.parametrize('zero_stage', [0, 1, 2])
+def test_resume_gives_the_same_losses(tmp_path, zero_stage):
+    args = ['--synthetic_size=256', '--max_steps=6', '--batch_size=16', '--micro_batch=8', f'--zero_stage={zero_stage}']
     pretrain(tmp_path / 'full', *args)
     out = pretrain(tmp_path / 'split', *args, '--stop_step=3')
     assert 'stopping at step 3' in out and len(losses(tmp_path / 'split')) == 3
@@ -67,6 +98,12 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert 'resumed from' in out and 'at step 3' in out
     full, split = losses(tmp_path / 'full'), losses(tmp_path / 'split')
     assert sorted(split) == list(range(1, 7))
+    row = [json.loads(line) for line in open(tmp_path / 'split' / 'log.jsonl') if '"loss"' in line][-1]
+    assert set(ROW_FORMAT) - {'samples_s'} <= set(row), row  # the row every stage logs
+    assert row['eta_h'] == 0 and row['bad_samples'] == 0
+    assert row['grad_norm'] > 0 if zero_stage else row['grad_norm'] is None  # DeepSpeed takes none without ZeRO in fp32
+    ckpt = torch.load(tmp_path / 'split' / 'eva_mim.pt', weights_only=False)  # the fp32 weights, with any ZeRO stage
+    assert ckpt['step'] == 3 and ckpt['model']['pos_embed'].dtype == torch.float32
     # on the CPU in fp32 the resumed run is the same computation: equal to float rounding of the log (1e-6)
     for s in range(1, 7):
         assert split[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, split[s], full[s])
@@ -82,7 +119,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     assert len(steps) == 2 and all(len(s['indices']) == 4 for s in steps)
     # precondition: the token-mean loss of 2 x 4 equals that of 8 only if every image has as many masked patches
     ds = Samples(SyntheticShapes(64, 32, seed=3), mim_transform(32), 3, MaskingGenerator(8, 26, min_num_patches=4))
-    counts = {int(ds[i][2].sum()) for s in steps for i in s['indices']}
+    counts = {int(ds[i]['mask'].sum()) for s in steps for i in s['indices']}
     assert len(counts) == 1, f"masked counts differ ({counts}): pick other samples for this test"
     a = torch.load(tmp_path / 'accum' / 'eva_mim.pt', weights_only=False)['model']
     b = torch.load(tmp_path / 'whole' / 'eva_mim.pt', weights_only=False)['model']
@@ -100,7 +137,7 @@ def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
     out = pretrain(tmp_path / 'ddp', '--synthetic_size=128', '--max_steps=2', '--batch_size=16', '--micro_batch=8',
                    '--ckpt_interval=2', '--log_samples=True', nproc=2)
     assert 'world 2 x micro-batch 8 x grad-accum 1 = global batch 16' in out
-    assert 'weights identical on all 2 ranks: True' in out
+    assert '(2 ranks agree)' in out
     r0 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank0.jsonl')]
     r1 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank1.jsonl')]
     assert [s['step'] for s in r0] == [s['step'] for s in r1] == [0, 1]

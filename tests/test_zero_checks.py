@@ -1,4 +1,4 @@
-"""model.fuse_zero_grad_checks: DeepSpeed's ZeRO-1 optimizer with its per-tensor inf/NaN test and gradient norm
+"""common.fuse_zero_grad_checks: DeepSpeed's ZeRO-1 optimizer with its per-tensor inf/NaN test and gradient norm
 replaced by multi-tensor ones must decide, clip and step exactly as DeepSpeed's own code does, over 2 ranks (each
 owning a padded partition), while launching far fewer operations per step."""
 import os
@@ -13,7 +13,8 @@ sys.path.insert(0, ROOT)
 import deepspeed
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch.profiler import ProfilerActivity, profile
-from model import EVA, eva_config, fuse_zero_grad_checks, param_groups
+from common import fuse_zero_grad_checks
+from model import EVA, eva_config, param_groups
 
 deepspeed.init_distributed(dist_backend='gloo')
 rank = int(os.environ['RANK'])

@@ -1,0 +1,211 @@
+"""What every stage does the same way, and nothing else (nanochat's common.py): torchrun / DeepSpeed setup, the
+one DeepSpeed config, checkpoints, the log. A function enters only when three stages use it unchanged; no loop,
+schedule, evaluation or stage-specific branch. Inputs come as arguments; DeepSpeed is imported inside (fast --help).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
+
+
+def print0(*args):
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(*args, flush=True)
+
+
+def init_distributed():
+    """torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE; multi-node through its rendezvous), or a world of one for a
+    plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU. -> rank, local_rank, world, device."""
+    import deepspeed
+    if 'RANK' not in os.environ:
+        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    # what runs in float32 (the losses, the EMA, evaluation of fp32 weights) may use TF32 matmuls (A100 and later)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo')
+    return rank, local_rank, world, torch.device('cuda', local_rank) if cuda else torch.device('cpu')
+
+
+def resolve_dtype(dtype, cuda):
+    """-> (name, torch dtype); DeepSpeed runs fp16 only on CUDA, so a CPU trains in fp32 instead (said once)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == 'fp16' and not cuda:
+        print0("no GPU: DeepSpeed runs fp16 only on CUDA, training in fp32 instead")
+        dtype = 'fp32'
+    return dtype, DTYPES[dtype]
+
+
+def grad_accum_steps(batch_size, micro_batch, world):
+    """Micro-batches per rank and optimizer step that make up the global batch."""
+    if micro_batch < 1 or batch_size % (micro_batch * world):
+        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}")
+    return batch_size // (micro_batch * world)
+
+
+def deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype):
+    """The one DeepSpeed config (a dict, never a file on disk), its engine, and fuse_zero_grad_checks; DeepSpeed
+    derives the gradient accumulation from batch_size / (micro_batch x world). -> (engine, its optimizer)."""
+    import deepspeed
+    ds_config = {'train_batch_size': batch_size, 'train_micro_batch_size_per_gpu': micro_batch,
+                 'gradient_clipping': grad_clip, 'steps_per_print': 1 << 30,  # the stage logs, DeepSpeed not
+                 # overlap_comm reduces gradients during the backward on GPUs; EVA-01 used 5e8-element buckets
+                 'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'reduce_bucket_size': 5e8,
+                                       'allgather_bucket_size': 5e8, 'overlap_comm': torch.cuda.is_available()},
+                 # EVA-01's fp16 loss scale (its create_ds_config): dynamic from 2^16, halved after 2 overflowing
+                 # steps in a row (hysteresis), doubled after 500 clean ones; an overflowing step is skipped
+                 'fp16': {'enabled': dtype == 'fp16', 'loss_scale': 0, 'initial_scale_power': 16,
+                          'loss_scale_window': 500, 'hysteresis': 2, 'min_loss_scale': 1},
+                 'bf16': {'enabled': dtype == 'bf16'}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, fuse_zero_grad_checks(optimizer)
+
+
+def fuse_zero_grad_checks(optimizer):
+    """DeepSpeed's ZeRO-1/2 optimizer tests each gradient tensor for inf/NaN (6 kernels) and takes its float64 norm:
+    for EVA-g's 529 tensors ~8,600 tiny kernels a step, a third of the MIM step on an H200. Here both are one float32
+    torch._foreach_norm (inf/NaN make a norm non-finite), reduced over ranks as DeepSpeed does; patched in place."""
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return optimizer
+    opt = optimizer
+
+    def l2_norms(grads):  # (a rank may own no gradient of a group)
+        grads = [g for g in grads if g is not None]
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else \
+            torch.zeros(1, device=opt.device)
+
+    def has_overflow():  # for has_overflow_partitioned_grads_serial: a (1,) bool tensor on the device
+        grads = [g for i in range(len(opt.bit16_groups)) for g in (opt.averaged_gradients[i] or [])]
+        return (~l2_norms(grads).isfinite()).any().reshape(1)
+
+    def grad_norm(gradients, params, norm_type=2):  # for get_grad_norm_direct (ZeRO asks it for L2 norms only)
+        total = l2_norms(g for g in gradients if not getattr(g, '_zero_padding', False)).square().sum()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+        opt._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+        total = total.sqrt()
+        mask_nan_or_inf_with_val_inplace(total, device=opt.device)  # as DeepSpeed: a non-finite norm -> -1
+        return total
+
+    opt.has_overflow_partitioned_grads_serial, opt.get_grad_norm_direct = has_overflow, grad_norm
+    return optimizer
+
+
+def engine_stats(engine):
+    """The engine's part of a log row (grad_norm is None without ZeRO in fp32, where DeepSpeed takes none)."""
+    norm, cuda = engine.get_global_grad_norm(), torch.cuda.is_available()
+    return {'grad_norm': None if norm is None else float(norm), 'skipped': engine.skipped_steps,
+            'loss_scale': engine.optimizer.cur_scale if engine.fp16_enabled() else None,
+            'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+
+
+def atomic_save(obj, path):
+    """torch.save (a str: the text) under a temporary name, then a rename: a crash never leaves half a file."""
+    with open(path + '.tmp', 'w' if isinstance(obj, str) else 'wb') as f:
+        f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+    os.replace(path + '.tmp', path)
+
+
+def full_state_dict(engine):
+    """The fp32 weights by name on rank 0, None elsewhere: a collective (ZeRO partitions the master copies). Without
+    one (frozen; no ZeRO: in fp32 the weights are the master, in fp16 it is one flat buffer) the weights, in fp32."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    sd = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        sd[name] = (full if full is not None else p.detach()).float().cpu().clone() if dist.get_rank() == 0 else None
+    return sd if dist.get_rank() == 0 else None
+
+
+def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
+    """DeepSpeed's states (all ranks) + client_state in out_dir/ckpt/step{step}/ with each rank's torch, cuda and
+    numpy RNG states; then rank 0's export files ({name in out_dir: object}) and 'latest', each atomic, 'latest' last
+    (a crash before it resumes the previous checkpoint); the newest `keep` step folders kept. Refused (nothing
+    written) if the ranks' weights differ: ZeRO-1/2 keep a full copy on every rank."""
+    rank, ckpt_dir, tag = dist.get_rank(), os.path.join(out_dir, 'ckpt'), f'step{step}'
+    checksum = sum(p.detach().double().sum() for p in engine.module.parameters()).reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, checksum)
+    assert all(float(s) == float(sums[0]) for s in sums), f"the ranks' weights diverged: checksums {sums}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, 'step': step}, save_latest=False)
+    rng = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+           'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    atomic_save(rng, os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        for name, obj in (files or {}).items():
+            atomic_save(obj, os.path.join(out_dir, name))
+        atomic_save(tag, os.path.join(ckpt_dir, 'latest'))
+        older = sorted(int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit())
+        for s in [s for s in older if s != step][:max(len(older) - max(keep, 1), 0)]:
+            shutil.rmtree(os.path.join(ckpt_dir, f'step{s}'), ignore_errors=True)
+    print0(f"saved {ckpt_dir}/{tag}" + ''.join(f", {out_dir}/{n}" for n in files or {}) + f" ({len(sums)} ranks agree)")
+    dist.barrier()
+
+
+def resume(engine, out_dir, seed):
+    """DeepSpeed's and this rank's RNG states from out_dir/ckpt/latest -> (step, client_state); with none there,
+    torch and numpy seeded with seed + rank (drop path and augmentation differ across ranks) -> (0, {})."""
+    rank, ckpt_dir = dist.get_rank(), os.path.join(out_dir, 'ckpt')
+    if not os.path.exists(os.path.join(ckpt_dir, 'latest')):
+        torch.manual_seed(seed + rank)
+        np.random.seed(seed + rank)
+        return 0, {}
+    tag = open(os.path.join(ckpt_dir, 'latest')).read().strip()
+    path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir}/latest names {tag}, which DeepSpeed cannot load")
+    rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)
+    torch.set_rng_state(rng['torch'])
+    np.random.set_state(rng['numpy'])
+    if rng['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng['cuda'])
+    print0(f"resumed from {ckpt_dir}/{tag} at step {client['step']}")
+    return client['step'], client
+
+# the log row every stage writes, in print order, and its format; a stage's own keys follow as `key value`
+ROW_FORMAT = {'epoch': 'ep {:.2f}', 'loss': 'loss {:.4f}', 'lr': 'lr {:.2e}', 'grad_norm': 'gnorm {:.3f}',
+              'loss_scale': 'loss scale {:g}', 'skipped': 'skipped {}', 'img_s': '{:.1f} img/s',
+              'samples_s': '{:.1f} samples/s', 'mfu': 'mfu {:.1%}', 'mem_gb': 'mem {:.1f} GiB',
+              'bad_samples': 'bad {}', 'eta_h': 'eta {}'}
+
+
+def format_row(row, total_steps=None):
+    """A log row as one line: 'step 10/100 | ep 0.10 | loss 0.1234 | ... | eta 1:02:03'; None values left out."""
+    hms = lambda s: f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    parts = [f"step {row['step']}" + (f"/{total_steps}" if total_steps else '')]
+    parts += [ROW_FORMAT[k].format(hms(round(row[k] * 3600)) if k == 'eta_h' else row[k]) for k in ROW_FORMAT
+              if row.get(k) is not None]
+    return ' | '.join(parts + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                               if k not in ROW_FORMAT and k != 'step' and v is not None and not isinstance(v, dict)])
+
+
+def open_log(out_dir, header, wandb_project='', wandb_run_name=''):
+    """out_dir made on every rank; rank 0 appends `header` (config, sizes) to out_dir/log.jsonl and starts wandb if
+    wandb_project. -> log(row, echo=True): rank 0 appends the row, sends it to wandb, prints it (format_row)."""
+    os.makedirs(out_dir, exist_ok=True)
+    if int(os.environ.get('RANK', '0')) != 0:
+        return lambda row, echo=True: None
+    f, wandb = open(os.path.join(out_dir, 'log.jsonl'), 'a'), None
+    print(json.dumps(header), file=f, flush=True)
+    if wandb_project:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=header.get('config'), resume='allow')
+
+    def log(row, echo=True):
+        print(json.dumps(row), file=f, flush=True)
+        if wandb is not None:
+            wandb.log(row, step=row['step'])
+        if echo:
+            print(format_row(row, header.get('total_steps')), flush=True)
+    return log
