@@ -149,7 +149,8 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
         older = sorted(int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit())
         for s in [s for s in older if s != step][:max(len(older) - max(keep, 1), 0)]:
             shutil.rmtree(os.path.join(ckpt_dir, f'step{s}'), ignore_errors=True)
-    print0(f"saved {ckpt_dir}/{tag}" + ''.join(f", {out_dir}/{n}" for n in files or {}) + f" ({len(sums)} ranks agree)")
+    print0(f"saved {ckpt_dir}/{tag}" + ''.join(f", {out_dir}/{n}" for n in files or {}) +
+           (f" (weights equal on all {len(sums)} ranks)" if len(sums) > 1 else ''))
     dist.barrier()
 
 

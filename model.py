@@ -131,7 +131,6 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias)
         # the same (B, H, N, hd) views as permute(2, 0, 3, 1, 4) (timm's Eva), split at dim 2 so that backward stacks
         # dq, dk, dv straight into the (B, N, 3, H, hd) layout: one copy, not a stack and then a transposing copy
-        # (on an H200 the two took ~20 ms of a 310 ms EVA-g MIM step at micro-batch 64)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, flash / memory-efficient kernels
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
@@ -234,8 +233,8 @@ class EVA(nn.Module):
 
     def compile_blocks(self):
         """torch.compile each block in place: the same modules (and parameters) DeepSpeed and checkpointing see.
-        Refused with gradient checkpointing on CUDA: on an H200 (torch 2.11) the recompute of a compiled block saved
-        other tensors than its forward had and the backward stopped (a CPU runs both)."""
+        Refused with gradient checkpointing on CUDA, where the recompute of a compiled block saved other tensors than
+        its forward had and the backward stopped (torch 2.11; a CPU runs both)."""
         assert not (self.config.grad_checkpointing and self.cls_token.is_cuda), \
             "compile_blocks with grad_checkpointing fails on CUDA: choose one"
         for blk in self.blocks:

@@ -137,7 +137,7 @@ def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
     out = pretrain(tmp_path / 'ddp', '--synthetic_size=128', '--max_steps=2', '--batch_size=16', '--micro_batch=8',
                    '--ckpt_interval=2', '--log_samples=True', nproc=2)
     assert 'world 2 x micro-batch 8 x grad-accum 1 = global batch 16' in out
-    assert '(2 ranks agree)' in out
+    assert '(weights equal on all 2 ranks)' in out
     r0 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank0.jsonl')]
     r1 = [json.loads(line) for line in open(tmp_path / 'ddp' / 'samples_rank1.jsonl')]
     assert [s['step'] for s in r0] == [s['step'] for s in r1] == [0, 1]
