@@ -1,14 +1,21 @@
 """What every stage does the same way, and nothing else (nanochat's common.py): torchrun / DeepSpeed setup, the
 one DeepSpeed config, checkpoints, the log. A function enters only when three stages use it unchanged; no loop,
 schedule, evaluation or stage-specific branch. Inputs come as arguments; DeepSpeed is imported inside (fast --help).
+Stages import it before torch: OpenMP reads its wait policy once, when torch loads it.
 """
+import importlib
+import importlib.util
 import json
 import os
 import shutil
+import signal
 
-import numpy as np
-import torch
-import torch.distributed as dist
+# idle OpenMP threads sleep instead of spinning: spinning threads that wait for one descheduled by any other load on
+# the machine stall every parallel op
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
 
@@ -18,14 +25,20 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def init_distributed():
+def init_distributed(num_workers=0):
     """torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE; multi-node through its rendezvous), or a world of one for a
-    plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU. -> rank, local_rank, world, device."""
+    plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU; as many intra-op threads as this process's
+    share of the cores leaves beside its DataLoader workers. -> rank, local_rank, world, device."""
     import deepspeed
+    # on a CPU DeepSpeed compiles a shared-memory all-reduce (~35 s at the first start, again after another
+    # virtualenv built it) that only its inference all-reduce uses: not built
+    importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
     if 'RANK' not in os.environ:
         os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
     rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    torch.set_num_threads(max(1, cores - num_workers))  # more would oversubscribe the cores (OpenMP waits on them)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -45,11 +58,21 @@ def resolve_dtype(dtype, cuda):
     return dtype, DTYPES[dtype]
 
 
-def grad_accum_steps(batch_size, micro_batch, world):
-    """Micro-batches per rank and optimizer step that make up the global batch."""
-    if micro_batch < 1 or batch_size % (micro_batch * world):
-        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch} x world size {world}")
-    return batch_size // (micro_batch * world)
+def config_error(message):
+    """A bad setting: one line from rank 0 and exit status 1 on every rank (no traceback per rank)."""
+    raise SystemExit(f"error: {message}" if int(os.environ.get('RANK', '0')) == 0 else 1)
+
+
+def batch_split(batch_size, micro_batch, world):
+    """-> (micro_batch, grad_accum), micro_batch x grad_accum x world = batch_size: the configured micro-batch or,
+    where it does not divide a process's share, the largest that does (said once); any world dividing batch_size."""
+    if micro_batch < 1 or batch_size % world:
+        config_error(f"batch_size {batch_size} does not split into micro-batches of {micro_batch} on {world} processes")
+    share = batch_size // world
+    fit = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
+    if fit != micro_batch:
+        print0(f"micro_batch {micro_batch} -> {fit}: {world} processes x {fit} x {share // fit} accumulation steps")
+    return fit, share // fit
 
 
 def deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype):
@@ -98,6 +121,22 @@ def fuse_zero_grad_checks(opt):
 
     opt.has_overflow_partitioned_grads_serial, opt.get_grad_norm_direct = has_overflow, grad_norm
     return opt
+
+
+def stop_signal():
+    """From now on SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice before it kills a job) do not kill the run:
+    -> stop(), 1.0 once one came to this process. The stage sums it over ranks with its log statistics, so that all
+    ranks stop after the same step, saves a checkpoint and exits 0. Repeats are ignored (torchrun passes a Ctrl-C on
+    to its workers, which had it already)."""
+    got, pid = [], os.getpid()
+
+    def note(signum, frame):  # DataLoader workers inherit it: they go on, quietly, until the loader ends them
+        if not got and os.getpid() == pid:
+            print0(f"{signal.Signals(signum).name}: stopping at the next log step, with a checkpoint")
+        got.append(signum)
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+    return lambda: float(bool(got))
 
 
 def engine_stats(engine):
@@ -190,16 +229,24 @@ def format_row(row, total_steps=None):
 
 
 def open_log(out_dir, header, wandb_project='', wandb_run_name=''):
-    """out_dir made on every rank; rank 0 appends `header` (config, sizes) to out_dir/log.jsonl and starts wandb if
-    wandb_project. -> log(row, echo=True): rank 0 appends the row, sends it to wandb, prints it (format_row)."""
+    """Makes out_dir. Rank 0 writes header['config'] to out_dir/config.json, drops from out_dir/log.jsonl the rows of
+    steps after header['start_step'] (a resumed run redoes them), appends `header`, starts wandb if wandb_project.
+    -> log(row, echo=True): rank 0 appends the row, sends it to wandb, prints it (format_row) when echo."""
+    if wandb_project and importlib.util.find_spec('wandb') is None:
+        config_error(f"wandb_project={wandb_project!r} needs wandb: pip install wandb (or leave wandb_project empty)")
     os.makedirs(out_dir, exist_ok=True)
     if int(os.environ.get('RANK', '0')) != 0:
         return lambda row, echo=True: None
-    f, wandb = open(os.path.join(out_dir, 'log.jsonl'), 'a'), None
+    atomic_save(json.dumps(header['config'], indent=1) + '\n', os.path.join(out_dir, 'config.json'))
+    path, wandb = os.path.join(out_dir, 'log.jsonl'), None
+    rows = open(path).readlines() if os.path.exists(path) else []
+    atomic_save(''.join(r for r in rows if json.loads(r).get('step', 0) <= header['start_step']), path)
+    f = open(path, 'a')
     print(json.dumps(header), file=f, flush=True)
+    print0(f"settings: {out_dir}/config.json; log: {path}")
     if wandb_project:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=header.get('config'), resume='allow')
+        wandb.init(project=wandb_project, name=wandb_run_name, config=header['config'], resume='allow')
 
     def log(row, echo=True):
         print(json.dumps(row), file=f, flush=True)

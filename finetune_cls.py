@@ -18,13 +18,14 @@ import os
 import shutil
 import time
 
+# common first: it sets OpenMP's wait policy, which torch's import fixes
+from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
+                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed,
-                    open_log, print0, resolve_dtype, resume, save_checkpoint)
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
 from model import EVA, ema_update_, eva_config, load_pretrained, param_groups
@@ -92,7 +93,7 @@ peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
@@ -107,7 +108,8 @@ train_tf += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normali
 classes = imagenet_classes(class_list) if class_list else None
 val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1, classes),
                   eval_transform(img_size, crop_pct), seed)
-grad_accum = grad_accum_steps(batch_size, micro_batch, world)
+micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
+config['micro_batch'] = micro_batch
 train_set, steps_per_epoch, total_steps, warmup_steps = None, 1, 0, 0
 if not eval_only:
     train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
@@ -115,7 +117,6 @@ if not eval_only:
     assert steps_per_epoch > 0, f"{len(train_set)} training images are fewer than one batch of {batch_size}"
     total_steps = epochs * steps_per_epoch
     warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-    print0(json.dumps(config, indent=1))
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
            f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch:,} steps/epoch, "
            f"{total_steps:,} steps, warmup {warmup_steps:,}; dtype {dtype}, ZeRO-{zero_stage}")
@@ -255,6 +256,7 @@ data = None if eval_only else train_batches(train_set, ResumableSampler(len(trai
                                             micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
+stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -277,14 +279,15 @@ while step < total_steps:
     if ema_model is not None:
         ema_update_(ema_model, engine.module, ema_decay)
     if step % log_interval == 0 or step == total_steps:
-        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
+        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad, torch.tensor(stop(), device=device)))
         dist.all_reduce(stats)
+        stopping = stats[2].item() > 0
         img_s = n_logged * batch_size / (time.time() - t_log)
         log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
              **engine_stats(engine), 'img_s': round(img_s, 1),
              'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4) if cuda else None,
              'bad_samples': int(stats[1].item()),
-             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3)})
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 4)})
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     epoch_end = step % steps_per_epoch == 0 or step == total_steps
@@ -296,7 +299,7 @@ while step < total_steps:
         is_best = top > best['top1']
         if is_best:
             best = {'top1': top, 'step': step}
-    if save_ckpt and epoch_end or step == stop_step:
+    if save_ckpt and epoch_end or step == stop_step or stopping:
         ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config, 'best': best, 'ema': ema_sd},
@@ -305,8 +308,8 @@ while step < total_steps:
         if epoch_end and is_best and rank == 0:  # best.pt: a copy of last.pt at the best epoch
             shutil.copyfile(os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'best.pt.tmp'))
             os.replace(os.path.join(out_dir, 'best.pt.tmp'), os.path.join(out_dir, 'best.pt'))
-    if step == stop_step:
-        print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
+    if step == stop_step or stopping:
+        print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
 if eval_only:  # init_from, and the EMA weights its file holds, on the val set and the robustness sets
     results = evaluate_all(nets, robust=True)

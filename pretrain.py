@@ -17,11 +17,12 @@ import math
 import os
 import time
 
+# common first: it sets OpenMP's wait policy, which torch's import fixes
+from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
+                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
-from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed, open_log,
-                    print0, resolve_dtype, resume, save_checkpoint)
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
                   mim_transform, normalize_batch, train_batches)
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
@@ -80,19 +81,19 @@ peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
 # derived quantities
-grad_accum = grad_accum_steps(batch_size, micro_batch, world)
+micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
+config['micro_batch'] = micro_batch
 train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
 steps_per_epoch = len(train_source) // batch_size
 assert steps_per_epoch > 0, f"{len(train_source)} training images are fewer than one batch of {batch_size}"
 total_steps = max_steps or epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-print0(json.dumps(config, indent=1))
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
        f"{len(train_source):,} images, {steps_per_epoch:,} steps/epoch, {total_steps:,} steps "
        f"({total_steps / steps_per_epoch:.2f} epochs), warmup {warmup_steps:,}; dtype {dtype}, ZeRO-{zero_stage}")
@@ -179,6 +180,7 @@ engine.train()
 data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
+stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -200,26 +202,27 @@ while step < total_steps:
     n_logged += 1
 
     if step % log_interval == 0 or step == total_steps:
-        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
+        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad, torch.tensor(stop(), device=device)))
         dist.all_reduce(stats)
+        stopping = stats[2].item() > 0
         img_s = n_logged * batch_size / (time.time() - t_log)
         log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
              **engine_stats(engine), 'img_s': round(img_s, 1),
              'mfu': round(img_s / world * flops_per_image / (peak_tflops * 1e12), 4) if cuda else None,
              'bad_samples': int(stats[1].item()),
-             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3)})
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 4)})
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if val_set is not None and eval_interval and (step % eval_interval == 0 or step == total_steps):
         log({'step': step, 'val_loss': evaluate()})
-    if ckpt_interval and (step % ckpt_interval == 0 or step == total_steps) or step == stop_step:
+    if ckpt_interval and (step % ckpt_interval == 0 or step == total_steps) or step == stop_step or stopping:
         epoch, within = divmod(step, steps_per_epoch)  # the data position, for the reader (resume derives it)
         position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config, 'data': position},
                         {'eva_mim.pt': {'model': sd, 'config': config, 'step': step}}, keep_ckpts)
-    if step == stop_step:
-        print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
+    if step == stop_step or stopping:
+        print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
 
 if samples_file:

@@ -24,13 +24,14 @@ import math
 import os
 import time
 
+# common first: it sets OpenMP's wait policy, which torch's import fixes
+from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
+                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common import (deepspeed_engine, engine_stats, full_state_dict, grad_accum_steps, init_distributed, open_log,
-                    print0, resolve_dtype, resume, save_checkpoint)
 from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSampler, Samples, SyntheticShapes,
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
@@ -100,7 +101,7 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 import open_clip  # noqa: E402 (after the configurator, so that --help is instant)
 
-rank, local_rank, world, device = init_distributed()  # torchrun's env, or one process
+rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
@@ -118,7 +119,8 @@ def tokenize(caption):
 
 
 eval_tf = eval_transform(img_size, 1.0)
-grad_accum = grad_accum_steps(batch_size, micro_batch, world)
+micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
+config['micro_batch'] = micro_batch
 train_set, streamed, steps_per_epoch, total_steps = None, False, 0, 0  # eval_only: no training data, no steps
 if not eval_only:
     if grad_accum != 1:  # accumulation would split the contrastive batch into smaller ones: a different loss
@@ -138,7 +140,6 @@ if not eval_only:
         data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
     total_steps = samples_seen // batch_size
     warmup_steps = min(warmup_steps, total_steps)
-    print0(json.dumps(config, indent=1))
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
            f"{data_desc}; {total_steps:,} steps = {total_steps * batch_size:,} samples seen, warmup {warmup_steps:,}; "
            f"dtype {dtype}, ZeRO-{zero_stage}")
@@ -386,6 +387,7 @@ def clip_file(step):
 data = micro_batches() if not eval_only else None
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step, state = time.time(), 0, time.time(), step, None
+stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
 while step < total_steps:
     factor = get_lr(step)
     for group in optimizer.param_groups:
@@ -402,25 +404,26 @@ while step < total_steps:
     step += 1
     n_logged += 1
     if step % log_interval == 0 or step == total_steps:
-        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad))
+        stats = torch.stack((loss_sum / (n_logged * grad_accum), bad, torch.tensor(stop(), device=device)))
         dist.all_reduce(stats)
+        stopping = stats[2].item() > 0
         samples_s = n_logged * batch_size / (time.time() - t_log)
         log({'step': step, 'epoch': round(step / steps_per_epoch, 4) if steps_per_epoch else None,
              'loss': stats[0].item() / world, 'lr': lr * factor, **engine_stats(engine),
              'samples_s': round(samples_s, 1),
              'mfu': round(samples_s / world * flops_per_pair / (peak_tflops * 1e12), 4) if cuda else None,
              'bad_samples': int(stats[1].item()),
-             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 3),
+             'eta_h': round((total_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 4),
              'samples': step * batch_size, 'text_lr': text_lr * factor, 'logit_scale': scale.item()})
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if step % eval_interval == 0 or step == total_steps:
         log({'step': step, 'eval': evaluate(engine.module)}, echo=False)
-    if step % eval_interval == 0 or step == total_steps or step == stop_step:
+    if step % eval_interval == 0 or step == total_steps or step == stop_step or stopping:
         state = clip_file(step)
         save_checkpoint(engine, out_dir, step, {'config': config}, {'clip.pt': state}, keep_ckpts)
-    if step == stop_step:
-        print0(f"stopping at step {step} (stop_step); rerun the same command to resume")
+    if step == stop_step or stopping:
+        print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
 if eval_only:  # init_from: zero-shot classification and retrieval
     results = evaluate(model)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common import format_row, grad_accum_steps
+from common import batch_split, format_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,11 +146,14 @@ def test_checkpoints_resume_exactly_over_zero_stages_and_survive_a_cut_save(tmp_
     assert done == ['decay_ok_0', 'decay_ok_1'] + [f'resume_ok_{s}_{r}' for s in (0, 1, 2) for r in (0, 1)], done
 
 
-def test_grad_accum_and_log_line():
-    assert grad_accum_steps(4096, 32, 16) == 8
-    for bad in ((32, 32, 2), (32, 0, 1), (30, 4, 1)):
-        with pytest.raises(ValueError, match='not a multiple of micro_batch'):
-            grad_accum_steps(*bad)
+def test_batch_split_and_log_line(capsys):
+    assert batch_split(4096, 32, 16) == (32, 8)  # the paper's: 16 nodes x 8 GPUs x 32, or 2 nodes with 8 steps
+    assert batch_split(32, 32, 2) == (16, 1) and batch_split(32, 32, 4) == (8, 1)  # a tiny config on 2 or 4
+    assert batch_split(36, 8, 2) == (6, 3)  # the largest micro-batch <= 8 that divides a share of 18
+    assert 'micro_batch 8 -> 6: 2 processes x 6 x 3 accumulation steps' in capsys.readouterr().out
+    for bad in ((32, 32, 3), (32, 0, 1)):
+        with pytest.raises(SystemExit, match='^error: batch_size 32 does not split'):
+            batch_split(*bad)
     row = {'step': 20, 'epoch': 0.156, 'loss': -0.30841, 'lr': 0.00119, 'grad_norm': 0.709, 'loss_scale': None,
            'skipped': 0, 'img_s': 335.27, 'mfu': 0.5203, 'mem_gb': None, 'bad_samples': 2, 'eta_h': 1.5,
            'val_loss': -0.7, 'eval': {'top1': 3.0}}

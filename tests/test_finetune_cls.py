@@ -88,7 +88,7 @@ def test_resume_is_exact_with_mixup_cutmix_randaugment_ema(tmp_path, zero_stage)
             '--drop_path=0.1', '--rand_augment=True', '--freeze_patch_embed=True', '--warmup_epochs=3.0',
             f'--zero_stage={zero_stage}']
     finetune(tmp_path / 'full', *args)
-    assert 'stopping at step 5' in finetune(tmp_path / 'split', *args, '--stop_step=5')
+    assert 'stopped at step 5 (stop_step)' in finetune(tmp_path / 'split', *args, '--stop_step=5')
     assert 'resumed from' in finetune(tmp_path / 'split', *args)
     rows = {d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('full', 'split')}
     losses = {d: {r['step']: r['loss'] for r in rows[d] if 'loss' in r} for d in rows}

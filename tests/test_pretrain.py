@@ -2,8 +2,10 @@
 the loss and the CLIP teacher's targets."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_resume_gives_the_same_losses(tmp_path, zero_stage):
     args = ['--synthetic_size=256', '--max_steps=6', '--batch_size=16', '--micro_batch=8', f'--zero_stage={zero_stage}']
     pretrain(tmp_path / 'full', *args)
     out = pretrain(tmp_path / 'split', *args, '--stop_step=3')
-    assert 'stopping at step 3' in out and len(losses(tmp_path / 'split')) == 3
+    assert 'stopped at step 3 (stop_step)' in out and len(losses(tmp_path / 'split')) == 3
     out = pretrain(tmp_path / 'split', *args)
     assert 'resumed from' in out and 'at step 3' in out
     full, split = losses(tmp_path / 'full'), losses(tmp_path / 'split')
@@ -107,6 +109,28 @@ def test_resume_gives_the_same_losses(tmp_path, zero_stage):
     # on the CPU in fp32 the resumed run is the same computation: equal to float rounding of the log (1e-6)
     for s in range(1, 7):
         assert split[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, split[s], full[s])
+
+
+def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path):
+    args = [sys.executable, 'pretrain.py', *TINY, f'--out_dir={tmp_path}', '--synthetic_size=256', '--max_steps=2000',
+            '--batch_size=16', '--micro_batch=8', '--num_workers=2']
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while not (os.path.exists(tmp_path / 'log.jsonl') and len(losses(tmp_path)) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group, DataLoader workers too
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out[-3000:]
+    step = max(losses(tmp_path))
+    assert f'stopped at step {step} (signal)' in out and 'Traceback' not in out and step < 2000, out[-2000:]
+    assert open(tmp_path / 'ckpt' / 'latest').read() == f'step{step}'
+    out = pretrain(tmp_path, '--synthetic_size=256', '--max_steps=2000', '--batch_size=16', '--micro_batch=8',
+                   f'--stop_step={step + 2}')
+    assert f'resumed from {tmp_path}/ckpt/step{step} at step {step}' in out
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['step'] for r in rows if 'loss' in r] == list(range(1, step + 3))  # each step once
+    assert sum('config' in r for r in rows) == 2 and json.load(open(tmp_path / 'config.json'))['max_steps'] == 2000
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
