@@ -29,6 +29,8 @@ def init_distributed(num_workers=0):
     """torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE; multi-node through its rendezvous), or a world of one for a
     plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU; as many intra-op threads as this process's
     share of the cores leaves beside its DataLoader workers. -> rank, local_rank, world, device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault('DS_ACCELERATOR', 'cpu')  # else DeepSpeed warns on every rank that it found no GPU
     import deepspeed
     # on a CPU DeepSpeed compiles a shared-memory all-reduce (~35 s at the first start, again after another
     # virtualenv built it) that only its inference all-reduce uses: not built
@@ -191,24 +193,33 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
     dist.barrier()
 
 
-def resume(engine, out_dir, seed):
-    """DeepSpeed's and this rank's RNG states from out_dir/ckpt/latest -> (step, client_state); with none there,
-    torch and numpy seeded with seed + rank (drop path and augmentation differ across ranks) -> (0, {})."""
+def resume(engine, out_dir, seed, config):
+    """DeepSpeed's and this rank's RNG states from out_dir/ckpt/latest -> (step, client_state), saying which settings
+    changed since that run (its out_dir/config.json); a checkpoint of another model is a config error. With none
+    there, torch and numpy seeded with seed + rank (drop path, augmentation differ across ranks) -> (0, {})."""
     rank, ckpt_dir = dist.get_rank(), os.path.join(out_dir, 'ckpt')
     if not os.path.exists(os.path.join(ckpt_dir, 'latest')):
         torch.manual_seed(seed + rank)
         np.random.seed(seed + rank)
         return 0, {}
-    tag = open(os.path.join(ckpt_dir, 'latest')).read().strip()
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    tag, old = open(os.path.join(ckpt_dir, 'latest')).read().strip(), os.path.join(out_dir, 'config.json')
+    old = json.load(open(old)) if os.path.exists(old) else {}
+    changed = ', '.join(f"{k} {old[k]!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
+                        if k in old and old[k] != v and k != 'stop_step')
+    try:
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    except RuntimeError as e:  # e.g. 'size mismatch for pos_embed', once per tensor
+        config_error(f"{ckpt_dir}/{tag} holds another model ({str(e).strip().splitlines()[-1].strip()}); settings "
+                     f"changed since it was written: {changed or 'none'}. Use another out_dir to start afresh")
     if path is None:
-        raise FileNotFoundError(f"{ckpt_dir}/latest names {tag}, which DeepSpeed cannot load")
+        config_error(f"{ckpt_dir}/latest names {tag}, which DeepSpeed cannot load")
     rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)
     torch.set_rng_state(rng['torch'])
     np.random.set_state(rng['numpy'])
     if rng['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng['cuda'])
-    print0(f"resumed from {ckpt_dir}/{tag} at step {client['step']}")
+    print0(f"resumed from {ckpt_dir}/{tag} at step {client['step']}" +
+           (f"; warning, settings changed since: {changed}" if changed else ''))
     return client['step'], client
 
 # the log row every stage writes, in print order, and its format; a stage's own keys follow as `key value`

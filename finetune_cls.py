@@ -12,6 +12,7 @@ Expected (EVA paper, Table 3): 89.6 top-1 at 336 px and 89.7 at 560 px on IN-1K 
 Writes out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/last.pt and out_dir/best.pt
 ({'model': fp32 weights, 'model_ema': EMA weights, ...}; load_pretrained reads them).
 """
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from torchvision.transforms import v2
 
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
-from model import EVA, ema_update_, eva_config, load_pretrained, param_groups
+from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, timm_args
 
 # -----------------------------------------------------------------------------
 # config: defaults are the IN-1K 336 px recipe (EVA-01's IN-1K fine-tuning script)
@@ -238,7 +239,7 @@ if not eval_only:
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2),
                                   eps=eps, **({'fused': True} if cuda else {}))
     engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
-    step, client = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+    step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
     if step:
         best = client['best']
         if ema_model is not None:
@@ -303,7 +304,8 @@ while step < total_steps:
         ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config, 'best': best, 'ema': ema_sd},
-                        {'last.pt': {'model': sd, 'model_ema': ema_sd, 'config': config, 'step': step, 'best': best}},
+                        {'last.pt': {'model': sd, 'model_ema': ema_sd, 'model_config': dataclasses.asdict(cfg),
+                                     'timm_args': timm_args(cfg), 'config': config, 'step': step, 'best': best}},
                         keep_ckpts)
         if epoch_end and is_best and rank == 0:  # best.pt: a copy of last.pt at the best epoch
             shutil.copyfile(os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'best.pt.tmp'))

@@ -597,6 +597,14 @@ def timm_eva_name(cfg):
     return f'eva_{cfg.embed_dim}x{cfg.depth}_patch{cfg.patch_size}_{cfg.img_size}'
 
 
+def timm_args(cfg):
+    """The arguments of timm's Eva (timm.models.eva.Eva) that build this encoder: the same key names, so it takes
+    our weights (less mask_token and lm_head). The stages store them in their export files."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim, num_classes=cfg.num_classes,
+                global_pool='avg' if cfg.pooling == 'mean' else 'token')
+
+
 def register_timm_eva(export_dir_or_cfg):
     """Register the image tower of an export (its open_clip_config.json) or an EVAConfig in timm, so that
     `open_clip.create_model('local-dir:DIR')` can build a size timm does not ship. Returns the timm name."""
@@ -607,8 +615,7 @@ def register_timm_eva(export_dir_or_cfg):
         cfg = EVAConfig(**json.load(open(os.path.join(cfg, 'open_clip_config.json')))['eva_config'])
     name = timm_eva_name(cfg)
     if name not in timm.list_models(name):
-        args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                    num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim)
+        args = timm_args(cfg)  # open_clip's TimmModel passes its own num_classes and global_pool
 
         def build(pretrained=False, **kwargs):  # timm's factory also passes its own bookkeeping (cache_dir, ...)
             from timm.models.eva import Eva

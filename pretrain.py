@@ -12,6 +12,7 @@ cosine similarity). A run resumes from the last checkpoint in out_dir by itself,
 Writes out_dir/log.jsonl, out_dir/ckpt/<tag>/ (DeepSpeed, all ranks) and out_dir/eva_mim.pt (the encoder with
 mask_token and lm_head, official key names: load_pretrained and timm read it).
 """
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
                   mim_transform, normalize_batch, train_batches)
-from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups
+from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups, timm_args
 
 # -----------------------------------------------------------------------------
 # config: the paper's recipe (EVA paper sec. 2.1, Table 13; EVA-01 pretraining scripts)
@@ -169,7 +170,7 @@ def evaluate():
 
 # -----------------------------------------------------------------------------
 # resume, log
-step, _ = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from; 3. else random
+step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from; 3. else random
 log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
                          'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
 samples_file = open(os.path.join(out_dir, f'samples_rank{rank}.jsonl'), 'a') if log_samples else None
@@ -219,8 +220,9 @@ while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)  # the data position, for the reader (resume derives it)
         position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}
         sd = full_state_dict(engine)  # a collective: every rank
-        save_checkpoint(engine, out_dir, step, {'config': config, 'data': position},
-                        {'eva_mim.pt': {'model': sd, 'config': config, 'step': step}}, keep_ckpts)
+        export = {'model': sd, 'model_config': dataclasses.asdict(cfg), 'timm_args': timm_args(cfg), 'config': config,
+                  'step': step}  # the encoder: load_pretrained, or timm.models.eva.Eva(**timm_args)
+        save_checkpoint(engine, out_dir, step, {'config': config, 'data': position}, {'eva_mim.pt': export}, keep_ckpts)
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break

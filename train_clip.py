@@ -10,14 +10,11 @@ image <-> text retrieval.
     python train_clip.py config/clip_eva_g.py --eval_only=True --init_from=out/clip_eva_g/clip.pt \\
         --zeroshot_data=/data/imagenet/val --retrieval_data=/data/coco/val5k.csv       # evaluate a checkpoint
 
-Expected (EVA paper, sec. 2.3.5; EVA-CLIP's model card): EVA-CLIP g/14 after 11B samples of LAION-400M at batch 41k on 256 GPUs reaches
-78.5 zero-shot top-1 on IN-1K val. The run resumes from out_dir by itself. Writes out_dir/log.jsonl,
-out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/clip.pt (fp32 weights: visual.* with EVA's key names, text.*,
-logit_scale; init_from and load_pretrained read it) and, at the end, out_dir/open_clip/, a folder open_clip loads:
-    model, _, preprocess = open_clip.create_model_and_transforms('local-dir:out/clip_eva_g/open_clip')
-    tokenizer = open_clip.get_tokenizer('local-dir:out/clip_eva_g/open_clip')
-(for sizes other than EVA-g call model.register_timm_eva('out/.../open_clip') first; `python model.py open_clip
-CLIP.pt DIR` exports any clip.pt).
+Expected (EVA paper, sec. 2.3.5; EVA-CLIP's model card): EVA-CLIP g/14 after 11B samples of LAION-400M at batch
+41k on 256 GPUs reaches 78.5 zero-shot top-1 on IN-1K val. The run resumes from out_dir by itself. Writes
+out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/clip.pt (fp32 weights: visual.* with EVA's key
+names, text.*, logit_scale; init_from and load_pretrained read it) and, at the end, out_dir/open_clip/, a folder
+open_clip loads (README: EVA-CLIP; `python model.py open_clip CLIP.pt DIR` exports any clip.pt).
 """
 import json
 import math
@@ -368,7 +365,7 @@ if not eval_only:
     groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
     engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
-    step, _ = resume(engine, out_dir, seed)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+    step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
     log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
                              'total_steps': total_steps}, wandb_project, wandb_run_name)
 else:

@@ -9,7 +9,7 @@ synthetic images (10 shapes, prompts in the captions' grammar, chance 10%) reach
 in about 2.5 minutes on 2 CPU cores; tests/test_clip.py holds it to > 14% top-1 (4 standard deviations above
 chance). Two tiny towers from scratch learn colours and textures before shapes: this config shows the machinery
 (gathered InfoNCE, prompt ensembles, export), not EVA-CLIP's accuracy. Writes
-out/clip_tiny/clip.pt and out/clip_tiny/open_clip/ (load it with model.register_timm_eva, then open_clip).
+out/clip_tiny/clip.pt and out/clip_tiny/open_clip/ (the README shows how open_clip loads it).
 """
 out_dir = 'out/clip_tiny'
 log_interval = 20

@@ -123,6 +123,17 @@ def _gathered_loss(rank, world, init_file, feats, result_file):
     torch.distributed.destroy_process_group()
 
 
+def test_readme_loads_the_tiny_export_into_open_clip(trained, run_readme):
+    out, _, _ = trained
+    ns = run_readme("create_model_and_transforms", **{'out/clip_tiny': out})  # the README's lines, verbatim
+    ours = CLIP(eva_config('eva_tiny', pooling='cls', num_classes=64), TEXT_SIZES['tiny'], 64).eval()
+    ours.load_state_dict(torch.load(out / 'clip.pt', weights_only=False)['model'])
+    x, tokens = torch.randn(2, 3, 32, 32), ns['tokenizer'](['a small red circle', 'a large blue square'])
+    with torch.no_grad():
+        torch.testing.assert_close(ns['clip'].eval().encode_image(x, normalize=True), ours.encode_image(x))
+        torch.testing.assert_close(ns['clip'].encode_text(tokens, normalize=True), ours.encode_text(tokens))
+
+
 def test_gathered_loss_and_gradients_equal_the_single_process_loss(tmp_path):
     """Two gloo ranks, each with half of the batch: the mean of their losses is the loss of the whole batch, and
     the gradients (summed over ranks, as the data-parallel mean of rank losses makes them, times world) equal the

@@ -66,7 +66,7 @@ for stage in (0, 1, 2):
     d = f'{out}/zero{stage}'
     engine, _ = build(stage, seed=0)
     init = weights(engine)
-    assert resume(engine, d, seed=5) == (0, {})  # nothing to resume: seeded with seed + rank
+    assert resume(engine, d, 5, {}) == (0, {})  # nothing to resume: seeded with seed + rank
     assert torch.initial_seed() == 5 + rank
     for s in (1, 2, 3):
         train(engine, 1)
@@ -93,7 +93,7 @@ for stage in (0, 1, 2):
     assert listing(d) == ['latest', 'step2', 'step3', 'step5'], listing(d)
     # a new process resumes step 3: DeepSpeed's states (a different init is overwritten) and this rank's RNG
     engine, opt = build(stage, seed=1)
-    step, client = resume(engine, d, seed=0)
+    step, client = resume(engine, d, 0, {})
     assert step == 3 and client['tag'] == 3, (step, client)
     for n, w in weights(engine).items():
         assert torch.equal(w, at3[n]), (stage, n)

@@ -33,7 +33,7 @@ def losses(out_dir):
     return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
-def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path):
+def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path, run_readme):
     out = tmp_path / 'run'
     # 32 images = one batch, seen 40 times under fresh crops: the loss must fall clearly
     log = pretrain(out, '--synthetic_size=32', '--max_steps=40', '--ckpt_interval=40', '--val_data_path=synthetic:1',
@@ -52,11 +52,8 @@ def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path):
     assert sorted(info['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     mim = EVA(eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768))
     assert load_pretrained(mim, str(out / 'eva_mim.pt'))['missing'] == []
-    import timm.models.eva as timm_eva
-    ref = timm_eva.Eva(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=0,
-                       global_pool='token')
-    sd = {k: v for k, v in ckpt['model'].items() if k not in ('mask_token', 'lm_head.weight', 'lm_head.bias')}
-    ref.load_state_dict(sd, strict=True)
+    ref = run_readme("ckpt['timm_args']", **{'out/pretrain_tiny': out})['eva']  # the README's lines, verbatim
+    assert ckpt['model_config']['embed_dim'] == 64 and type(ref).__module__ == 'timm.models.eva'
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ref.eval()(x), mim.eval()(x), atol=1e-5, rtol=0)
@@ -180,6 +177,18 @@ def test_bad_inputs_are_named(tmp_path):
     assert r.returncode != 0 and "unknown config key 'lrr'" in r.stderr and 'lr' in r.stderr
     r = subprocess.run([sys.executable, 'pretrain.py', '--help'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and 'global batch (16 nodes x 8 GPUs x 32)' in r.stdout
+    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--micro_batch=0'], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith('error: batch_size 32 does not split')
+    # resuming an out_dir: changed settings are named; a checkpoint of another model is one clear error
+    pretrain(tmp_path, '--max_steps=4', '--stop_step=2')
+    assert 'settings changed since: lr 0.002 -> 0.001' in pretrain(tmp_path, '--max_steps=4', '--stop_step=3',
+                                                                    '--lr=1e-3')
+    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=4',
+                        '--img_size=48'], cwd=ROOT, capture_output=True, text=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert last.startswith(f'error: {tmp_path}/ckpt/step3 holds another model') and 'img_size 32 -> 48' in last
 
 
 def test_loss_ignores_unmasked_targets():
