@@ -65,6 +65,13 @@ def config_error(message):
     raise SystemExit(f"error: {message}" if int(os.environ.get('RANK', '0')) == 0 else 1)
 
 
+def require_files(**paths):
+    """Settings that name files: one error line for those set but missing, before anything is built."""
+    missing = [f"{k}={v!r}" for k, v in paths.items() if v and not os.path.isfile(v)]
+    if missing:
+        config_error(f"no such file: {', '.join(missing)}")
+
+
 def batch_split(batch_size, micro_batch, world):
     """-> (micro_batch, grad_accum), micro_batch x grad_accum x world = batch_size: the configured micro-batch or,
     where it does not divide a process's share, the largest that does (said once); any world dividing batch_size."""

@@ -572,7 +572,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.passes, self.start_step = max(shuffle_buffer, 1), passes, 0
 
     def _read(self, shard):
-        """-> (key, {extension: bytes}) per sample in a shard; ('', None) for each broken sample or shard."""
+        """-> (key, {extension: bytes}) per sample in a shard; (last key, the exception) where the shard breaks."""
         key, files = None, {}
         try:
             with tarfile.open(shard, 'r|*') as tar:
@@ -588,14 +588,14 @@ class TarShards(torch.utils.data.IterableDataset):
                         key, files = k, {}
                     files[ext.lower()] = tar.extractfile(member).read()
         except Exception as e:  # truncated or corrupt archive: keep what was read, go on with the next shard
-            print(f"warning: broken shard {shard} after sample {key!r}: {e}", file=sys.stderr)
-            yield '', None
+            yield key, e
             return
         if key is not None:
             yield key, files
 
     def _raw(self, unit, units):
-        """This unit's raw samples, (name, image bytes, caption bytes), or (name, None, None) for a bad one."""
+        """This unit's raw samples, (name, image bytes, caption bytes, first pass?), or (name, None, why, first
+        pass?) for a bad one. Each sample comes once per pass, in some unit: bad ones are reported in the first."""
         p = 0
         while not self.passes or p < self.passes:
             order = np.random.default_rng([self.seed, self.start_step, p]).permutation(len(self.shards))
@@ -607,17 +607,16 @@ class TarShards(torch.utils.data.IterableDataset):
                     if not split_shards and j % units != unit:
                         continue
                     name = f"{self.shards[s]}:{key}"
-                    if files is None:
-                        yield name, None, None
+                    if isinstance(files, Exception):
+                        yield name, None, f"the shard breaks after this sample: {files}", p == 0
                         continue
                     image = next((files[e] for e in self.IMAGE_EXTS if e in files), None)
                     if image is None or 'txt' not in files:
-                        print(f"warning: skipping {name}: no {'image' if image is None else 'caption'} "
-                              f"(members: {', '.join(sorted(files))})", file=sys.stderr)
-                        yield name, None, None
+                        yield name, None, (f"no {'image' if image is None else 'caption'} "
+                                           f"(members: {', '.join(sorted(files))})"), p == 0
                         continue
                     count += 1
-                    yield name, image, files['txt']
+                    yield name, image, files['txt'], p == 0
             if count == 0:
                 raise RuntimeError(f"a whole pass over {len(mine)} shard(s), e.g. {self.shards[mine[0]]}, gave no "
                                    f"usable sample to rank {self.rank}")
@@ -643,19 +642,19 @@ class TarShards(torch.utils.data.IterableDataset):
             yield from buffer
 
         n, skipped = 0, 0
-        for name, image, caption in shuffled():
+        for name, image, caption, first in shuffled():
             try:
                 if image is None:
-                    raise ValueError("no sample")  # named already by _raw
+                    raise ValueError(caption)
                 text = caption.decode('utf-8').strip()
                 if not text:
                     raise ValueError("empty caption")
                 img = load_rgb(io.BytesIO(image))
                 x = seeded(self.transform, img, sample_seeds(self.seed, self.start_step, unit, n)[0])
             except Exception as e:
-                if image is not None:
+                if first:  # a bad sample comes round again with every pass: said and counted once
                     print(f"warning: skipping {name}: {e}", file=sys.stderr)
-                skipped += 1
+                    skipped += 1
                 continue
             yield {'image': x, 'text': self.text_transform(text), 'index': n, 'skipped': skipped}
             n, skipped = n + 1, 0

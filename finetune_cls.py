@@ -20,8 +20,8 @@ import shutil
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
-                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, init_distributed,
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
-from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, timm_args
+from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args
 
 # -----------------------------------------------------------------------------
 # config: defaults are the IN-1K 336 px recipe (EVA-01's IN-1K fine-tuning script)
@@ -96,6 +96,9 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
+require_files(init_from=init_from, objectnet_mapping=objectnet_mapping)
+if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
+    print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
@@ -116,6 +119,12 @@ if not eval_only:
     train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
     steps_per_epoch = len(train_set) // batch_size
     assert steps_per_epoch > 0, f"{len(train_set)} training images are fewer than one batch of {batch_size}"
+    found = max((lab for _, lab in getattr(train_set.source, 'items', [])), default=-1) + 1 or \
+        getattr(train_set.source, 'num_classes', 0)  # class folders (or list labels), or the synthetic classes
+    if found > num_classes:
+        config_error(f"data_path {data_path} has {found} classes, more than the head's num_classes={num_classes}")
+    if found < num_classes and not class_list:
+        print0(f"warning: data_path {data_path} has {found} classes, the head num_classes={num_classes}")
     total_steps = epochs * steps_per_epoch
     warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
@@ -147,7 +156,7 @@ if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 assert init_from or not eval_only, "eval_only needs --init_from=CHECKPOINT"
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
-ema_sd = torch.load(init_from, map_location='cpu', weights_only=False).get('model_ema') if eval_only else None
+ema_sd = read_checkpoint(init_from).get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
@@ -160,23 +169,27 @@ if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
 def evaluate(net, dataset, classes=None, correct=None):
     """Top-1 / top-5 (%) over a whole set: each rank a disjoint share, nothing padded or dropped. classes:
     indices predictions are restricted to (IN-A, IN-R); correct: index -> list of correct classes (ReaL,
-    ObjectNet), instead of the dataset's label."""
+    ObjectNet), instead of the dataset's label. An unreadable image is not scored (its stand-in is the next one)
+    but counted."""
     net.eval()
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
-    stats = torch.zeros(3, dtype=torch.float64)  # (top-1 hits, top-5 hits, images scored)
+    stats = torch.zeros(4, dtype=torch.float64)  # (top-1 hits, top-5 hits, images scored, unreadable)
     for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
         dt = next(net.parameters()).dtype
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and dt == torch.float32):
             logits = net(batch['image'].to(device, dt, non_blocking=True)).float().cpu()
         targets = torch.zeros_like(logits, dtype=torch.bool)
-        for row, (i, label) in enumerate(zip(batch['index'].tolist(), batch['label'].tolist())):
-            targets[row, correct(i) if correct is not None else [label] if label >= 0 else []] = True
-        stats += torch.tensor(topk_hits(logits, targets, 5, classes), dtype=torch.float64)
+        for row, (i, label, bad) in enumerate(zip(*(batch[k].tolist() for k in ('index', 'label', 'skipped')))):
+            if not bad:  # a row without a correct class is not scored
+                targets[row, correct(i) if correct is not None else [label] if label >= 0 else []] = True
+        stats += torch.tensor([*topk_hits(logits, targets, 5, classes), (batch['skipped'] > 0).sum()],
+                              dtype=torch.float64)
     stats = stats.to(device)
     dist.all_reduce(stats)
     net.train()
     n = max(stats[2].item(), 1)
-    return {'top1': 100 * stats[0].item() / n, 'top5': 100 * stats[1].item() / n, 'images': int(stats[2].item())}
+    return {'top1': 100 * stats[0].item() / n, 'top5': 100 * stats[1].item() / n, 'images': int(stats[2].item()),
+            'unreadable': int(stats[3].item())}
 
 
 def robustness_sets():
@@ -212,7 +225,8 @@ def evaluate_all(nets, robust=False):
         extra = [s for s in res if s != 'val']
         if extra:
             res['avg_drop'] = sum(res['val']['top1'] - res[s]['top1'] for s in extra) / len(extra)
-        print0(f"{n}: " + '  '.join(f"{s} {r['top1']:.2f}/{r['top5']:.2f} ({r['images']:,})"
+        print0(f"{n}: " + '  '.join(f"{s} {r['top1']:.2f}/{r['top5']:.2f} ({r['images']:,}" +
+                                    (f", {r['unreadable']} unreadable)" if r['unreadable'] else ')')
                                     for s, r in res.items() if s != 'avg_drop') +
                (f"  | average drop from val {res['avg_drop']:.2f}" if extra else '') + "  [top-1/top-5 (images)]")
     return results

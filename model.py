@@ -362,15 +362,17 @@ def resize_patch_embed(weight, new_size):
 HEAD_KEYS = ('head.', 'fc_norm.', 'norm.', 'lm_head.', 'mask_token')
 
 
-def _read_checkpoint(path):
+def read_checkpoint(path):
+    """torch.load of a checkpoint file to the CPU, tensors only where it allows (official EVA-01 files also pickle an
+    argparse.Namespace: then fully, a trusted file). A missing or non-checkpoint file is named in the error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # official EVA-01 files pickle an argparse.Namespace under 'args'
+    except Exception as e:
         if 'weights_only' not in str(e) and 'Unsupported global' not in str(e):
-            raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
-        print(f"load_pretrained: {path} holds non-tensor objects; loading it with weights_only=False (trusted file)")
+            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
+        print(f"read_checkpoint: {path} holds non-tensor objects; loading it with weights_only=False (trusted file)")
         return torch.load(path, map_location='cpu', weights_only=False)
 
 
@@ -404,7 +406,7 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
     shape names the key and both shapes; keys left missing must all start with `allowed_missing`.
     Returns dict(missing=[...], dropped=[...], resized=[...])."""
     src = path_or_state_dict if isinstance(path_or_state_dict, str) else 'state dict'
-    ckpt = _read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    ckpt = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
     sd, notes = unwrap_state_dict(ckpt)
     target = model.state_dict()
     cfg = model.config
@@ -641,7 +643,7 @@ def export_open_clip(ckpt, out_dir):
     open_clip_config.json (CustomTextCLIP over timm's Eva, as open_clip's EVA01-g-14) and
     open_clip_pytorch_model.bin. Load it with open_clip.create_model_and_transforms('local-dir:' + out_dir)
     (for sizes other than EVA-g, call register_timm_eva(out_dir) first)."""
-    ckpt = _read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    ckpt = read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
     vision_cfg, text_cfg = EVAConfig(**ckpt['vision_cfg']), ckpt['text_cfg']
     os.makedirs(out_dir, exist_ok=True)
     config = {
@@ -671,7 +673,7 @@ def convert_psz14to16(src, dst, image_size=224, patch_size=16):
     """The official interpolate_patch_14to16.py, bit for bit: the patch kernel resized in fp32 and kept in fp32,
     pos_embed resized in its own dtype (fp16 in the released eva_psz14.pt); every other entry of the file (its
     layout, the 'model' dict, args) kept as it was."""
-    ckpt = _read_checkpoint(src)
+    ckpt = read_checkpoint(src)
     sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     for k in ('patch_embed.proj.weight', 'pos_embed'):
         if k not in sd:
@@ -686,12 +688,19 @@ def convert_psz14to16(src, dst, image_size=224, patch_size=16):
 
 if __name__ == '__main__':
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
-    opts = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+    opts = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '') for a in sys.argv[1:] if a.startswith('--'))
+    usage = ("usage: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]\n"
+             "       python model.py open_clip CLIP.pt OUT_DIR     (a train_clip.py checkpoint -> open_clip folder)")
+    if len(args) == 3 and not os.path.isfile(args[1]):
+        sys.exit(f"error: no such file: {args[1]}")
     if len(args) == 3 and args[0] == 'open_clip' and not opts:
         export_open_clip(args[1], args[2])
         print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
     elif len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args[2]))):
+            sys.exit(f"error: no folder for {args[2]}")
         convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
     else:
-        sys.exit("usage: python model.py psz14to16 IN.pt OUT.pt [--image_size=224] [--patch_size=16]\n"
-                 "       python model.py open_clip CLIP.pt OUT_DIR     (a train_clip.py checkpoint -> open_clip folder)")
+        ok = 'help' in opts or not sys.argv[1:]
+        print(usage, file=sys.stdout if ok else sys.stderr)
+        sys.exit(0 if ok else 2)

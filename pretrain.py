@@ -20,7 +20,7 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
-                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
@@ -84,6 +84,9 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
+require_files(init_from=init_from)
+if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
+    print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path (or '')")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
@@ -153,7 +156,8 @@ def get_lr(step):
 
 @torch.no_grad()
 def evaluate():
-    """Validation loss: the mean over images of the negative cosine similarity at the val_mask positions."""
+    """Validation loss: the mean over images of the negative cosine similarity at the val_mask positions (an
+    unreadable image's stand-in, the next one, left out)."""
     engine.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)  # each image once
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of per-image losses, images)
@@ -162,7 +166,8 @@ def evaluate():
         mask = val_mask.to(device).expand(x.shape[0], -1)
         pred = engine(x.to(model_dtype), mask)
         cos = torch.nn.functional.cosine_similarity(pred.float(), teacher(x)[mask].float(), dim=-1)
-        total += torch.stack((-cos.sum().double() / int(val_mask.sum()), torch.tensor(x.shape[0], device=device)))
+        ok = (batch['skipped'] == 0).to(device)
+        total += torch.stack((-(cos.view(x.shape[0], -1).mean(1) * ok).sum().double(), ok.sum().double()))
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
@@ -170,7 +175,7 @@ def evaluate():
 
 # -----------------------------------------------------------------------------
 # resume, log
-step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from; 3. else random
+step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's checkpoint wins; 2. else init_from; 3. random
 log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
                          'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
 samples_file = open(os.path.join(out_dir, f'samples_rank{rank}.jsonl'), 'a') if log_samples else None

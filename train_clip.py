@@ -23,7 +23,7 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
-                    print0, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSample
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
 from model import CLIP, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained, load_text_tower, \
-    param_groups
+    param_groups, read_checkpoint
 
 # -----------------------------------------------------------------------------
 # config: EVA-CLIP g/14 (EVA paper sec. 2.3.5; the schedule is ours, see config/clip_eva_g.py)
@@ -74,7 +74,7 @@ drop_path = 0.4  # stochastic depth of the image tower's last block
 grad_checkpointing = True  # recompute the blocks of both towers in backward (EVA-CLIP trains this way)
 # optimization
 batch_size = 40_960  # global contrastive batch (256 GPUs x 160)
-micro_batch = 160  # per GPU; the contrastive batch is gathered across GPUs, so no gradient accumulation
+micro_batch = 160  # per GPU; the contrastive batch is gathered over GPUs (an accumulated micro-batch is its own)
 samples_seen = 11_000_000_000  # training length in image-text pairs
 warmup_steps = 2000  # linear warmup from 0
 lr = 4e-4  # image tower peak lr (top block; lower blocks get layer_decay powers), also the temperature's
@@ -100,6 +100,9 @@ import open_clip  # noqa: E402 (after the configurator, so that --help is instan
 
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
+require_files(init_from=init_from)
+if zeroshot_data.startswith('synthetic') and not train_data.startswith('synthetic'):
+    print0(f"warning: training on {train_data} but zero-shot evaluation on synthetic images: set zeroshot_data")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
@@ -221,7 +224,7 @@ model.set_grad_checkpointing(grad_checkpointing)
 def load_clip(path):
     """A whole CLIP (our clip.pt; open_clip's EVA-CLIP layout visual.trunk.* + text.*), or else an image-tower
     checkpoint (any EVA file load_pretrained reads). Returns True for a whole CLIP."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    ckpt = read_checkpoint(path)
     sd = ckpt['model'] if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) else ckpt
     text_sd = {k[len('text.'):]: v for k, v in sd.items() if k.startswith('text.')}
     if not text_sd:
@@ -265,7 +268,8 @@ def zeroshot_eval(net):
     for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
         logits = (net.encode_image(batch['image'].to(device, model_dtype)).float() @ weights.T).cpu()
         y = batch['label']
-        targets = F.one_hot(y.clamp(min=0), len(names)).bool() & (y >= 0)[:, None]
+        scored = (y >= 0) & (batch['skipped'] == 0)  # an unreadable image's stand-in (the next one) is not scored
+        targets = F.one_hot(y.clamp(min=0), len(names)).bool() & scored[:, None]
         stats += torch.tensor(topk_hits(logits, targets, 5), dtype=torch.float64)
     stats = stats.to(device)
     dist.all_reduce(stats)

@@ -260,7 +260,7 @@ def stream(folder, **kw):
     """Captions and the skipped count of one pass, over every rank and its 2 workers."""
     out, skipped = [], 0
     for rank in range(kw['world']):
-        ds = TarShards(folder, eval_transform(32), lambda c: c, rank=rank, passes=1, **kw)
+        ds = TarShards(folder, eval_transform(32), lambda c: c, rank=rank, **{'passes': 1, **kw})
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         for sample in dl:
             assert sample['image'].shape == (3, 32, 32) and set(sample) == {'image', 'text', 'index', 'skipped'}
@@ -290,8 +290,11 @@ def test_tar_shards_skip_and_count_bad_members_and_a_broken_shard(tmp_path, capf
     # shard 0: 6 good + 4 bad (corrupt JPEG, no caption, empty caption, no image); shard 1: 6 good; shard 2 cut in
     # half: the samples before the cut are read, then one count for the broken archive
     assert 'bad_jpeg' in err and 'no_caption' in err and 'empty caption' in err and 'no_image' in err
-    assert 'broken shard' in err and '00002.tar' in err
+    assert 'the shard breaks after this sample' in err and '00002.tar' in err
     assert 12 <= len(caps) < 18 and skipped == 4 + 1, (len(caps), skipped)
+    # three passes over the same shards: every good sample three times, each bad one named and counted once
+    caps3, skipped3 = stream(str(tmp_path), world=1, shuffle_buffer=4, passes=3)
+    assert sorted(caps3) == sorted(caps * 3) and skipped3 == 5 and capfd.readouterr().err.count('bad_jpeg') == 1
 
 
 def test_text_tower_from_an_open_clip_checkpoint(tmp_path):

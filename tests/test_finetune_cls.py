@@ -205,3 +205,19 @@ def test_recipe_configs_follow_the_official_scripts():
         assert (cfg['min_lr'], cfg['lr'], cfg['layer_decay'], cfg['epochs'], cfg['warmup_epochs']) == \
             (0.0, 3e-5, 0.95, epochs, 2.0), name
     assert read('finetune_in21k.py')['min_lr'] == 1e-6
+
+
+def test_an_unreadable_val_image_is_counted_not_scored(trained, tmp_path):
+    """Samples stands in the next image for an unreadable one; evaluation must not score that stand-in twice."""
+    out, _ = trained
+    src = SyntheticShapes(6, 32, seed=2)
+    for i in range(6):
+        os.makedirs(tmp_path / 'val' / f'c{i % 2}', exist_ok=True)
+        src.load(i)[0].save(tmp_path / 'val' / f'c{i % 2}' / f'{i}.png')
+    args = ['--eval_only=True', f'--init_from={out / "last.pt"}', f'--val_data_path={tmp_path / "val"}']
+    finetune(tmp_path / 'clean', *args)
+    open(tmp_path / 'val' / 'c0' / '1_corrupt.png', 'wb').write(b'\x89PNG not an image')  # sorts before 2.png
+    log = finetune(tmp_path / 'bad', *args)
+    clean, bad = (json.load(open(tmp_path / d / 'eval.json'))['model']['val'] for d in ('clean', 'bad'))
+    assert clean['images'] == bad['images'] == 6 and clean['unreadable'] == 0 and bad['unreadable'] == 1
+    assert bad['top1'] == clean['top1'] and '(6, 1 unreadable)' in log
