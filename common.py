@@ -236,11 +236,15 @@ ROW_FORMAT = {'epoch': 'ep {:.2f}', 'loss': 'loss {:.4f}', 'lr': 'lr {:.2e}', 'g
               'bad_samples': 'bad {}', 'eta_h': 'eta {}'}
 
 
+def hms(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def format_row(row, total_steps=None):
     """A log row as one line: 'step 10/100 | ep 0.10 | loss 0.1234 | ... | eta 1:02:03'; None values left out."""
-    hms = lambda s: f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
     parts = [f"step {row['step']}" + (f"/{total_steps}" if total_steps else '')]
-    parts += [ROW_FORMAT[k].format(hms(round(row[k] * 3600)) if k == 'eta_h' else row[k]) for k in ROW_FORMAT
+    parts += [ROW_FORMAT[k].format(hms(row[k] * 3600) if k == 'eta_h' else row[k]) for k in ROW_FORMAT
               if row.get(k) is not None]
     return ' | '.join(parts + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                if k not in ROW_FORMAT and k != 'step' and v is not None and not isinstance(v, dict)])

@@ -7,6 +7,7 @@ frozen patch embedding, RandAugment, mixup / cutmix, label smoothing, an EMA of 
     torchrun --nproc_per_node 8 finetune_cls.py config/finetune_in21k.py --init_from=out/pretrain_eva_g/eva_mim.pt
     torchrun --nproc_per_node 8 finetune_cls.py config/finetune_in1k_336.py --init_from=out/finetune_in21k/best.pt
     python finetune_cls.py config/finetune_in1k_336.py --eval_only=True --init_from=CHECKPOINT   # evaluate only
+    python finetune_cls.py config/finetune_in1k_336.py --init_from=CHECKPOINT --predict=cat.jpg  # classify images
 
 Expected (EVA paper, Table 3): 89.6 top-1 at 336 px and 89.7 at 560 px on IN-1K val, EMA weights.
 Writes out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/last.pt and out_dir/best.pt
@@ -21,14 +22,15 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    hms, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
-                  imagenet_classes, imagenet_real_labels, imagenet_subset, make_loader, topk_hits, train_batches)
+                  imagenet_classes, imagenet_real_labels, imagenet_subset, load_rgb, make_loader, topk_hits,
+                  train_batches)
 from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args
 
 # -----------------------------------------------------------------------------
@@ -37,6 +39,7 @@ from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, r
 out_dir = 'out/finetune_cls'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 20  # steps between log lines
 eval_only = False  # evaluate init_from (raw and, where the file has one, its EMA) and exit
+predict = ''  # image files (joined by ','): print each one's top-5 classes under init_from, and exit
 stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
 save_ckpt = True  # checkpoints and last.pt / best.pt at every epoch end (False: none, for benchmarks)
 keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are deleted)
@@ -93,6 +96,7 @@ seed = 0  # init, data order and augmentation
 peak_tflops = 989.0  # dense fp16 peak per GPU for MFU (H100/H200 SXM: 989)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
+eval_only = eval_only or bool(predict)  # predict is an evaluation of a few files
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
@@ -327,7 +331,17 @@ while step < total_steps:
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
-if eval_only:  # init_from, and the EMA weights its file holds, on the val set and the robustness sets
+if predict:  # class names: ImageNet's for 1000 classes, else those of the val set (folders, synthetic shapes)
+    from open_clip import IMAGENET_CLASSNAMES
+    names = (IMAGENET_CLASSNAMES if num_classes == 1000 else getattr(val_set.source, 'classes', None) or
+             getattr(val_set.source, 'SHAPES', None) or [str(c) for c in range(num_classes)])
+    net = nets.get('model_ema', model).eval()
+    for path in predict.split(','):
+        x = eval_transform(img_size, crop_pct)(load_rgb(path))[None].to(device)
+        with torch.no_grad():
+            p = net(x).float().softmax(-1)[0]
+        print0(f"{path}: " + ', '.join(f"{names[i]} {p[i]:.1%}" for i in p.topk(min(5, num_classes)).indices.tolist()))
+elif eval_only:  # init_from, and the EMA weights its file holds, on the val set and the robustness sets
     results = evaluate_all(nets, robust=True)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -335,5 +349,7 @@ if eval_only:  # init_from, and the EMA weights its file holds, on the val set a
             json.dump({'init_from': init_from, **results}, f, indent=1)
 else:
     print0(f"best top-1 {best['top1']:.3f} at step {best.get('step')}")
+if step > start_step:
+    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {total_steps})")
 dist.barrier()
 dist.destroy_process_group()

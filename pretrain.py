@@ -19,8 +19,8 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
-                    print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
@@ -234,5 +234,7 @@ while step < total_steps:
 
 if samples_file:
     samples_file.close()
+if step > start_step:
+    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {total_steps})")
 dist.barrier()
 dist.destroy_process_group()

@@ -22,8 +22,8 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, init_distributed, open_log,
-                    print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -436,5 +436,7 @@ elif step == total_steps and rank == 0:
     state = state or torch.load(os.path.join(out_dir, 'clip.pt'), weights_only=False)
     export_open_clip(state, os.path.join(out_dir, 'open_clip'))
     print0(f"open_clip export: {out_dir}/open_clip (open_clip.create_model_and_transforms('local-dir:...'))")
+if step > start_step:
+    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {total_steps})")
 dist.barrier()
 dist.destroy_process_group()

@@ -12,6 +12,7 @@ chance). Two tiny towers from scratch learn colours and textures before shapes: 
 out/clip_tiny/clip.pt and out/clip_tiny/open_clip/ (the README shows how open_clip loads it).
 """
 out_dir = 'out/clip_tiny'
+keep_ckpts = 1  # demo outputs stay small; the last checkpoint is what a resume needs
 log_interval = 20
 eval_interval = 300
 train_data = 'synthetic'

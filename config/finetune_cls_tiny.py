@@ -8,6 +8,7 @@ Expected: about 33% top-1 (chance 10%) and 86% top-5 on 500 held-out synthetic i
 shapes slowly: this config shows the machinery (layer decay, EMA, exact evaluation), not EVA's accuracy.
 """
 out_dir = 'out/finetune_cls_tiny'
+keep_ckpts = 1  # demo outputs stay small; the last checkpoint is what a resume needs
 log_interval = 20
 data_path = 'synthetic'
 val_data_path = 'synthetic:1'

@@ -221,3 +221,20 @@ def test_an_unreadable_val_image_is_counted_not_scored(trained, tmp_path):
     clean, bad = (json.load(open(tmp_path / d / 'eval.json'))['model']['val'] for d in ('clean', 'bad'))
     assert clean['images'] == bad['images'] == 6 and clean['unreadable'] == 0 and bad['unreadable'] == 1
     assert bad['top1'] == clean['top1'] and '(6, 1 unreadable)' in log
+
+
+def test_predict_prints_the_top5_of_the_ema_weights(trained, tmp_path):
+    out, _ = trained
+    src = SyntheticShapes(2, 32, seed=3)
+    paths = [str(tmp_path / f'{i}.png') for i in range(2)]
+    for i, p in enumerate(paths):
+        src.load(i)[0].save(p)
+    log = finetune(tmp_path / 'p', f'--init_from={out / "last.pt"}', f'--predict={",".join(paths)}')
+    ema = EVA(eva_config('eva_tiny', num_classes=10)).eval()
+    ema.load_state_dict(torch.load(out / 'last.pt', weights_only=False)['model_ema'])
+    with torch.no_grad():
+        probs = ema(torch.stack([eval_transform(32)(src.load(i)[0]) for i in range(2)])).softmax(-1)
+    for p, pr in zip(paths, probs):
+        top = pr.topk(5)
+        expect = ', '.join(f"{SyntheticShapes.SHAPES[c]} {v:.1%}" for v, c in zip(*(t.tolist() for t in top)))
+        assert f"{p}: {expect}" in log, log[-1500:]
