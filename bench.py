@@ -173,8 +173,8 @@ grad_checkpointing = False  # recompute blocks in backward
 compile_blocks = False  # torch.compile each of our blocks (the timm references always run eager)
 profile = False  # step mode: also write a torch.profiler trace of two steps of ours (out_dir/<stage>_ours/trace.json)
 reference = 'timm,timm_our_engine'  # runs to compare with, comma-separated: 'timm' (timm's Eva, eager, under
-# DeepSpeed as it ships: what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine
-# changes: the model's own share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only
+#   DeepSpeed as it ships: what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine
+#   changes: the model's own share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only
 teacher_model = 'ViT-L-14'  # pretrain teacher, randomly initialised (its cost, not its weights); 'tiny' for CPU
 dtype = 'fp16'  # training precision on a GPU (a CPU falls back to fp32, as the stages do)
 steps = 10  # timed steps; the median is reported

@@ -39,8 +39,9 @@ def init_distributed(num_workers=0):
         os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
     rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    torch.set_num_threads(max(1, cores - num_workers))  # more would oversubscribe the cores (OpenMP waits on them)
+    if 'OMP_NUM_THREADS' not in os.environ:  # more would oversubscribe the cores (OpenMP waits on them)
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        torch.set_num_threads(max(1, cores - num_workers))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -41,11 +41,15 @@ def _cfg_set(key, value, where):
 def _cfg_help():
     # the comment of each key is read from the script's own source: `name = value  # comment`
     src = open(_sys.argv[0]).read().splitlines()
-    comments = {}
-    for line in src:
-        m = _re.match(r'^(\w+)\s*=.*?#\s*(.*)$', line)
-        if m and m.group(1) in _keys:
-            comments.setdefault(m.group(1), m.group(2))
+    comments, last = {}, None
+    for line in src:  # a comment goes on over the lines after it that hold an indented comment ('#   ...')
+        m, more = _re.match(r'^(\w+)\s*=.*?#\s*(.*)$', line), _re.match(r'^\s*#\s\s+(.*)$', line)
+        if m and m.group(1) in _keys and m.group(1) not in comments:
+            comments[last := m.group(1)] = m.group(2)
+        elif more and last:
+            comments[last] += ' ' + more.group(1)
+        else:
+            last = None
     print(f"usage: python {_sys.argv[0]} [config/file.py ...] [--key=value ...]\n")
     width = max(len(k) for k in _keys)
     for k in _keys:

@@ -2,7 +2,7 @@
 EVA masked image modeling: a ViT student sees an image with ~40% of its patches replaced by a mask token and
 regresses, at the masked positions, the patch features of a frozen OpenAI CLIP ViT-L/14 (EVA paper, sec. 2.1).
 
-    python pretrain.py config/pretrain_tiny.py                        # CPU demo, about 35 s
+    python pretrain.py config/pretrain_tiny.py                        # CPU demo, under a minute
     torchrun --nproc_per_node 8 pretrain.py config/pretrain_eva_g.py  # one node
     torchrun --nnodes 16 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \\
         pretrain.py config/pretrain_eva_g.py                          # the paper's 128 GPUs

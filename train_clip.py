@@ -3,7 +3,7 @@ EVA-CLIP: contrastive image-text training of an EVA image tower, initialised fro
 CLIP-L's text tower (EVA paper, sec. 2.3.5), and zero-shot evaluation: classification with class-name prompts,
 image <-> text retrieval.
 
-    python train_clip.py config/clip_tiny.py                                        # CPU demo, about 2.5 minutes
+    python train_clip.py config/clip_tiny.py                                        # CPU demo, about 3 minutes
     torchrun --nnodes 32 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_clip.py \\
         config/clip_eva_g.py --init_from=out/pretrain_eva_g/eva_mim.pt \\
         --train_data='/data/laion400m/{00000..41407}.tar' --zeroshot_data=/data/imagenet/val

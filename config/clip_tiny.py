@@ -6,7 +6,7 @@ Tiny EVA-CLIP on the synthetic shapes and their captions ('a small red circle on
 
 Expected: the loss falls from ln(64) = 4.16 to about 1.55, and zero-shot classification of 1,000 held-out
 synthetic images (10 shapes, prompts in the captions' grammar, chance 10%) reaches about 18.8% top-1 and 76% top-5,
-in about 2.5 minutes on 2 CPU cores; tests/test_clip.py holds it to > 14% top-1 (4 standard deviations above
+in about 2.5-4.5 minutes on 2 CPU cores; tests/test_clip.py holds it to > 14% top-1 (4 standard deviations above
 chance). Two tiny towers from scratch learn colours and textures before shapes: this config shows the machinery
 (gathered InfoNCE, prompt ensembles, export), not EVA-CLIP's accuracy. Writes
 out/clip_tiny/clip.pt and out/clip_tiny/open_clip/ (the README shows how open_clip loads it).

@@ -3,9 +3,9 @@ Tiny classification on the synthetic shapes (10 classes), from scratch, on a CPU
 
     python finetune_cls.py config/finetune_cls_tiny.py
 
-Expected: about 33% top-1 (chance 10%) and 86% top-5 on 500 held-out synthetic images after 640 steps, about
-90 s on 2 CPU cores; tests/test_finetune_cls.py holds it to > 25%. A 2-block 64-wide ViT from scratch learns these
-shapes slowly: this config shows the machinery (layer decay, EMA, exact evaluation), not EVA's accuracy.
+Expected: about 33% top-1 (chance 10%) and 86% top-5 on 500 held-out synthetic images after 640 steps, in
+1.5-2.5 minutes on 2 CPU cores; tests/test_finetune_cls.py holds it to > 25%. A 2-block 64-wide ViT from scratch
+learns these shapes slowly: this config shows the machinery (layer decay, EMA, exact evaluation), not EVA's accuracy.
 """
 out_dir = 'out/finetune_cls_tiny'
 keep_ckpts = 1  # demo outputs stay small; the last checkpoint is what a resume needs

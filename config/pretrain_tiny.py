@@ -1,6 +1,6 @@
 """
 Tiny MIM pretraining on the synthetic shapes: a 2-block 64-wide EVA against a small randomly initialised
-open_clip tower, on a CPU in about 35 seconds.
+open_clip tower, on a CPU in under a minute.
 
     python pretrain.py config/pretrain_tiny.py
 

@@ -164,7 +164,9 @@ def run_config(tmp_path, *args):
         "crop_scale = (0.2, 1.0)  # crop scale range\n"
         "use_ema = False  # keep an EMA\n"
         "init_from = None  # checkpoint to start from\n"
-        "out_dir = 'out'  # where to write\n"
+        "out_dir = 'out'  # where to write, a comment\n"
+        "#   that goes on over a second line\n"
+        "# a section header\n"
         f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
         "print(json.dumps({k: globals()[k] for k in _keys}))\n")
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path)
@@ -193,6 +195,7 @@ def test_configurator_errors_and_help(tmp_path):
     assert r.returncode != 0 and 'missing.py' in r.stderr
     r = run_config(tmp_path, '--help')
     assert r.returncode == 0 and 'peak learning rate' in r.stdout and '4096' in r.stdout and 'MEAN' not in r.stdout
+    assert '# where to write, a comment that goes on over a second line\n' in r.stdout and 'header' not in r.stdout
 
 
 def test_read_rgb_gives_the_pixels_of_load_rgb_for_every_mode(tmp_path, capsys):
