@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 
 # idle OpenMP threads sleep instead of spinning: spinning threads that wait for one descheduled by any other load on
 # the machine stall every parallel op
@@ -35,6 +36,7 @@ def init_distributed(num_workers=0):
     # on a CPU DeepSpeed compiles a shared-memory all-reduce (~35 s at the first start, again after another
     # virtualenv built it) that only its inference all-reduce uses: not built
     importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
+    warnings.filterwarnings('ignore', '`torch.distributed.all_gather_into_tensor` is deprecated')  # DeepSpeed's call
     if 'RANK' not in os.environ:
         os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
