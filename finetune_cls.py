@@ -122,7 +122,8 @@ train_set, steps_per_epoch, total_steps, warmup_steps = None, 1, 0, 0
 if not eval_only:
     train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
     steps_per_epoch = len(train_set) // batch_size
-    assert steps_per_epoch > 0, f"{len(train_set)} training images are fewer than one batch of {batch_size}"
+    if steps_per_epoch == 0:
+        config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
     found = max((lab for _, lab in getattr(train_set.source, 'items', [])), default=-1) + 1 or \
         getattr(train_set.source, 'num_classes', 0)  # class folders (or list labels), or the synthetic classes
     if found > num_classes:
@@ -158,7 +159,8 @@ if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
-assert init_from or not eval_only, "eval_only needs --init_from=CHECKPOINT"
+if eval_only and not init_from:
+    config_error("eval_only needs --init_from=CHECKPOINT")
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
 ema_sd = read_checkpoint(init_from).get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
@@ -200,7 +202,8 @@ def robustness_sets():
     """name -> (dataset, classes, correct) for the variants whose paths are set (an IN-1K head only)."""
     if not any((in_v2_path, in_sketch_path, in_a_path, in_r_path, in_real_path, objectnet_path)):
         return {}
-    assert num_classes == 1000, f"the robustness sets need an IN-1K head, the model has {num_classes} classes"
+    if num_classes != 1000:
+        config_error(f"the robustness sets need an IN-1K head, the model has {num_classes} classes")
     in1k, tf, sets = imagenet_classes('imagenet-1k'), eval_transform(img_size, crop_pct), {}
     for name, path, subset in (('IN-V2', in_v2_path, None), ('IN-Sketch', in_sketch_path, None),
                                ('IN-A', in_a_path, 'a'), ('IN-R', in_r_path, 'r')):
@@ -209,10 +212,12 @@ def robustness_sets():
     if in_real_path:
         src, real = ImageFiles(in_real_path), imagenet_real_labels()
         missing = [src.name(i) for i in range(len(src)) if os.path.basename(src.name(i)) not in real]
-        assert not missing, f"not ImageNet val files (ILSVRC2012_val_*.JPEG), so no ReaL labels: {missing[:3]}"
+        if missing:
+            config_error(f"not ImageNet val files (ILSVRC2012_val_*.JPEG), so no ReaL labels: {missing[:3]}")
         sets['IN-ReaL'] = (Samples(src, tf, seed), None, lambda i: real[os.path.basename(src.name(i))])
     if objectnet_path:  # ObjectNet's 113 classes that overlap IN-1K; predictions among their IN-1K classes
-        assert objectnet_mapping, "objectnet_path needs objectnet_mapping: JSON {folder: [IN-1K indices]}"
+        if not objectnet_mapping:
+            config_error("objectnet_path needs objectnet_mapping: JSON {folder: [IN-1K indices]}")
         src, mapping = ImageFiles(objectnet_path), json.load(open(objectnet_mapping))
         classes = sorted({c for v in mapping.values() for c in v})
         sets['ObjectNet'] = (Samples(src, tf, seed), classes,

@@ -19,7 +19,7 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
                     open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
@@ -95,7 +95,8 @@ micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
 train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
 steps_per_epoch = len(train_source) // batch_size
-assert steps_per_epoch > 0, f"{len(train_source)} training images are fewer than one batch of {batch_size}"
+if steps_per_epoch == 0:
+    config_error(f"{len(train_source)} training images are fewer than one batch of {batch_size}")
 total_steps = max_steps or epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
@@ -137,8 +138,9 @@ print0(f"student {model_size}: {sum(p.numel() for p in model.parameters()):,} pa
        f"{teacher_model} ({'random init' if teacher_model == 'tiny' or not teacher_pretrained else teacher_pretrained})")
 with torch.no_grad():
     n_teacher = teacher(torch.zeros(1, 3, img_size, img_size, device=device)).shape
-assert n_teacher[1:] == (cfg.num_patches, 768), f"teacher gives {tuple(n_teacher)} tokens, the student wants " \
-    f"({cfg.num_patches}, 768): choose a teacher with the student's patch grid"
+if n_teacher[1:] != (cfg.num_patches, 768):
+    config_error(f"teacher {teacher_model} gives {tuple(n_teacher)} tokens, the student wants ({cfg.num_patches}, 768): "
+                 f"choose a teacher with the student's patch grid")
 
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps,
                               **({'fused': True} if cuda else {}))

@@ -22,7 +22,7 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
                     open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
@@ -136,7 +136,8 @@ if not eval_only:
         train_set = Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
                                            csv_separator), train_tf, seed, text_transform=tokenize)
         steps_per_epoch = len(train_set) // batch_size
-        assert steps_per_epoch > 0, f"{len(train_set)} training pairs are fewer than one batch of {batch_size}"
+        if steps_per_epoch == 0:
+            config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
         data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
     total_steps = samples_seen // batch_size
     warmup_steps = min(warmup_steps, total_steps)
