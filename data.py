@@ -16,6 +16,7 @@ import math
 import os
 import pkgutil
 import re
+import shutil
 import sys
 import tarfile
 import warnings
@@ -81,6 +82,8 @@ class ImageFiles:
     variant holding a subset of the classes (ImageNet-A, -R) keeps the labels of the full head; all-digit folder
     names are taken as the label itself (ImageNet-V2's '0' ... '999', which sort as strings otherwise)."""
 
+    EXTENSIONS, root = IMAGE_EXTENSIONS, ''  # root: what a list's relative paths are under ('': the list's folder)
+
     def __init__(self, roots, classes=None, tensors=False):
         self.tensors = tensors  # load() gives uint8 tensors (read_rgb) instead of PIL images
         roots = [r for r in (roots.split(',') if isinstance(roots, str) else roots) if r]
@@ -97,7 +100,7 @@ class ImageFiles:
             else:
                 raise FileNotFoundError(f"image root not found: {root}")
             if len(self.items) == n:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+                raise FileNotFoundError(f"no files ({', '.join(self.EXTENSIONS)}) under {root}")
 
     def _scan_folder(self, root):
         folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -116,10 +119,10 @@ class ImageFiles:
             rel = os.path.relpath(dirpath, root)
             label = index[rel.split(os.sep)[0]] if rel != '.' else -1
             self.items += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                           if f.lower().endswith(IMAGE_EXTENSIONS)]
+                           if f.lower().endswith(self.EXTENSIONS)]
 
     def _read_list(self, path):
-        base = os.path.dirname(os.path.abspath(path))
+        base = self.root or os.path.dirname(os.path.abspath(path))
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.strip().rsplit(maxsplit=1)
@@ -498,16 +501,18 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self):
         return max(self.stop - self.start, 0)
 
-def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False):
+def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, timeout=0):
     """A DataLoader with a generator of its own: a DataLoader otherwise draws its workers' base seed from the
     global RNG, which would shift the model's random draws (drop path, mixup) after a resume. The samples are
-    seeded per index (Samples) and need no worker seeds."""
+    seeded per index (Samples) and need no worker seeds. timeout: seconds a worker may take for a batch before the
+    loader raises (a video reader stuck in native code, decord #373, would hang the run instead)."""
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(), timeout=timeout if num_workers else 0)
 
 
-def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers=0, pin_memory=False):
+def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers=0, pin_memory=False,
+                  timeout=0):
     """Training micro-batches from the data position of optimizer step `step` on, forever. Each epoch has its own
     seeded order: the dataset's and the sampler's epoch are set before that epoch's loader is made (workers copy
     the dataset then), and an epoch ends after exactly steps_per_epoch steps on every rank."""
@@ -516,7 +521,7 @@ def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, st
         epoch, within = divmod(step, steps_per_epoch)
         dataset.epoch = epoch
         sampler.set_epoch(epoch, start=within * per_step, stop=steps_per_epoch * per_step)
-        yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory)
+        yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory, timeout)
         step = (epoch + 1) * steps_per_epoch
 
 # -----------------------------------------------------------------------------
@@ -709,10 +714,259 @@ def eval_transform(img_size=224, crop_pct=1.0, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def normalize_batch(x, mean=CLIP_MEAN, std=CLIP_STD):
-    """A uint8 batch (B, 3, H, W) -> float32 normalised, on x's device: ToTensor + Normalize in one pass,
+    """A uint8 batch (B, 3, ...) -> float32 normalised, on x's device: ToTensor + Normalize in one pass,
     (x - 255 mean) / (255 std). A float batch (already normalised) is returned as it is."""
     if x.dtype != torch.uint8:
         return x
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    shape = (1, 3) + (1,) * (x.ndim - 2)  # images (B, 3, H, W), clips (B, 3, T, H, W)
+    m = torch.tensor(mean, device=x.device).view(shape) * 255
+    s = torch.tensor(std, device=x.device).view(shape) * 255
     return (x.float() - m) / s
+
+# -----------------------------------------------------------------------------
+# videos (EVA-01 video, an mmaction pipeline): Kinetics lists, decord decoding, TSN sampling, the augmentation
+
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.flv', '.mpg', '.mpeg')
+
+
+class VideoFiles(ImageFiles):
+    """Videos from Kinetics list files ('k400/train/<class>/<id>.mp4 label' per line: the label last, the path may
+    hold spaces, relative to `root` or else to the list's folder) or class folders, several merged (',' joined).
+    load(i) -> (path, label): the seeded transform (VideoClips) chooses the frames and decodes them, in the worker."""
+    EXTENSIONS = VIDEO_EXTENSIONS
+
+    def __init__(self, roots, root=''):
+        self.root = root
+        super().__init__(roots)
+
+    def load(self, i):
+        return self.items[i]
+
+
+def tsn_indices(n, num_frames, train=True, clip=0, clips=1):
+    """One clip's frame indices, mmaction's SampleFrames(clip_len=1, num_clips=num_frames) as EVA-01 video samples: the
+    n frames cut into num_frames equal segments. train: one random frame per segment (torch's generator) or, in a video
+    shorter than the clip, round(k n / T) half to even (frames repeat). Else the segments' centres, int((k + 1/2) n / T)
+    (its test mode); with clips > 1, clip `clip` at offset (clip + 1/2) / clips of each segment. -> (T,) int64, mod n."""
+    if n < 1:
+        raise ValueError("the video has no frames")
+    k = np.arange(num_frames)
+    if train:
+        seg = n // num_frames
+        idx = k * seg + torch.randint(seg, (num_frames,)).numpy() if seg > 0 else np.around(k * (n / num_frames))
+    else:
+        seg = n / num_frames
+        idx = k * seg + seg * (clip + 0.5) / clips
+    return torch.from_numpy(idx.astype(np.int64) % n)
+
+
+def multiscale_crop_box(h, w, size, scales=(1, .875, .75, .66)):
+    """mmaction's MultiScaleCrop(size, scales, max_wh_scale_gap=1, random_crop=False, num_fixed_crops=5), EVA-01 video's
+    training crop: sides int(min(h, w) x scale); a (w, h) pair of scale levels at most one apart, one of the 10 drawn
+    uniformly; a side within 3 px of `size` snapped to it; one of 5 fixed places (4 corners, the centre) on a grid of
+    steps (w - crop_w) // 4, (h - crop_h) // 4. Drawn from torch's generator -> (top, left, crop_h, crop_w)."""
+    sides = [int(min(h, w) * s) for s in scales]
+    pairs = [(sides[j], sides[i]) for i in range(len(sides)) for j in range(len(sides)) if abs(i - j) <= 1]
+    cw, ch = (size if abs(s - size) < 3 else s for s in pairs[int(torch.randint(len(pairs), ()))])
+    ws, hs = (w - cw) // 4, (h - ch) // 4
+    left, top = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs)][int(torch.randint(5, ()))]
+    return top, left, ch, cw
+
+
+def three_crop_offsets(h, w, size):
+    """mmaction's ThreeCrop (EVA-01 video's 3-crop test) of frames whose short side is `size`: squares at 0,
+    (long - size) // 2 and twice that along the long side -> [(top, left)] x 3."""
+    if h == size:
+        return [(0, 0), (0, (w - size) // 2), (0, 2 * ((w - size) // 2))]
+    return [(0, 0), ((h - size) // 2, 0), (2 * ((h - size) // 2), 0)]
+
+
+def resize_short(frames, short):
+    """(K, 3, H, W) uint8 -> the short side `short`: bilinear without antialiasing (mmcv's cv2 INTER_LINEAR), the
+    sizes rounded half up (mmcv.rescale_size)."""
+    from torchvision.transforms.v2 import functional as TF
+    h, w = frames.shape[-2:]
+    s = short / min(h, w)
+    return TF.resize(frames, [int(h * s + 0.5), int(w * s + 0.5)], T.InterpolationMode.BILINEAR, antialias=False)
+
+
+def read_frames(path, indices):
+    """Frames of a video file through decord (a reader per call, one thread: the official use; a reader made before the
+    DataLoader forks breaks, decord #294): the unique indices decoded once, in order, then gathered (decord #195).
+    -> (len(indices), 3, H, W) uint8."""
+    import decord
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    unique, inverse = indices.unique(sorted=True, return_inverse=True)
+    return torch.from_numpy(vr.get_batch(unique.tolist()).asnumpy())[inverse].permute(0, 3, 1, 2)
+
+
+class VideoClips:
+    """A video path -> uint8 clips, EVA-01 video's pipelines (Samples seeds torch's generator per sample: every draw
+    is reproducible). train: TSN frames, short side to size x 256/224, MultiScaleCrop, resize to size (bilinear), flip,
+    colour jitter (p 0.8; brightness .4, contrast .4, saturation .2, hue .1, drawn anew for every frame as the
+    official) and grayscale (p 0.2) -> (3, T, size, size); multiscale=False: the centre crop below instead. eval,
+    crops=1: the segments' centres, short side to size x 256/224, centre crop -> (1, 3, T, size, size); crops=3: short
+    side to size, 3 crops along the long side x `clips` clips (TSN training draws, as EVA-01's 4-clip test;
+    random_clips=False: evenly offset clips), crop-major -> (3 x clips, 3, T, size, size)."""
+
+    def __init__(self, num_frames, size=224, train=True, clips=1, crops=1, random_clips=True, color_jitter=0.8,
+                 grayscale=0.2, multiscale=True):
+        assert crops in (1, 3), "crops: 1 (centre) or 3 (along the long side)"
+        self.num_frames, self.size, self.train, self.clips, self.crops = num_frames, size, train, clips, crops
+        self.random_clips, self.color_jitter, self.grayscale = random_clips, color_jitter, grayscale
+        self.multiscale = multiscale  # False: training crops the centre, as a single-view evaluation does
+        self.jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+
+    def __call__(self, path):
+        import decord
+        n, S, clips = len(decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)), self.size, self.clips
+        if self.train or (clips > 1 and self.random_clips):
+            idx = [tsn_indices(n, self.num_frames) for _ in range(1 if self.train else clips)]
+        else:
+            idx = [tsn_indices(n, self.num_frames, train=False, clip=c, clips=clips) for c in range(clips)]
+        x = read_frames(path, torch.cat(idx))  # (clips x T, 3, H, W)
+        if self.train:
+            from torchvision.transforms.v2 import functional as TF
+            x = resize_short(x, int(256 / 224 * S))
+            H, W = x.shape[-2:]
+            top, left, h, w = multiscale_crop_box(H, W, S) if self.multiscale else ((H - S) // 2, (W - S) // 2, S, S)
+            x = TF.resize(x[..., top:top + h, left:left + w], [S, S], T.InterpolationMode.BILINEAR, antialias=False)
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            if torch.rand(()) < self.color_jitter:  # on PIL images, as the official: 8x faster than on tensors
+                x = torch.stack([pil_to_uint8(self.jitter(TF.to_pil_image(frame))) for frame in x])
+            if torch.rand(()) < self.grayscale:
+                x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            return x.transpose(0, 1)
+        x = resize_short(x, S if self.crops == 3 else int(256 / 224 * S))
+        H, W = x.shape[-2:]
+        places = three_crop_offsets(H, W, S) if self.crops == 3 else [((H - S) // 2, (W - S) // 2)]
+        x = x.unflatten(0, (clips, self.num_frames))
+        return torch.stack([x[c, :, :, t:t + S, l:l + S] for t, l in places for c in range(clips)]).transpose(1, 2)
+
+
+def write_synthetic_videos(folder, train_size=1024, val_size=256, num_classes=8, frames=(6, 32), size=(56, 40),
+                           seed=0):
+    """The synthetic video set, written once as H.264 mp4 files (PyAV) under folder/{train,val}/<class>/ with
+    Kinetics-style lists (train.txt, val.txt: 'train/cyan moving up/00012.mp4 3') and classes.txt: one of the
+    SyntheticShapes shapes in one of num_classes / 2 colours moving up or down at a constant speed over a plain
+    background; class = colour x direction, so that one frame tells the colour but not where the shape goes (a model
+    blind to motion tops out at 50%). 6-32 frames a video (some fewer than a clip has), (w, h) = size. Skipped when
+    folder/meta.json says it holds this set. -> folder."""
+    import av
+    meta = dict(train_size=train_size, val_size=val_size, num_classes=num_classes, frames=list(frames),
+                size=list(size), seed=seed)
+    if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
+        return folder
+    if num_classes % 2 or not 2 <= num_classes <= 24:
+        raise ValueError(f"the synthetic videos have 2 x 1..12 colours: num_classes {num_classes} is not one of them")
+    wheel = ('red', 'orange', 'yellow', 'chartreuse', 'green', 'spring green', 'cyan', 'azure', 'blue', 'violet',
+             'magenta', 'rose')  # hues 0, 1/12, ...: num_classes / 2 of them evenly spaced, as far apart as can be
+    colours = [(wheel[round(12 * k / (num_classes // 2)) % 12], k / (num_classes // 2)) for k in range(num_classes // 2)]
+    classes = sorted(f"{c} moving {d}" for c, _ in colours for d in ('up', 'down'))
+    W, H = size
+    shapes, tmp = SyntheticShapes(1, img_size=W), folder.rstrip('/') + f'.tmp{os.getpid()}'
+    for split, n in (('train', train_size), ('val', val_size)):
+        shapes.seed, lines = seed + (split == 'val'), []
+        for i in range(n):
+            p, rng = shapes._params(i), np.random.default_rng([seed, split == 'val', i, 11])
+            colour, hue = colours[int(rng.integers(len(colours)))]
+            p['r'] = rng.uniform(0.2, 0.25) * H  # smaller than an image's shape: it moves within the frame
+            down, length, travel = bool(rng.integers(2)), int(rng.integers(frames[0], frames[1] + 1)), 0.5 * H
+            pan = int(travel)  # scene rows the view slides over; the shape stays in view all along
+            cx, cy = rng.uniform(p['r'], W - p['r']), rng.uniform(pan + p['r'], H - p['r'])
+            name = f"{colour} moving {'down' if down else 'up'}"
+            path = os.path.join(split, name, f'{i:05d}.mp4')
+            os.makedirs(os.path.join(tmp, split, name), exist_ok=True)
+            # the camera pans: a blocky-noise scene (not periodic: no aliasing between sampled frames) and the shape
+            # on it move together, so every patch of a frame moves, not only the shape's
+            scene = np.kron(rng.uniform(0.3, 0.6, (H // 5 + pan // 5 + 2, W // 5 + 1)), np.ones((5, 5)))
+            scene = Image.fromarray((np.repeat(scene[..., None], 3, 2)[:H + pan, :W] * 255).astype(np.uint8))
+            rgb = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.9, rng.uniform(0.7, 1.0)))
+            shapes._draw(ImageDraw.Draw(scene), p, cx, cy, rgb)
+            with av.open(os.path.join(tmp, path), 'w') as out:
+                stream = out.add_stream('libx264', rate=12, options={'crf': '18', 'preset': 'veryfast'})
+                stream.width, stream.height, stream.pix_fmt = W, H, 'yuv420p'
+                for t in range(length):
+                    top = round(pan * t / max(length - 1, 1))  # the view slides down: the scene moves up
+                    top = pan - top if down else top
+                    im = scene.crop((0, top, W, top + H))
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(im), format='rgb24')))
+                out.mux(stream.encode())
+            lines.append(f"{path} {classes.index(name)}\n")
+        with open(os.path.join(tmp, f'{split}.txt'), 'w') as f:
+            f.writelines(lines)
+    with open(os.path.join(tmp, 'classes.txt'), 'w') as f:
+        f.writelines(c + '\n' for c in classes)
+    json.dump(meta, open(os.path.join(tmp, 'meta.json'), 'w'))
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+# K400 / K600 class names that later releases renamed; EVA-01's 722 classes use the newer names (its label CSVs: the
+# union of the three sets' names is 725 without these, 722 with them)
+KINETICS_ALIASES = {'changing wheel': 'changing wheel (not on bike)',
+                    'cooking sausages': 'cooking sausages (not on barbeque)',
+                    'passing american football (not in game)': 'passing American football (not in game)'}
+
+
+def build_kinetics_lists(root, out, check=False):
+    """EVA-01's Kinetics-722 lists (its notebook build_file_list.ipynb) from root/k{400,600,700}/{train,val}/<class>/
+    <video>, the YouTube id being a file name's first 11 characters. Each set's classes are its sorted val folder names
+    (aliased), K722's the sorted union. K722 train: the three train sets in the order K400, K600, K700, deduplicated by
+    id (K400's copy kept), then every id of any val set removed; K722 val: the val sets deduplicated. K600 / K700 train:
+    deduplicated, their own val ids removed; K400 train only deduplicated (the notebook's quirk, kept). check: open
+    every video with decord, the failures listed in out/<list>_error.txt instead. Writes out/k{722,400,600,700}_
+    {train,val}.txt ('k600/train/<class folder>/<file> label', the label in the set's class order), kXXX_classes.txt
+    and k722_to_kXXX_mapping.npy (the K722 index of each class). -> {list name: videos}"""
+    sets, rows = ('k400', 'k600', 'k700'), {}
+    for s in sets:
+        for split in ('train', 'val'):
+            d = os.path.join(root, s, split)
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"{d} not found: build_lists reads ROOT/k400|k600|k700/train|val/<class>/<video>")
+            rows[s, split] = [(f"{s}/{split}/{c}/{f}", KINETICS_ALIASES.get(c, c), f[:11]) for c in sorted(os.listdir(d))
+                              if os.path.isdir(os.path.join(d, c)) for f in sorted(os.listdir(os.path.join(d, c)))
+                              if len(f) >= 2 and not f.startswith('.') and not f.endswith('.tar.gz')]
+    classes = {s: sorted({c for _, c, _ in rows[s, 'val']}) for s in sets}
+    for s in sets:
+        extra = {c for _, c, _ in rows[s, 'train']} - set(classes[s])
+        if extra:
+            raise ValueError(f"{root}/{s}/train has classes its val set lacks: {', '.join(sorted(extra)[:5])}")
+    classes['k722'] = sorted(set().union(*(classes[s] for s in sets)))
+
+    def dedup(items, drop=()):
+        seen = set(drop)
+        return [r for r in items if not (r[2] in seen or seen.add(r[2]))]
+    val_ids = {s: {r[2] for r in rows[s, 'val']} for s in sets}
+    lists = {'k722_train': dedup([r for s in sets for r in rows[s, 'train']], set().union(*val_ids.values())),
+             'k722_val': dedup([r for s in sets for r in rows[s, 'val']])}
+    for s in sets:
+        lists[f'{s}_train'] = dedup(rows[s, 'train'], val_ids[s] if s != 'k400' else ())
+        lists[f'{s}_val'] = dedup(rows[s, 'val'])
+    os.makedirs(out, exist_ok=True)
+    counts = {}
+    for name, items in lists.items():
+        s, bad = name.split('_')[0], {}
+        if check:  # an open-only check, as the notebook's: it misses a frame count that is too high (decord #373)
+            import decord
+            for path, _, _ in items:
+                try:
+                    decord.VideoReader(os.path.join(root, path), ctx=decord.cpu(0), num_threads=1)
+                except Exception as e:
+                    bad[path] = str(e).replace('\n', ' ')
+            if bad:
+                with open(os.path.join(out, f'{name}_error.txt'), 'w') as f:
+                    f.writelines(f"{p}\t{e}\n" for p, e in bad.items())
+        index = {c: i for i, c in enumerate(classes[s])}
+        with open(os.path.join(out, f'{name}.txt'), 'w') as f:
+            f.writelines(f"{p} {index[c]}\n" for p, c, _ in items if p not in bad)
+        counts[name] = len(items) - len(bad)
+    for s in ('k722',) + sets:
+        with open(os.path.join(out, f'{s}_classes.txt'), 'w') as f:
+            f.writelines(c + '\n' for c in classes[s])
+        if s != 'k722':
+            np.save(os.path.join(out, f'k722_to_{s}_mapping.npy'), np.array([classes['k722'].index(c) for c in classes[s]]))
+    return counts

@@ -45,6 +45,7 @@ class EVAConfig:
     img_size: int = 224          # square input resolution
     patch_size: int = 14         # Conv2d kernel = stride
     in_chans: int = 3
+    num_frames: int = 1          # video clips: frames, each patch-embedded alone (a time kernel of 1), tokens frame-major
     embed_dim: int = 1408
     depth: int = 40
     num_heads: int = 16
@@ -72,7 +73,7 @@ class EVAConfig:
 
     @property
     def num_patches(self):
-        return self.grid ** 2
+        return self.num_frames * self.grid ** 2
 
 
 def eva_config(name, **overrides):
@@ -109,6 +110,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x):
+        if x.ndim == 5:  # (B, C, T, H, W): EVA-01's video Conv3d of kernel (1, p, p) is this conv on each frame
+            frames = self(x.transpose(1, 2).flatten(0, 1))  # (B*T, N, D)
+            return frames.unflatten(0, (x.shape[0], -1)).flatten(1, 2)  # (B, T*N, D), frame-major
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D)
 
 
@@ -210,11 +214,13 @@ class EVA(nn.Module):
             self.head.bias.mul_(self.config.head_init_scale)
 
     def forward_features(self, x, mask=None):
-        """x (B, C, H, W), mask (B, N) bool or None -> tokens (B, 1+N, D) after the final `norm`."""
+        """x (B, C, H, W), or a clip (B, C, T, H, W); mask (B, N) bool or None -> tokens (B, 1+N, D) after the
+        final `norm`. A clip's N = T x grid^2 tokens attend jointly in space and time (EVA-01 video)."""
         cfg = self.config
-        if x.shape[-2:] != (cfg.img_size, cfg.img_size):
-            raise ValueError(f"input is {tuple(x.shape[-2:])} pixels but the model is built for "
-                             f"{cfg.img_size}x{cfg.img_size} (set img_size; load_pretrained resizes pos_embed)")
+        if x.shape[-2:] != (cfg.img_size, cfg.img_size) or (x.shape[2] if x.ndim == 5 else 1) != cfg.num_frames:
+            raise ValueError(f"input {tuple(x.shape)} does not fit the model: {cfg.num_frames} frame(s) of "
+                             f"{cfg.img_size}x{cfg.img_size} (set img_size / num_frames; load_pretrained resizes "
+                             f"pos_embed)")
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
             if self.mask_token is None:
@@ -259,10 +265,10 @@ class EVA(nn.Module):
         return self.lm_head(x[:, 1:][mask])
 
     def flops_per_image(self, num_masked=0, backward=True):
-        """Matmul FLOPs per image (2 per multiply-add), the same count torch's FlopCounterMode gives; with
+        """Matmul FLOPs per image or clip (2 per multiply-add), the same count torch's FlopCounterMode gives; with
         backward, x3 (the usual estimate: backward costs twice the forward). Used for MFU."""
         cfg = self.config
-        f = vit_flops(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_dim, cfg.in_chans)
+        f = vit_flops(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_dim, cfg.in_chans, cfg.num_frames)
         f += 2 * cfg.embed_dim * cfg.num_classes + 2 * num_masked * cfg.embed_dim * cfg.mim_dim
         return 3 * f if backward else f
 
@@ -273,9 +279,10 @@ def transformer_flops(tokens, width, depth, mlp_dim):
     return depth * (2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * mlp_dim)
 
 
-def vit_flops(img_size, patch_size, width, depth, mlp_dim, in_chans=3):
-    """Forward matmul FLOPs of a plain ViT with a cls token: the patch embedding, then the blocks."""
-    P = (img_size // patch_size) ** 2
+def vit_flops(img_size, patch_size, width, depth, mlp_dim, in_chans=3, frames=1):
+    """Forward matmul FLOPs of a plain ViT with a cls token: the patch embedding, then the blocks (on 1 + frames x
+    grid^2 tokens for a clip)."""
+    P = frames * (img_size // patch_size) ** 2
     return 2 * P * in_chans * patch_size ** 2 * width + transformer_flops(P + 1, width, depth, mlp_dim)
 
 
@@ -329,21 +336,37 @@ def uses_quick_gelu(name, pretrained):
 # resizing, as the official code does it (pure functions, float32 inside)
 
 
-def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, compute_dtype=torch.float32):
-    """(1, prefix + H*W, D) -> (1, prefix + h*w, D): the cls entry is kept, the grid is resized with bicubic
-    interpolation, align_corners=False (EVA-01 run_class_finetuning.py / interpolate_patch_14to16.py), computed in
-    compute_dtype (None: in pos_embed's own dtype, as interpolate_patch_14to16.py does to an fp16 file)."""
+def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, compute_dtype=torch.float32, frames=1):
+    """(1, prefix + T*H*W, D) -> (1, prefix + T*h*w, D): the cls entry is kept, each frame's grid is resized with
+    bicubic interpolation, align_corners=False (EVA-01 run_class_finetuning.py / interpolate_patch_14to16.py), computed
+    in compute_dtype (None: in pos_embed's own dtype, as interpolate_patch_14to16.py does to an fp16 file)."""
     new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = math.isqrt(grid.shape[1])
-    assert old * old == grid.shape[1], f"pos_embed has {grid.shape[1]} grid tokens, not a square"
+    old = math.isqrt(grid.shape[1] // frames)
+    assert frames * old * old == grid.shape[1], f"pos_embed has {grid.shape[1]} grid tokens, not {frames} squares"
     if (old, old) == new_grid:
         return pos_embed
     D = grid.shape[-1]
-    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2).to(compute_dtype or grid.dtype)  # (1, D, H, W)
+    grid = grid.reshape(frames, old, old, D).permute(0, 3, 1, 2).to(compute_dtype or grid.dtype)  # (T, D, H, W)
     grid = F.interpolate(grid, size=new_grid, mode='bicubic', align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, frames * new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
     return torch.cat((prefix, grid), dim=1)
+
+
+def resize_pos_embed_frames(pos_embed, old_frames, new_frames, num_prefix_tokens=1):
+    """(1, prefix + T0*N, D) -> (1, prefix + T1*N, D), frame-major square grids, the cls entry kept: an image's grid
+    (T0 = 1) repeated over the T1 frames (EVA-01 video's init from an image model); a clip's interpolated trilinearly
+    in float32, align_corners=False (EVA-01 video's 8 -> 16 frames: with the grid unchanged, linear in time)."""
+    if old_frames == new_frames:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if old_frames == 1:
+        return torch.cat((prefix, grid.repeat(1, new_frames, 1)), dim=1)
+    N, D = grid.shape[1] // old_frames, grid.shape[-1]
+    g = math.isqrt(N)
+    grid = grid.reshape(1, old_frames, g, g, D).permute(0, 4, 1, 2, 3).float()  # (1, D, T0, g, g)
+    grid = F.interpolate(grid, size=(new_frames, g, g), mode='trilinear', align_corners=False)
+    return torch.cat((prefix, grid.permute(0, 2, 3, 4, 1).reshape(1, new_frames * N, D).to(pos_embed.dtype)), dim=1)
 
 
 def resize_patch_embed(weight, new_size):
@@ -411,7 +434,15 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
     target = model.state_dict()
     cfg = model.config
     out, dropped, resized, bad = {}, [], [], []
+    n = sd['pos_embed'].shape[1] - 1 if 'pos_embed' in sd else 0
+    frames = (ckpt.get('model_config') or {}).get('num_frames')  # our exports store it; else the layout tells:
+    if frames is None:  # a clip on the model's grid if the model is a video one, EVA-01 video's 5-D kernel or no square
+        kernel = sd.get('patch_embed.proj.weight')
+        clip = cfg.num_frames > 1 and n % cfg.grid ** 2 == 0 or math.isqrt(n) ** 2 != n or getattr(kernel, 'ndim', 4) == 5
+        frames = max(n // cfg.grid ** 2, 1) if clip else 1
     for k, v in sd.items():
+        if k == 'patch_embed.proj.weight' and v.ndim == 5 and v.shape[2] == 1:  # EVA-01 video's Conv3d (D, C, 1, p, p)
+            v = v.squeeze(2)
         if k not in target:
             # what other stages leave in an encoder file, and which this model does not have
             if k.startswith(HEAD_KEYS) or k.endswith('attn.k_bias') or k == 'rel_pos_bias':
@@ -425,9 +456,9 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
             v = resize_patch_embed(v, t.shape[-2:])
             resized.append(f"patch_embed {sd[k].shape[-1]}->{t.shape[-1]}")
         elif k == 'pos_embed' and v.ndim == 3 and v.shape[-1] == t.shape[-1] and v.shape != t.shape:
-            old = math.isqrt(v.shape[1] - 1)
-            v = resize_pos_embed(v, cfg.grid)
-            resized.append(f"pos_embed {old}x{old}->{cfg.grid}x{cfg.grid}")
+            old = math.isqrt(n // frames)
+            v = resize_pos_embed_frames(resize_pos_embed(v, cfg.grid, frames=frames), frames, cfg.num_frames)
+            resized.append(f"pos_embed {frames}x{old}x{old}->{cfg.num_frames}x{cfg.grid}x{cfg.grid}")
         elif k.startswith('head.') and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
             dropped.append(f"{k} ({v.shape[0]} classes, model has {t.shape[0]})")
             continue
