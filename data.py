@@ -790,12 +790,17 @@ def resize_short(frames, short):
     return TF.resize(frames, [int(h * s + 0.5), int(w * s + 0.5)], T.InterpolationMode.BILINEAR, antialias=False)
 
 
-def read_frames(path, indices):
-    """Frames of a video file through decord (a reader per call, one thread: the official use; a reader made before the
-    DataLoader forks breaks, decord #294): the unique indices decoded once, in order, then gathered (decord #195).
-    -> (len(indices), 3, H, W) uint8."""
+def open_video(path):
+    """A decord reader with one thread, made where it is used: in the DataLoader worker, one per sample as the official
+    code (a reader made before the workers fork breaks, decord #294; one thread is the faster, #63)."""
     import decord
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+
+
+def read_frames(video, indices):
+    """Frames of a video (a path or an open_video reader): the unique indices decoded once, in order, then gathered
+    (decord #195). -> (len(indices), 3, H, W) uint8."""
+    vr = open_video(video) if isinstance(video, str) else video
     unique, inverse = indices.unique(sorted=True, return_inverse=True)
     return torch.from_numpy(vr.get_batch(unique.tolist()).asnumpy())[inverse].permute(0, 3, 1, 2)
 
@@ -818,13 +823,13 @@ class VideoClips:
         self.jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 
     def __call__(self, path):
-        import decord
-        n, S, clips = len(decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)), self.size, self.clips
+        vr = open_video(path)
+        n, S, clips = len(vr), self.size, self.clips
         if self.train or (clips > 1 and self.random_clips):
             idx = [tsn_indices(n, self.num_frames) for _ in range(1 if self.train else clips)]
         else:
             idx = [tsn_indices(n, self.num_frames, train=False, clip=c, clips=clips) for c in range(clips)]
-        x = read_frames(path, torch.cat(idx))  # (clips x T, 3, H, W)
+        x = read_frames(vr, torch.cat(idx))  # (clips x T, 3, H, W)
         if self.train:
             from torchvision.transforms.v2 import functional as TF
             x = resize_short(x, int(256 / 224 * S))
@@ -951,10 +956,9 @@ def build_kinetics_lists(root, out, check=False):
     for name, items in lists.items():
         s, bad = name.split('_')[0], {}
         if check:  # an open-only check, as the notebook's: it misses a frame count that is too high (decord #373)
-            import decord
             for path, _, _ in items:
                 try:
-                    decord.VideoReader(os.path.join(root, path), ctx=decord.cpu(0), num_threads=1)
+                    open_video(os.path.join(root, path))
                 except Exception as e:
                     bad[path] = str(e).replace('\n', ' ')
             if bad:

@@ -218,9 +218,9 @@ class EVA(nn.Module):
         final `norm`. A clip's N = T x grid^2 tokens attend jointly in space and time (EVA-01 video)."""
         cfg = self.config
         if x.shape[-2:] != (cfg.img_size, cfg.img_size) or (x.shape[2] if x.ndim == 5 else 1) != cfg.num_frames:
-            raise ValueError(f"input {tuple(x.shape)} does not fit the model: {cfg.num_frames} frame(s) of "
-                             f"{cfg.img_size}x{cfg.img_size} (set img_size / num_frames; load_pretrained resizes "
-                             f"pos_embed)")
+            raise ValueError(f"input {tuple(x.shape)} does not fit: the model is built for {cfg.img_size}x"
+                             f"{cfg.img_size}, {cfg.num_frames} frame(s) (set img_size / num_frames; load_pretrained "
+                             f"resizes pos_embed)")
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
             if self.mask_token is None:
@@ -458,7 +458,8 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
         elif k == 'pos_embed' and v.ndim == 3 and v.shape[-1] == t.shape[-1] and v.shape != t.shape:
             old = math.isqrt(n // frames)
             v = resize_pos_embed_frames(resize_pos_embed(v, cfg.grid, frames=frames), frames, cfg.num_frames)
-            resized.append(f"pos_embed {frames}x{old}x{old}->{cfg.num_frames}x{cfg.grid}x{cfg.grid}")
+            resized.append(f"pos_embed {old}x{old}->{cfg.grid}x{cfg.grid}" if frames == cfg.num_frames == 1 else
+                           f"pos_embed {frames}x{old}x{old}->{cfg.num_frames}x{cfg.grid}x{cfg.grid}")
         elif k.startswith('head.') and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
             dropped.append(f"{k} ({v.shape[0]} classes, model has {t.shape[0]})")
             continue

@@ -299,3 +299,18 @@ def test_recipe_configs_follow_the_official_yamls():
         assert (c['num_classes'], c['num_frames'], c['lr'], c['min_lr'], c['warmup_epochs'], c['epochs'],
                 c['layer_decay'], c['drop_path'], c['mixup'], c['cutmix'], c['label_smoothing'], c['batch_size']) == \
             (k, 16, 1e-6, 1e-6, 0.0, epochs, 0.95, 0.2, 0.0, 0.0, 0.1, 256), k
+
+
+def test_build_lists_command_checks_every_video(tmp_path):
+    """`python finetune_video.py build_lists ROOT OUT --check=True`: unreadable videos (here all: empty files) are
+    left out of the lists and named in <list>_error.txt."""
+    for folder in ('k400/train/a', 'k400/val/a', 'k600/train/a', 'k600/val/a', 'k700/train/a', 'k700/val/a'):
+        os.makedirs(tmp_path / 'kinetics' / folder)
+        (tmp_path / 'kinetics' / folder / f"{folder.split('/')[0]}{folder.split('/')[1]}_xx.mp4").write_bytes(b'')
+    r = subprocess.run([sys.executable, 'finetune_video.py', 'build_lists', str(tmp_path / 'kinetics'),
+                        str(tmp_path / 'lists'), '--check=True'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"{tmp_path / 'lists'}/k722_train.txt: 0 videos" in r.stdout, r.stdout + r.stderr
+    assert open(tmp_path / 'lists' / 'k722_train.txt').read() == ''
+    errors = open(tmp_path / 'lists' / 'k722_train_error.txt').read().splitlines()
+    assert [e.split('\t')[0] for e in errors] == ['k400/train/a/k400train_xx.mp4', 'k600/train/a/k600train_xx.mp4',
+                                                  'k700/train/a/k700train_xx.mp4']
