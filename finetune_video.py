@@ -197,18 +197,20 @@ def head_rows(ckpt):
     return {**ckpt, 'model': {**sd, 'head.weight': sd['head.weight'][rows], 'head.bias': sd['head.bias'][rows]}}
 
 
+init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
 if init_from:  # an image checkpoint's pos_embed is repeated over the frames, a video's interpolated in time
-    load_pretrained(model, head_rows(read_checkpoint(init_from)))
+    load_pretrained(model, head_rows(init_ckpt))
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
-ema_sd = read_checkpoint(init_from).get('model_ema') if eval_only else None
+ema_sd = init_ckpt.get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
-        load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': read_checkpoint(init_from).get('classes')}))
+        load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': init_ckpt.get('classes')}))
     else:
         ema_model.load_state_dict(model.state_dict())
+del init_ckpt  # not kept for the run: GBs of host memory for EVA-g
 
 
 @torch.no_grad()
