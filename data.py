@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision import transforms as T
+from torchvision import transforms as T, tv_tensors
 
 from model import CLIP_MEAN, CLIP_STD  # OpenAI CLIP's normalisation: the MIM student sees what its CLIP teacher sees
 
@@ -439,8 +439,8 @@ class Samples(torch.utils.data.Dataset):
     the number of workers or a resume. An unreadable file is skipped: named in a warning, replaced by the next
     index, and counted in `skipped` (the training loop sums and reports it); the run goes on."""
 
-    def __init__(self, source, transform, seed=0, mask_generator=None, max_skips=100, text_transform=None):
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source, transform, seed=0, mask_generator=None, max_skips=100, text_transform=None, joint=False):
+        self.source, self.transform, self.seed, self.joint = source, transform, seed, joint
         self.mask_generator, self.max_skips = mask_generator, max_skips
         self.text_transform = text_transform  # caption -> token ids, for image-text sources
         self.epoch = 0  # set before each epoch's DataLoader is made: workers copy the dataset at that point
@@ -456,7 +456,10 @@ class Samples(torch.utils.data.Dataset):
                 img, label = self.source.load(j)
                 if self.text_transform is not None:
                     label = self.text_transform(label)
-                x = seeded(self.transform, img, torch_seed)  # in the try: an image a transform chokes on is skipped
+                if self.joint:  # detection: the transform takes and gives (image, target)
+                    x, label = seeded(self.transform, (img, label), torch_seed)
+                else:
+                    x = seeded(self.transform, img, torch_seed)  # in the try: an image a transform chokes on is skipped
                 break
             except Exception as e:  # corrupt, truncated, unreadable: the run must not die on one file
                 print(f"warning: skipping unreadable sample {self.source.name(j)}: {e}", file=sys.stderr)
@@ -501,18 +504,19 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self):
         return max(self.stop - self.start, 0)
 
-def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, timeout=0):
+def make_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, timeout=0, collate_fn=None):
     """A DataLoader with a generator of its own: a DataLoader otherwise draws its workers' base seed from the
     global RNG, which would shift the model's random draws (drop path, mixup) after a resume. The samples are
     seeded per index (Samples) and need no worker seeds. timeout: seconds a worker may take for a batch before the
     loader raises (a video reader stuck in native code, decord #373, would hang the run instead)."""
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                                       generator=torch.Generator(), timeout=timeout if num_workers else 0)
+                                       generator=torch.Generator(), timeout=timeout if num_workers else 0,
+                                       collate_fn=collate_fn)
 
 
 def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers=0, pin_memory=False,
-                  timeout=0):
+                  timeout=0, collate_fn=None):
     """Training micro-batches from the data position of optimizer step `step` on, forever. Each epoch has its own
     seeded order: the dataset's and the sampler's epoch are set before that epoch's loader is made (workers copy
     the dataset then), and an epoch ends after exactly steps_per_epoch steps on every rank."""
@@ -521,7 +525,7 @@ def train_batches(dataset, sampler, micro_batch, grad_accum, steps_per_epoch, st
         epoch, within = divmod(step, steps_per_epoch)
         dataset.epoch = epoch
         sampler.set_epoch(epoch, start=within * per_step, stop=steps_per_epoch * per_step)
-        yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory, timeout)
+        yield from make_loader(dataset, sampler, micro_batch, num_workers, pin_memory, timeout, collate_fn)
         step = (epoch + 1) * steps_per_epoch
 
 # -----------------------------------------------------------------------------
@@ -974,3 +978,227 @@ def build_kinetics_lists(root, out, check=False):
         if s != 'k722':
             np.save(os.path.join(out, f'k722_to_{s}_mapping.npy'), np.array([classes['k722'].index(c) for c in classes[s]]))
     return counts
+
+# -----------------------------------------------------------------------------
+# detection (EVA-01 det, a detectron2 pipeline): COCO-format instances, large-scale jitter, synthetic scenes
+
+
+def coco_rle(segm, h, w):
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE (faster-coco-eval's mask
+    API, pycocotools's); a polygon of fewer than 3 points, or nothing left, is an error."""
+    from faster_coco_eval.core import mask as mask_util
+    if isinstance(segm, list):
+        polys = [p for p in segm if len(p) >= 6]
+        if not polys:
+            raise ValueError("no polygon of 3 points or more")
+        return mask_util.merge(mask_util.frPyObjects(polys, h, w))
+    if isinstance(segm, dict) and isinstance(segm.get('counts'), list):
+        return mask_util.frPyObjects(segm, h, w)
+    if isinstance(segm, dict) and 'counts' in segm:
+        return segm
+    raise ValueError(f"segmentation is neither polygons nor RLE: {str(segm)[:60]}")
+
+
+class CocoDetection:
+    """A COCO-format instances json and its image folder (COCO, LVIS v1, Objects365): load(i) -> (uint8 image (3, H, W),
+    target {'boxes' (n, 4) x1y1x2y2 float32 pixels, 'labels' (n,) int64, 'masks' (n, H, W) bool (masks=True),
+    'image_id', 'dropped': bad annotations skipped}). Class ids: the json's categories sorted by id, 0 ... K-1
+    (detectron2's contiguous ids). Crowd regions are not trained on (COCOeval ignores detections in them); an annotation
+    with an empty box, an unknown category or an unreadable segmentation is skipped with a warning naming it, and
+    counted. train=True keeps the images with an annotation (detectron2 drops the others from training). LVIS v1 names
+    no file: its coco_url's last two parts (train2017/xxx.jpg) under image_root."""
+
+    def __init__(self, json_path, image_root, masks=True, train=True):
+        with open(json_path) as f:
+            d = json.load(f)
+        missing = [k for k in ('images', 'annotations', 'categories') if k not in (d if isinstance(d, dict) else {})]
+        if missing:
+            raise ValueError(f"{json_path} is not a COCO-format instances json (no {', '.join(missing)})")
+        self.json_path, self.root, self.masks = json_path, image_root, masks
+        self.categories = sorted(d['categories'], key=lambda c: c['id'])
+        self.cat_index = {c['id']: i for i, c in enumerate(self.categories)}
+        self.anns = {}
+        for a in d['annotations']:
+            self.anns.setdefault(a['image_id'], []).append(a)
+        self.images = [im for im in d['images']
+                       if not train or any(not a.get('iscrowd', 0) for a in self.anns.get(im['id'], []))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def path(self, i):
+        im = self.images[i]
+        name = im.get('file_name') or os.path.join(*im['coco_url'].split('/')[-2:])
+        return os.path.join(self.root, name)
+
+    def name(self, i):
+        return self.path(i)
+
+    def load(self, i):
+        im, path = self.images[i], self.path(i)
+        img = read_rgb(path)
+        h, w = img.shape[1:]
+        boxes, labels, masks, dropped = [], [], [], 0
+        for a in self.anns.get(im['id'], []):
+            if a.get('iscrowd', 0):
+                continue
+            x, y, bw, bh = a['bbox']
+            box = [max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)]
+            try:
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    raise ValueError(f"empty box {a['bbox']} in a {w}x{h} image")
+                if a['category_id'] not in self.cat_index:
+                    raise ValueError(f"category {a['category_id']} is not in the json's categories")
+                if self.masks:
+                    from faster_coco_eval.core import mask as mask_util
+                    m = mask_util.decode(coco_rle(a['segmentation'], h, w))
+                    if m.shape != (h, w) or not m.any():
+                        raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
+                    masks.append(torch.from_numpy(m.astype(bool)))
+            except Exception as e:
+                print(f"warning: skipping annotation {a.get('id')} of {path}: {e}", file=sys.stderr)
+                dropped += 1
+                continue
+            boxes.append(box)
+            labels.append(self.cat_index[a['category_id']])
+        target = {'boxes': torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  'labels': torch.tensor(labels, dtype=torch.int64), 'image_id': im['id'], 'dropped': dropped}
+        if self.masks:
+            target['masks'] = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        return img, target
+
+    def image_counts(self):
+        """Images per class (LVIS's categories carry image_count; else counted): the federated loss's frequencies."""
+        if all('image_count' in c for c in self.categories):
+            return torch.tensor([c['image_count'] for c in self.categories], dtype=torch.float32)
+        n = torch.zeros(len(self.categories))
+        for anns in self.anns.values():
+            for c in {self.cat_index[a['category_id']] for a in anns if a['category_id'] in self.cat_index}:
+                n[c] += 1
+        return n
+
+
+class LargeScaleJitter:
+    """(uint8 image (3, H, W), target) -> the same, as EVA-01's det pipeline (detectron2's LSJ, coco_loader_lsj.py):
+    flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear, masks nearest;
+    FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both axes (detectron2's
+    quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped), empty instances
+    dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size, max_size=size)); target gets
+    'scale' to map predictions back. Padding to size x size happens when batching (collate_detection). Masks are
+    bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons instead)."""
+
+    def __init__(self, size=1024, scale=(0.1, 2.0), train=True):
+        self.size, self.scale, self.train = size, scale, train
+
+    def __call__(self, sample):
+        from torchvision.transforms.v2 import InterpolationMode, functional as TF
+        img, t = sample
+        H, W = img.shape[1:]
+        masks = t.get('masks')
+        boxes = tv_tensors.BoundingBoxes(t['boxes'], format='XYXY', canvas_size=(H, W))
+        if self.train and torch.rand(()) < 0.5:
+            img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
+            masks = masks.flip(-1) if masks is not None else None
+        if self.train:
+            s = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(()).item()
+            r = min(self.size * s / H, self.size * s / W)
+            h, w = round(H * r), round(W * r)  # np.round in detectron2: half to even, as Python's round
+        else:
+            r = min(self.size / H, self.size / W)
+            h, w = int(H * r + 0.5), int(W * r + 0.5)
+        img = TF.resize(img, [h, w], antialias=True)  # bilinear with antialiasing, as PIL's (detectron2's) resize
+        boxes = TF.resize(boxes, [h, w])
+        if masks is not None:
+            masks = TF.resize(masks[:, None].to(torch.uint8), [h, w], InterpolationMode.NEAREST)[:, 0].bool()
+        out = {k: v for k, v in t.items() if k not in ('boxes', 'masks')}
+        if self.train:
+            ch, cw = min(h, self.size), min(w, self.size)
+            u = torch.rand(()).item()
+            top, left = round((h - ch) * u), round((w - cw) * u)
+            img, boxes = img[:, top:top + ch, left:left + cw], TF.crop(boxes, top, left, ch, cw)
+            if masks is not None:
+                masks = masks[:, top:top + ch, left:left + cw]
+                boxes = torch.stack([masks_to_box(m) for m in masks]) if len(masks) else boxes.as_subclass(torch.Tensor)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            out['labels'] = t['labels'][keep]
+            boxes = boxes[keep]
+            if masks is not None:
+                masks = masks[keep]
+        out['boxes'] = boxes.as_subclass(torch.Tensor).float()
+        if masks is not None:
+            out['masks'] = masks
+        out['scale'], out['orig_size'] = (h / H, w / W), (H, W)
+        return img, out
+
+
+def masks_to_box(m):
+    """m (H, W) bool -> x1y1x2y2 (4,) of its pixels (x2 = last column + 1; zeros if empty): detectron2's
+    BitMasks.get_bounding_boxes."""
+    ys, xs = m.any(1).nonzero(), m.any(0).nonzero()
+    if len(ys) == 0:
+        return torch.zeros(4)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+
+
+def collate_detection(samples, size):
+    """Samples of (image, target) -> {'image': (B, 3, size, size) uint8 zero-padded at the bottom right (detectron2's
+    square_pad; the stage zeroes the padding again after normalising, so it is the mean colour's 0), 'sizes' (B, 2) the
+    images' own (h, w), 'targets': list, 'index', 'skipped'}."""
+    images = torch.zeros(len(samples), 3, size, size, dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        h, w = s['image'].shape[1:]
+        images[i, :, :h, :w] = s['image']
+    return {'image': images, 'sizes': torch.tensor([s['image'].shape[1:] for s in samples]),
+            'targets': [s['label'] for s in samples], 'index': torch.tensor([s['index'] for s in samples]),
+            'skipped': torch.tensor([s['skipped'] for s in samples])}
+
+
+def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, num_classes=4, seed=0):
+    """The synthetic detection set, written once: folder/{train,val}/NNNNN.png and instances_{train,val}.json (COCO
+    format, RLE masks). A scene is 1-4 shapes of SyntheticShapes' first num_classes kinds, each of its own colour and
+    size, on a textured background; later shapes occlude earlier ones, whose mask and box keep only the visible pixels
+    (an object with under a quarter of itself left is dropped). Skipped when folder/meta.json says it holds this set.
+    -> folder."""
+    from faster_coco_eval.core import mask as mask_util
+    meta = dict(train_size=train_size, val_size=val_size, img_size=img_size, num_classes=num_classes, seed=seed)
+    if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
+        return folder
+    S, tmp = img_size, folder.rstrip('/') + f'.tmp{os.getpid()}'
+    shapes = SyntheticShapes(1, img_size=S, num_classes=num_classes)
+    categories = [{'id': k + 1, 'name': name} for k, name in enumerate(SyntheticShapes.SHAPES[:num_classes])]
+    for split, n in (('train', train_size), ('val', val_size)):
+        os.makedirs(os.path.join(tmp, split))
+        images, anns, shapes.seed = [], [], seed + 1000 * (split == 'val')
+        for i in range(n):
+            rng = np.random.default_rng([seed, split == 'val', i, 13])
+            img, objs = shapes._background(shapes._params(i)), []
+            for _ in range(int(rng.integers(1, 5))):
+                p = dict(label=int(rng.integers(num_classes)), r=rng.uniform(0.1, 0.22) * S)
+                cx, cy = rng.uniform(p['r'], S - p['r'], 2)
+                m = Image.new('L', (S, S), 0)
+                shapes._draw(ImageDraw.Draw(m), p, cx, cy, 255)
+                m = np.asarray(m) > 0
+                colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(rng.uniform(), 0.9, rng.uniform(0.6, 1.0)))
+                shapes._draw(ImageDraw.Draw(img), p, cx, cy, colour)
+                for o in objs:  # the new shape hides what it covers of the earlier ones
+                    o['mask'] &= ~m
+                objs.append({'label': p['label'], 'mask': m, 'full': m.sum()})
+            name = os.path.join(split, f'{i:05d}.png')
+            img.save(os.path.join(tmp, name))
+            images.append({'id': i + 1, 'file_name': name, 'height': S, 'width': S})
+            for o in objs:
+                if o['mask'].sum() < 0.25 * o['full']:
+                    continue
+                rle = mask_util.encode(np.asfortranarray(o['mask'].astype(np.uint8)))
+                x1, y1, x2, y2 = masks_to_box(torch.from_numpy(o['mask'])).tolist()
+                anns.append({'id': len(anns) + 1, 'image_id': i + 1, 'category_id': o['label'] + 1, 'iscrowd': 0,
+                             'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': int(o['mask'].sum()),
+                             'segmentation': {'size': [S, S], 'counts': rle['counts'].decode()
+                                              if isinstance(rle['counts'], bytes) else rle['counts']}})
+        with open(os.path.join(tmp, f'instances_{split}.json'), 'w') as f:
+            json.dump({'images': images, 'annotations': anns, 'categories': categories}, f)
+    json.dump(meta, open(os.path.join(tmp, 'meta.json'), 'w'))
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

@@ -129,15 +129,18 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(D))
         self.proj = nn.Linear(D, D)
 
-    def forward(self, x):
+    def heads(self, x):
+        """x (B, N, D) -> q, k, v, each (B, H, N, hd)."""
         B, N, D = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
         # the same (B, H, N, hd) views as permute(2, 0, 3, 1, 4) (timm's Eva), split at dim 2 so that backward stacks
         # dq, dk, dv straight into the (B, N, 3, H, hd) layout: one copy, not a stack and then a transposing copy
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, flash / memory-efficient kernels
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2))
+
+    def forward(self, x):
+        x = F.scaled_dot_product_attention(*self.heads(x))  # softmax(q k^T / sqrt(hd)) v, flash / efficient kernels
+        return self.proj(x.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
@@ -444,8 +447,8 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
         if k == 'patch_embed.proj.weight' and v.ndim == 5 and v.shape[2] == 1:  # EVA-01 video's Conv3d (D, C, 1, p, p)
             v = v.squeeze(2)
         if k not in target:
-            # what other stages leave in an encoder file, and which this model does not have
-            if k.startswith(HEAD_KEYS) or k.endswith('attn.k_bias') or k == 'rel_pos_bias':
+            # what other stages leave in an encoder file, and which this model does not have (ViTDet: no cls token)
+            if k.startswith(HEAD_KEYS) or k.endswith('attn.k_bias') or k in ('rel_pos_bias', 'cls_token'):
                 dropped.append(k)
                 continue
             bad.append(f"{k}: in the checkpoint {tuple(v.shape)}, not in the model (depth {cfg.depth}, "

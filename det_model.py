@@ -1,0 +1,614 @@
+"""
+det_seg.py's modules, importable for tests: the EVA encoder as a ViTDet backbone (Li et al. 2022, "Exploring Plain
+Vision Transformer Backbones for Object Detection": window attention, decomposed relative position, the simple
+feature pyramid) under a Cascade Mask R-CNN (Cai & Vasconcelos 2018), the detector of the EVA paper's section 4.4.
+
+    CascadeMaskRCNN(DetConfig(...))(images, sizes, targets) -> {loss name: scalar}           (training)
+    CascadeMaskRCNN(DetConfig(...))(images, sizes)          -> per image {'boxes', 'scores', 'labels', 'masks'}
+
+The RPN is torchvision's (its loss and anchors made detectron2's); the cascade, the pooler, the heads, soft-NMS and
+maskness are written out here. Module names are detectron2's, as EVA-01's det code (a vendored detectron2) has
+them, so its released checkpoints load through `load_detectron2` (D2_KEYS, the few names that differ).
+
+Precision: under DeepSpeed fp16 the weights are half and the convolutions, LayerNorms and linears run in half (the
+official trained with AMP, whose autocast runs the same layers in half); every box coordinate, IoU, score, loss and
+ROIAlign runs in float32 (half has a 1-pixel spacing between 1024 and 2048: boxes at 1280 px would be off by pixels).
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
+
+from model import Attention, Block, EVAConfig, PatchEmbed, load_pretrained, read_checkpoint, resize_pos_embed
+
+
+@dataclass
+class DetConfig:
+    backbone: EVAConfig = None     # the encoder (patch 16; img_size = the pretraining size its 14x14 pos_embed is for)
+    num_classes: int = 80
+    img_size: int = 1024           # the square the images are padded to (LSJ crop); the relative positions' grid
+    window: int = 16               # window attention's side, in tokens
+    global_blocks: tuple = tuple(range(3, 40, 4))  # blocks attending globally (EVA-g: every 4th, 3 ... 39)
+    pyramid_dim: int = 256         # channels of the simple feature pyramid and everything after it
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per level p2 ... p6
+    rpn_batch: int = 256           # anchors sampled per image for the RPN loss (half positive at most)
+    rpn_pre_nms: tuple = (2000, 1000)  # top proposals per level before NMS (training, testing)
+    rpn_post_nms: int = 1000       # proposals per image after NMS
+    roi_batch: int = 512           # proposals sampled per image for the first cascade stage
+    roi_positive: float = 0.25     # their foreground fraction at most
+    stage_ious: tuple = (0.5, 0.6, 0.7)  # the cascade stages' foreground IoU
+    head_dim: int = 256            # box and mask heads' conv channels
+    fc_dim: int = 1024             # box heads' fc
+    canonical_box: int = 224       # a box of this side is pooled from p4 (FPN's level rule)
+    mask: bool = True              # the mask head (instance segmentation)
+    sigmoid_ce: bool = False       # LVIS: per-class sigmoid cross-entropy instead of softmax
+    fed_classes: int = 0           # LVIS: the federated loss on this many classes per step (50); 0 off
+    score_thresh: float = 0.05     # test: candidates above this score (0: all, as EVA-01's soft-NMS evaluation)
+    nms: float = 0.5               # test: per-class NMS IoU
+    soft_nms: float = 0.0          # test: >0 linear soft-NMS at this IoU instead of NMS (EVA-01 COCO: 0.6)
+    max_dets: int = 100            # test: detections per image (with soft-NMS: per image and class, COCOeval's cap)
+    maskness: float = 0.0          # test: >0 rescores a detection by its mask's mean probability above this (0.5)
+
+
+# -----------------------------------------------------------------------------
+# backbone: windows, decomposed relative position, the pos_embed resized on the fly
+
+
+def window_partition(x, w):
+    """x (B, H, W, C) -> windows (B * nH * nW, w, w, C), zero-padded at the bottom and right to multiples of w;
+    and the padded (Hp, Wp). The padding tokens are attended to, unmasked, as ViTDet does."""
+    B, H, W, C = x.shape
+    x = F.pad(x, (0, 0, 0, -W % w, 0, -H % w))
+    Hp, Wp = x.shape[1:3]
+    x = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3)  # (B, nH, nW, w, w, C)
+    return x.reshape(-1, w, w, C), (Hp, Wp)
+
+
+def window_unpartition(windows, w, padded, size):
+    """windows (B * nH * nW, w, w, C) -> x (B, H, W, C), the padding cut off."""
+    (Hp, Wp), (H, W) = padded, size
+    x = windows.view(-1, Hp // w, Wp // w, w, w, windows.shape[-1]).transpose(2, 3)
+    return x.reshape(-1, Hp, Wp, windows.shape[-1])[:, :H, :W]
+
+
+def rel_pos_table(rel_pos, q_size, k_size):
+    """rel_pos (2S - 1, hd) -> (q_size, k_size, hd): the embedding of each query-key offset along one axis, the table
+    linearly resized (float32) for another grid than S (ViTDet's get_rel_pos)."""
+    n = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != n:
+        rel_pos = F.interpolate(rel_pos.float().T[None], size=n, mode='linear')[0].T.to(rel_pos.dtype)
+    q = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    return rel_pos[(q - k + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+class RelPosAttention(Attention):
+    """EVA's attention (same parameters and keys) on a (B, H, W, D) grid, plus MViTv2's decomposed relative position:
+    q_i . Rh[h_i - h_j] + q_i . Rw[w_i - w_j] added to the logits (unscaled q, as ViTDet), zero-initialised tables
+    for a side of `size` tokens, new parameters that no MIM checkpoint has."""
+
+    def __init__(self, cfg, size):
+        super().__init__(cfg)
+        hd = cfg.embed_dim // cfg.num_heads
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, hd))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, hd))
+
+    def forward(self, x):
+        B, H, W, D = x.shape
+        q, k, v = self.heads(x.reshape(B, H * W, D))  # (B, heads, H*W, hd)
+        r = q.unflatten(2, (H, W))  # (B, heads, H, W, hd)
+        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r, rel_pos_table(self.rel_pos_h, H, H))  # (B, heads, H, W, H)
+        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r, rel_pos_table(self.rel_pos_w, W, W))  # (B, heads, H, W, W)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, -1, H * W, H * W)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # SDPA adds the bias to q k^T / sqrt
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, D))
+
+
+class WindowBlock(Block):
+    """EVA's block on a (B, H, W, D) grid; attention within w x w windows (w > 0) or over the whole grid."""
+
+    def __init__(self, cfg, drop_path, window, grid):
+        super().__init__(cfg, drop_path)
+        self.window = window
+        self.attn = RelPosAttention(cfg, window or grid)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        if self.window:
+            h, padded = window_partition(h, self.window)
+        h = self.attn(h)
+        if self.window:
+            h = window_unpartition(h, self.window, padded, x.shape[1:3])
+        x = x + self.drop_path(h)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViTDet(nn.Module):
+    """The EVA encoder as ViTDet's plain backbone: (B, 3, S, S) -> the stride-16 map (B, D, S/16, S/16). Keys are EVA's
+    (patch_embed, pos_embed, blocks.i...) plus blocks.i.attn.rel_pos_h / _w; no cls token, no final norm. The pos_embed
+    stays the pretraining one (14 x 14 at 224) and is resized to the token grid at every forward (ViTDet's get_abs_pos:
+    fine-tuning then trains the small grid, as the official); the patch embedding is frozen (EVA-01's det config)."""
+
+    def __init__(self, cfg, det):
+        super().__init__()
+        if cfg.patch_size != 16 or det.img_size % 32:
+            raise ValueError(f"ViTDet's pyramid (strides 4 ... 64) needs patch 16 (got {cfg.patch_size}; load_pretrained "
+                             f"resizes a patch-14 kernel) and an image side divisible by 32 (got {det.img_size})")
+        self.config = cfg  # load_pretrained reads it
+        self.patch_embed = PatchEmbed(cfg).requires_grad_(False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid ** 2, cfg.embed_dim))  # cls entry kept, unused
+        grid = det.img_size // cfg.patch_size
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([WindowBlock(cfg, dpr[i], 0 if i in det.global_blocks else det.window, grid)
+                                     for i in range(cfg.depth)])
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x):
+        h, w = (s // self.config.patch_size for s in x.shape[-2:])
+        x = self.patch_embed(x).unflatten(1, (h, w))  # (B, h, w, D)
+        pos = resize_pos_embed(self.pos_embed, (h, w))[:, 1:].to(x.dtype)  # bicubic, float32 inside
+        x = x + pos.reshape(1, h, w, -1)
+        for blk in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x.permute(0, 3, 1, 2)  # (B, D, h, w)
+
+# -----------------------------------------------------------------------------
+# the simple feature pyramid (ViTDet): p2 ... p6 from the single stride-16 map
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of (B, C, H, W) at every position (detectron2's channels-first LayerNorm)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNorm(nn.Conv2d):
+    """detectron2's Conv2d with a norm: no bias, LayerNorm2d as `.norm` (keys weight, norm.weight, norm.bias), an
+    optional ReLU; MSRA init (c2_msra_fill)."""
+
+    def __init__(self, cin, cout, k, relu=False):
+        super().__init__(cin, cout, k, padding=k // 2, bias=False)
+        self.norm, self.relu = LayerNorm2d(cout, eps=1e-6), relu
+        nn.init.kaiming_normal_(self.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, x):
+        x = self.norm(super().forward(x))
+        return F.relu(x) if self.relu else x
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """(B, D, h, w) at stride 16 -> {'p2': stride 4, 'p3': 8, 'p4': 16, 'p5': 32, 'p6': 64}, each (B, dim, ., .):
+    scale 4 = two 2x2 transposed convs (LayerNorm + GELU between), 2 = one, 1 = identity, 1/2 = 2x2 max-pool; each
+    then a 1x1 and a 3x3 ConvNorm; p6 = p5 subsampled (LastLevelMaxPool). Names simfp_2 ... simfp_5 as ViTDet's."""
+
+    def __init__(self, D, dim):
+        super().__init__()
+        self.simfp_2 = nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
+                                     nn.ConvTranspose2d(D // 2, D // 4, 2, 2), ConvNorm(D // 4, dim, 1),
+                                     ConvNorm(dim, dim, 3))
+        self.simfp_3 = nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), ConvNorm(D // 2, dim, 1), ConvNorm(dim, dim, 3))
+        self.simfp_4 = nn.Sequential(ConvNorm(D, dim, 1), ConvNorm(dim, dim, 3))
+        self.simfp_5 = nn.Sequential(nn.MaxPool2d(2, 2), ConvNorm(D, dim, 1), ConvNorm(dim, dim, 3))
+
+    def forward(self, x):
+        p = {f'p{i}': getattr(self, f'simfp_{i}')(x) for i in (2, 3, 4, 5)}
+        p['p6'] = F.max_pool2d(p['p5'], 1, 2)
+        return p
+
+
+class Backbone(nn.Module):
+    """backbone.net (the ViT) + backbone.simfp_* (the pyramid), detectron2's nesting, so that keys line up."""
+
+    def __init__(self, cfg, det):
+        super().__init__()
+        self.net = ViTDet(cfg, det)
+        pyramid = SimpleFeaturePyramid(cfg.embed_dim, det.pyramid_dim)
+        for name, m in pyramid.named_children():
+            setattr(self, name, m)
+
+    forward_pyramid = SimpleFeaturePyramid.forward
+
+    def forward(self, x):
+        return self.forward_pyramid(self.net(x))
+
+# -----------------------------------------------------------------------------
+# RPN: torchvision's, with detectron2's anchors and loss
+
+
+class Anchors(AnchorGenerator):
+    """detectron2's DefaultAnchorGenerator: the same grid as torchvision's, but base anchors not rounded (torchvision
+    rounds them, up to 0.5 px off) and always float32, whatever the features' dtype."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device('cpu')):
+        scales, ratios = (torch.as_tensor(t, dtype=torch.float32, device=device) for t in (scales, aspect_ratios))
+        ws, hs = (scales[None] / ratios.sqrt()[:, None]).view(-1), (scales[None] * ratios.sqrt()[:, None]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list, feature_maps):  # only the maps' sizes, dtype and device are read
+        return super().forward(image_list, [torch.empty(f.shape[-2:], device=f.device) for f in feature_maps])
+
+
+class FloatRPNHead(RPNHead):
+    """torchvision's RPNHead (2 convs + ReLU, 1x1 objectness and deltas, init N(0, 0.01)); outputs in float32."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class RPN(RegionProposalNetwork):
+    """torchvision's RPN (matching 0.7 / 0.3 with low-quality matches, 256 anchors at half positive, per-level top-k,
+    NMS 0.7, top-k per image) with detectron2's loss: BCE summed over the sampled anchors and L1 (not smooth-L1) over the
+    positives, both divided by batch x images (rpn.py's losses)."""
+
+    def __init__(self, det):
+        anchors = Anchors(tuple((s,) for s in det.anchor_sizes), ((0.5, 1.0, 2.0),) * len(det.anchor_sizes))
+        super().__init__(anchors, FloatRPNHead(det.pyramid_dim, 3, conv_depth=2), 0.7, 0.3, det.rpn_batch, 0.5,
+                         dict(training=det.rpn_pre_nms[0], testing=det.rpn_pre_nms[1]),
+                         dict(training=det.rpn_post_nms, testing=det.rpn_post_nms), 0.7)
+
+    def compute_loss(self, objectness, deltas, labels, regression_targets):
+        pos, neg = (torch.cat(m) for m in self.fg_bg_sampler(labels))
+        norm = self.fg_bg_sampler.batch_size_per_image * len(labels)
+        sampled = (pos | neg).bool()
+        obj = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled],
+                                                 reduction='sum')
+        box = F.l1_loss(deltas[pos.bool()], torch.cat(regression_targets)[pos.bool()], reduction='sum')
+        return obj / norm, box / norm
+
+# -----------------------------------------------------------------------------
+# ROI heads: pooler, box heads, the cascade, the mask head
+
+
+def pool_rois(features, boxes, size, canonical=224):
+    """ROIAlignV2 over levels (detectron2's ROIPooler): features [p2, p3, p4, p5] (B, C, ., .) float32, boxes a list of
+    (R_i, 4) float32 per image -> (sum R_i, C, size, size). A box goes to level floor(4 + log2(sqrt(area) / canonical))
+    clamped to 2 ... 5 (FPN's rule); roi_align with aligned=True (half-pixel centres), sampling_ratio 0 (adaptive).
+    torchvision's MultiScaleRoIAlign is not aligned, hence this."""
+    rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), 1) for i, b in enumerate(boxes)])
+    side = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()
+    level = torch.floor(4 + torch.log2(side / canonical + 1e-8)).clamp(2, 5).long() - 2
+    out = features[0].new_zeros(len(rois), features[0].shape[1], size, size)
+    for i, f in enumerate(features):
+        idx = (level == i).nonzero().squeeze(1)
+        if len(idx):
+            out[idx] = roi_align(f, rois[idx], size, spatial_scale=1 / 2 ** (i + 2), sampling_ratio=0, aligned=True)
+    return out
+
+
+class BoxHead(nn.Sequential):
+    """4conv1fc with LayerNorm (ViTDet's cascade box head): 4 x (3x3 ConvNorm + ReLU), flatten, fc + ReLU."""
+
+    def __init__(self, cin, dim, fc, pool=7):
+        super().__init__()
+        for i in range(1, 5):
+            self.add_module(f'conv{i}', ConvNorm(cin if i == 1 else dim, dim, 3, relu=True))
+        self.flatten, self.fc1, self.fc_relu1 = nn.Flatten(), nn.Linear(dim * pool * pool, fc), nn.ReLU()
+        nn.init.kaiming_uniform_(self.fc1.weight, a=1)  # c2_xavier_fill
+        nn.init.zeros_(self.fc1.bias)
+
+
+class BoxPredictor(nn.Module):
+    """cls_score (K + 1, background last, as detectron2) and class-agnostic bbox_pred (4)."""
+
+    def __init__(self, fc, num_classes):
+        super().__init__()
+        self.cls_score, self.bbox_pred = nn.Linear(fc, num_classes + 1), nn.Linear(fc, 4)
+        for m, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
+
+
+class MaskHead(nn.Module):
+    """14x14 ROI features -> 28x28 mask logits for every class (B, K, 28, 28): 4 x (3x3 ConvNorm + ReLU), a 2x2
+    transposed conv + ReLU, a 1x1 predictor (detectron2's MaskRCNNConvUpsampleHead with LN)."""
+
+    def __init__(self, cin, dim, num_classes):
+        super().__init__()
+        for i in range(1, 5):
+            setattr(self, f'mask_fcn{i}', ConvNorm(cin if i == 1 else dim, dim, 3, relu=True))
+        self.deconv, self.predictor = nn.ConvTranspose2d(dim, dim, 2, 2), nn.Conv2d(dim, num_classes, 1)
+        nn.init.kaiming_normal_(self.deconv.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.zeros_(self.deconv.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x):
+        for i in range(1, 5):
+            x = getattr(self, f'mask_fcn{i}')(x)
+        return self.predictor(F.relu(self.deconv(x))).float()
+
+
+def scale_grad(x, s):
+    """x forward, s x its gradient backward (detectron2's _ScaleGradient): each cascade stage sends 1/3 of its gradient
+    into the shared features."""
+    return x * s + x.detach() * (1 - s)
+
+
+def match(boxes, target, iou, background):
+    """boxes (R, 4) against target['boxes'] (G, 4) at one IoU threshold, no low-quality matches (Cascade R-CNN's
+    stages) -> (labels (R,): the matched box's class or `background`, matched boxes (R, 4), matched index (R,) or -1)."""
+    if len(target['boxes']) == 0:
+        return (torch.full((len(boxes),), background, device=boxes.device), torch.zeros_like(boxes),
+                torch.full((len(boxes),), -1, device=boxes.device))
+    idx = Matcher(iou, iou, False)(box_iou(target['boxes'], boxes))  # -1: below iou
+    fg, safe = idx >= 0, idx.clamp(min=0)
+    return torch.where(fg, target['labels'][safe], background), target['boxes'][safe], torch.where(fg, idx, -1)
+
+
+def fed_loss_classes(gt_classes, num, num_classes, weight):
+    """LVIS's federated loss (Zhou et al. 2021, detectron2's get_fed_loss_classes): the classes present in the batch,
+    then classes drawn without replacement with probability ~ weight (image frequency ^ 0.5) up to `num`."""
+    present = gt_classes[gt_classes < num_classes].unique()
+    if len(present) >= num:
+        return present
+    prob = weight.float().clone()
+    prob[present] = 0
+    return torch.cat((present, torch.multinomial(prob, num - len(present), replacement=False)))
+
+
+class CascadeMaskRCNN(nn.Module):
+    """ViTDet backbone + simple feature pyramid + RPN + 3-stage cascade box heads + mask head (EVA-01's det model)."""
+
+    def __init__(self, det, fed_weight=None):
+        super().__init__()
+        self.config, K = det, det.num_classes
+        self.backbone = Backbone(det.backbone, det)
+        self.proposal_generator = RPN(det)
+        self.roi_heads = nn.Module()  # detectron2's nesting: roi_heads.box_head.k, box_predictor.k, mask_head
+        self.roi_heads.box_head = nn.ModuleList([BoxHead(det.pyramid_dim, det.head_dim, det.fc_dim)
+                                                 for _ in det.stage_ious])
+        self.roi_heads.box_predictor = nn.ModuleList([BoxPredictor(det.fc_dim, K) for _ in det.stage_ious])
+        self.roi_heads.mask_head = MaskHead(det.pyramid_dim, det.head_dim, K) if det.mask else None
+        # the stages' box coding: finer weights for the later, better-aligned stages (Cascade R-CNN)
+        self.box_coders = [BoxCoder((10.0 * (k + 1), 10.0 * (k + 1), 5.0 * (k + 1), 5.0 * (k + 1)), math.log(1000 / 16))
+                           for k in range(len(det.stage_ious))]
+        self.sampler = BalancedPositiveNegativeSampler(det.roi_batch, det.roi_positive)
+        self.register_buffer('fed_weight', fed_weight if fed_weight is not None else torch.ones(K), persistent=False)
+
+    def forward(self, images, sizes, targets=None):
+        """images (B, 3, S, S) normalised and zero-padded; sizes [(h, w)] of the images inside; targets per image:
+        {'boxes' (n, 4) x1y1x2y2 float32, 'labels' (n,) int64, 'masks' (n, S, S) bool (with the mask head)}.
+        Training -> {loss name: float32 scalar}; else per image {'boxes' (d, 4), 'scores' (d,), 'labels' (d,),
+        'masks' (d, 28, 28) probabilities of the box's class (with the mask head)}, boxes in the padded frame."""
+        sizes = [tuple(int(v) for v in s) for s in sizes]
+        p = self.backbone(images.to(self.backbone.net.pos_embed.dtype))
+        proposals, losses = self.proposal_generator(ImageList(images, sizes), p, targets)
+        features = [p[f'p{i}'].float() for i in (2, 3, 4, 5)]  # ROIAlign and what follows in float32 (boxes!)
+        if not self.training:
+            return self.detect(features, proposals, sizes)
+        losses = {'loss_rpn_cls': losses['loss_objectness'], 'loss_rpn_loc': losses['loss_rpn_box_reg']}
+        K = self.config.num_classes
+        # stage 1's proposals: the RPN's plus the ground truth, matched at IoU 0.5, 512 sampled at 25% foreground
+        boxes, matched = [], []
+        for props, t in zip(proposals, targets):
+            props = torch.cat((props, t['boxes']))
+            labels, _, idx = match(props, t, self.config.stage_ious[0], K)
+            pos, neg = self.sampler([(labels < K).long()])  # one image: 1 foreground, 0 background
+            keep = (pos[0] | neg[0]).nonzero().squeeze(1)
+            boxes.append(props[keep])
+            matched.append(idx[keep])
+        first = (boxes, matched)
+        for k, (head, predictor, coder) in enumerate(zip(self.roi_heads.box_head, self.roi_heads.box_predictor,
+                                                         self.box_coders)):
+            if k:  # the previous stage's boxes, clipped, empty ones dropped, re-matched at this stage's IoU (no sampling)
+                boxes = [clip_boxes_to_image(b.detach(), s) for b, s in zip(boxes, sizes)]
+                boxes = [b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])] for b in boxes]
+                matched = [match(b, t, self.config.stage_ious[k], K)[2] for b, t in zip(boxes, targets)]
+            x = scale_grad(pool_rois(features, boxes, 7, self.config.canonical_box), 1 / len(self.box_coders))
+            logits, deltas = predictor(head(x.to(head.conv1.weight.dtype)))
+            labels = torch.cat([torch.where(m >= 0, t['labels'][m.clamp(min=0)], K) if len(t['labels'])
+                                else torch.full_like(m, K) for m, t in zip(matched, targets)])
+            gt = torch.cat([t['boxes'][m.clamp(min=0)] if len(t['boxes']) else torch.zeros(len(m), 4, device=m.device)
+                            for m, t in zip(matched, targets)])
+            cat = torch.cat(boxes)
+            losses[f'loss_cls_stage{k}'] = self.classification_loss(logits, labels)
+            fg = labels < K  # class-agnostic L1 over the foreground, divided by all sampled boxes (detectron2)
+            losses[f'loss_box_reg_stage{k}'] = F.l1_loss(deltas[fg], coder.encode_single(gt[fg], cat[fg]),
+                                                         reduction='sum') / max(len(labels), 1)
+            boxes = coder.decode_single(deltas.detach(), cat).split([len(b) for b in boxes])
+        if self.roi_heads.mask_head is not None:
+            losses['loss_mask'] = self.mask_loss(features, *first, targets)
+        return losses
+
+    def classification_loss(self, logits, labels):
+        """Softmax cross-entropy over K + 1 (mean), or for LVIS sigmoid BCE over the K classes, summed over the
+        federated classes and divided by the boxes (detectron2's sigmoid_cross_entropy_loss)."""
+        if not self.config.sigmoid_ce:
+            return F.cross_entropy(logits, labels)
+        K = self.config.num_classes
+        target = F.one_hot(labels, K + 1)[:, :K].float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, :K], target, reduction='none')
+        if self.config.fed_classes:
+            keep = torch.zeros(K + 1, device=logits.device)
+            keep[fed_loss_classes(labels, self.config.fed_classes, K, self.fed_weight)] = 1
+            loss = loss * keep[:K]
+        return loss.sum() / max(len(labels), 1)
+
+    def mask_loss(self, features, boxes, matched, targets):
+        """BCE of the ground-truth class's 28x28 logits on stage 1's foreground proposals; the target is the matched
+        mask cut to the proposal by ROIAlignV2 and thresholded at 0.5 (detectron2's mask_rcnn_loss, bitmasks)."""
+        fg_boxes, masks, classes = [], [], []
+        for b, m, t in zip(boxes, matched, targets):
+            b, m = b[m >= 0], m[m >= 0]
+            fg_boxes.append(b)
+            rois = torch.cat((m[:, None].to(b.dtype), b), 1)
+            masks.append(roi_align(t['masks'][:, None].float(), rois, 28, 1.0, 0, aligned=True)[:, 0] >= 0.5)
+            classes.append(t['labels'][m])
+        head = self.roi_heads.mask_head
+        logits = head(pool_rois(features, fg_boxes, 14, self.config.canonical_box).to(head.predictor.weight.dtype))
+        if len(logits) == 0:
+            return logits.sum() * 0
+        logits = logits[torch.arange(len(logits), device=logits.device), torch.cat(classes)]
+        return F.binary_cross_entropy_with_logits(logits, torch.cat(masks).float())
+
+    @torch.no_grad()
+    def detect(self, features, proposals, sizes):
+        """The three stages in a row on each image's proposals; class probabilities averaged over the stages, boxes
+        from the last (detectron2's cascade inference); then per class NMS or soft-NMS, the mask head on the kept boxes,
+        maskness."""
+        det, K = self.config, self.config.num_classes
+        boxes, probs = list(proposals), []
+        for head, predictor, coder in zip(self.roi_heads.box_head, self.roi_heads.box_predictor, self.box_coders):
+            x = pool_rois(features, boxes, 7, det.canonical_box)
+            logits, deltas = predictor(head(x.to(head.conv1.weight.dtype)))
+            probs.append(logits.sigmoid() if det.sigmoid_ce else logits.softmax(-1))
+            boxes = [clip_boxes_to_image(b, s) for b, s in
+                     zip(coder.decode_single(deltas, torch.cat(boxes)).split([len(b) for b in boxes]), sizes)]
+        probs = (sum(probs) / len(probs))[:, :K].split([len(b) for b in boxes])
+        out = []
+        for b, pr in zip(boxes, probs):
+            ok = b.isfinite().all(1) & pr.isfinite().all(1)
+            b, pr = b[ok], pr[ok]
+            i, c = (pr > det.score_thresh).nonzero().unbind(1)  # candidates: (box, class) pairs
+            bc, sc = b[i], pr[i, c]
+            if det.soft_nms > 0:
+                keep, sc = soft_nms(bc, sc, c, det.soft_nms, per_class=det.max_dets)
+            else:
+                keep = batched_nms(bc, sc, c, det.nms)[:det.max_dets]
+                sc = sc[keep]
+            out.append({'boxes': bc[keep], 'scores': sc, 'labels': c[keep]})
+        if self.roi_heads.mask_head is not None:
+            head = self.roi_heads.mask_head
+            logits = head(pool_rois(features, [o['boxes'] for o in out], 14, det.canonical_box)
+                          .to(head.predictor.weight.dtype))
+            labels = torch.cat([o['labels'] for o in out])
+            masks = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+            for o, m in zip(out, masks.split([len(o['boxes']) for o in out])):
+                o['masks'] = m
+                if det.maskness > 0:
+                    o['scores'] = o['scores'] * maskness(m, det.maskness)
+        return out
+
+
+def maskness(masks, thresh=0.5):
+    """masks (n, 28, 28) probabilities -> (n,): the mean probability over the pixels above thresh, 0 where none
+    (SOLOv2's maskness, EVA-01's cascade_rcnn.py: a detection's score is multiplied by it)."""
+    above = masks > thresh
+    return (masks * above).sum((1, 2)) / above.sum((1, 2)).clamp(min=1)
+
+
+def soft_nms(boxes, scores, classes, iou=0.6, min_score=1e-3, per_class=0):
+    """Linear soft-NMS (Bodla et al. 2017) within each class, as mmcv's soft_nms that EVA-01 calls (all classes in one
+    call, kept apart by coordinate offsets): repeatedly keep the highest remaining box and multiply the score of every
+    other box of its class that overlaps it by more than `iou` by (1 - IoU); boxes below min_score leave (those under it
+    at the start on mmcv's first pass). boxes (N, 4), scores (N,), classes (N,) -> (kept indices, their decayed scores),
+    by class then selection order; per_class > 0 keeps the first per_class of each class (COCOeval reads no more than
+    100 per image and class: the AP is unchanged). All classes run at once: one step per rank within a class."""
+    keep0 = (scores >= min_score).nonzero().squeeze(1)
+    if len(keep0) == 0:
+        return keep0, scores[keep0]
+    cls, inv = classes[keep0].unique(return_inverse=True)
+    counts = torch.bincount(inv, minlength=len(cls))
+    order = torch.argsort(inv, stable=True)  # grouped by class
+    rank = torch.arange(len(keep0), device=boxes.device) - (counts.cumsum(0) - counts)[inv[order]]
+    M = int(counts.max())
+    idx = torch.full((len(cls), M), -1, dtype=torch.long, device=boxes.device)  # (C, M) padded candidates per class
+    idx[inv[order], rank] = keep0[order]
+    valid = idx >= 0
+    b = boxes[idx.clamp(min=0)]  # (C, M, 4)
+    s = torch.where(valid, scores[idx.clamp(min=0)].float(), torch.zeros((), device=boxes.device))
+    ious = _pairwise_iou(b)  # (C, M, M)
+    alive, kept, kept_scores = valid.clone(), [], []
+    rows = torch.arange(len(cls), device=boxes.device)
+    for _ in range(M if per_class <= 0 else min(M, per_class)):
+        cur = torch.where(alive, s, torch.full_like(s, -1.0))
+        best, j = cur.max(1)  # (C,)
+        took = best >= 0
+        kept.append(torch.where(took, idx[rows, j], -1))
+        kept_scores.append(best)
+        alive[rows, j] = False
+        o = ious[rows, j]  # (C, M): IoU with the box just kept
+        s = torch.where(alive & took[:, None] & (o > iou), s * (1 - o), s)
+        alive &= s >= min_score
+        if not alive.any():
+            break
+    kept, kept_scores = torch.stack(kept, 1).flatten(), torch.stack(kept_scores, 1).flatten()  # class-major
+    return kept[kept >= 0], kept_scores[kept >= 0]
+
+
+def _pairwise_iou(b):
+    """b (C, M, 4) -> (C, M, M) IoU within each row."""
+    area = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lt, rb = torch.max(b[:, :, None, :2], b[:, None, :, :2]), torch.min(b[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
+
+# -----------------------------------------------------------------------------
+# loading and optimizer groups
+
+
+def load_backbone(model, path_or_state_dict):
+    """An encoder checkpoint (ideally `python model.py psz14to16` output, as EVA-01; a patch-14 one is resized the same
+    way on the fly) into model.backbone.net with load_pretrained's checks: only the new relative-position tables may be
+    missing."""
+    net = model.backbone.net
+    return load_pretrained(net, path_or_state_dict, allowed_missing=tuple(k for k in net.state_dict() if '.rel_pos_' in k))
+
+
+# detectron2's names (EVA-01's released eva_coco_det.pth / eva_coco_seg.pth / eva_lvis.pth, from its module
+# definitions; not checked against the files, which are 4 GB) -> ours, where they differ: torchvision's RPN head
+D2_KEYS = ((r'^proposal_generator\.rpn_head\.conv\.conv(\d)\.', r'proposal_generator.head.conv.\1.0.'),
+           (r'^proposal_generator\.rpn_head\.objectness_logits\.', 'proposal_generator.head.cls_logits.'),
+           (r'^proposal_generator\.rpn_head\.anchor_deltas\.', 'proposal_generator.head.bbox_pred.'))
+
+
+def load_detectron2(model, path):
+    """A whole detector in detectron2's layout (weights under 'model'; EVA-01's released files) through D2_KEYS. Every
+    tensor must fit by name and shape (the relative-position tables are sized for the training square: build the model
+    at that img_size, 1280 for EVA-01's); else one error lists what does not."""
+    ckpt = read_checkpoint(path)
+    sd = {}
+    for k, v in ckpt.get('model', ckpt).items():
+        if k not in ('pixel_mean', 'pixel_std'):  # detectron2 keeps its normalisation as buffers
+            for a, b in D2_KEYS:
+                k = re.sub(a, b, k)
+            sd[k] = v
+    target = model.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(target[k].shape)}" for k, v in sd.items()
+           if k in target and v.shape != target[k].shape]
+    bad += [f"{k}: not in the model" for k in sd if k not in target]
+    bad += [f"{k}: not in the file" for k in target if k not in sd]
+    if bad:
+        raise ValueError(f"{path} does not fit the detector ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
+    model.load_state_dict(sd)
+    print(f"load_detectron2: {len(sd)} tensors from {path}")
+
+
+def param_groups(model, weight_decay, layer_decay):
+    """AdamW groups with 'lr_scale': layer_decay ** (depth + 1 - id), id 0 for the patch embedding and pos_embed, i + 1
+    for block i, depth + 1 for the pyramid and the heads (ViTDet's get_vit_lr_decay_rate); weight decay on every
+    parameter, norms, biases and pos_embed included (EVA-01's det config sets no exemption, unlike ViTDet's)."""
+    depth, groups = model.config.backbone.depth, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = depth + 1
+        if name.startswith(('backbone.net.pos_embed', 'backbone.net.patch_embed')):
+            layer = 0
+        elif name.startswith('backbone.net.blocks.'):
+            layer = int(name.split('.')[3]) + 1
+        scale = layer_decay ** (depth + 1 - layer)
+        groups.setdefault(scale, dict(params=[], weight_decay=weight_decay, lr_scale=scale))['params'].append(p)
+    return [groups[k] for k in sorted(groups)]

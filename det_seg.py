@@ -1,0 +1,337 @@
+"""
+Object detection and instance segmentation with an EVA backbone, the way EVA-01's det code does it (EVA paper,
+section 4.4): the encoder as a plain ViTDet backbone (patch 16, window attention in all blocks but every 4th,
+decomposed relative position, a simple feature pyramid) under a Cascade Mask R-CNN, trained with large-scale jitter
+at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COCO-format json. Modules: det_model.py.
+
+    python det_seg.py config/det_tiny.py                                             # CPU demo (synthetic scenes)
+    python model.py psz14to16 out/pretrain_eva_g/eva_mim.pt out/eva_psz16.pt         # the backbone at patch 16
+    torchrun --nproc_per_node 8 det_seg.py config/det_o365_eva_g.py --init_from=out/eva_psz16.pt
+    torchrun --nproc_per_node 8 det_seg.py config/det_coco_eva_g.py --init_from=out/det_o365/last.pt
+    python det_seg.py config/det_coco_eva_g.py --eval_only=True --init_from=eva_coco_det.pth --test_size=1536 \\
+        --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5                              # EVA-01's released evaluation
+
+Expected (EVA paper Tables 6-7, EVA-01 det/README.md): COCO val2017 64.2 box AP (det model) / 55.0 mask AP (seg
+model) at 1536 with soft-NMS and maskness (the paper's 64.5 uses test-time tricks the README leaves out); LVIS v1
+val 62.2 box / 55.0 mask AP. Writes out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed), out_dir/last.pt ({'model',
+'det_config', 'classes', ...}: init_from reads it) and out_dir/eval.json.
+"""
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+# common first: it sets OpenMP's wait policy, which torch's import fixes
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, ResumableSampler, Samples,
+                  collate_detection, make_loader, normalize_batch, train_batches, write_synthetic_scenes)
+from det_model import CascadeMaskRCNN, DetConfig, load_backbone, load_detectron2, param_groups
+from model import eva_config, read_checkpoint
+
+# -----------------------------------------------------------------------------
+# config: defaults are EVA-01's COCO recipe (det/projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_eva.py)
+# I/O
+out_dir = 'out/det_coco'  # checkpoints and log.jsonl; a run auto-resumes from here
+log_interval = 20  # steps between log lines
+eval_interval = 5000  # steps between COCO evaluations (and at the end); 0: only at the end
+eval_only = False  # evaluate init_from and exit
+stop_step = 0  # save and exit at this step (e.g. before a job's time limit); 0: run to the end
+save_interval = 1000  # steps between checkpoints (and at the end and at each evaluation)
+keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are deleted)
+wandb_project = ''  # '' disables wandb
+wandb_run_name = 'eva-det'  # wandb run name
+# data
+task = 'det'  # 'det': boxes and instance masks (semantic segmentation, 'seg', is part 2)
+train_json = 'data/coco/annotations/instances_train2017.json'  # COCO-format instances; 'synthetic': scenes
+train_images = 'data/coco/train2017'  # the folder the json's file_name entries are under (LVIS: data/coco)
+val_json = 'data/coco/annotations/instances_val2017.json'  # evaluated with COCOeval; 'synthetic': scenes
+val_images = 'data/coco/val2017'  # its images
+synthetic_dir = 'data/synthetic_scenes'  # 'synthetic': its PNGs and jsons, written there once
+synthetic_size = 512  # synthetic training scenes (and an eighth as many for validation)
+num_classes = 80  # categories of the json (COCO 80, LVIS 1203, Objects365 365)
+img_size = 1280  # LSJ: the square images are scaled around, cropped to and padded to
+test_size = 0  # longest side at test (0: img_size; EVA-01's released COCO / LVIS numbers: 1536)
+lsj_scale = (0.1, 2.0)  # LSJ's scale range
+num_workers = 8  # DataLoader workers per GPU
+# model
+model_size = 'eva_g'  # a key of model.SIZES (at patch 16)
+pretrain_img_size = 224  # the size pos_embed is for (14 x 14 at patch 16, the psz14to16 export's), resized per input
+init_from = ''  # an encoder (psz14to16 output) or a whole detector (last.pt, EVA-01's released .pth); '' = random
+drop_path = 0.6  # stochastic depth of the last block
+grad_checkpointing = True  # recompute blocks in backward: EVA-g at 1280 needs it
+window = 16  # window attention's side in tokens
+global_blocks = (3, 7, 11, 15, 19, 23, 27, 31, 35, 39)  # blocks attending globally
+masks = True  # the mask head (instance segmentation); False: boxes only (Objects365 has no masks)
+pyramid_dim = 256  # feature pyramid channels
+anchor_sizes = (32, 64, 128, 256, 512)  # RPN anchors on p2 ... p6
+rpn_batch = 256  # anchors sampled per image for the RPN loss
+rpn_pre_nms = (2000, 1000)  # proposals per level before NMS (training, testing)
+rpn_post_nms = 1000  # proposals per image after NMS
+roi_batch = 512  # proposals sampled per image for the cascade (25% foreground at most)
+head_dim = 256  # box and mask heads' convolutions
+fc_dim = 1024  # box heads' fc
+canonical_box = 224  # a box of this side is pooled from p4
+# test (the defaults are detectron2's; EVA-01's released COCO numbers: soft_nms 0.6, score_thresh 0, maskness 0.5)
+score_thresh = 0.05  # candidates above this class probability
+nms = 0.5  # per-class NMS IoU
+soft_nms = 0.0  # >0: linear soft-NMS at this IoU instead of NMS
+max_dets = 100  # detections per image (soft-NMS: per image and class)
+maskness = 0.0  # >0: scores rescored by their mask's mean probability above it
+# optimization
+batch_size = 64  # global batch (images)
+micro_batch = 1  # per GPU per forward; gradient accumulation fills the rest
+max_iters = 45_000  # optimizer steps
+lr_steps = (40_000,)  # the lr drops x0.1 at each
+warmup_iters = 500  # linear warmup ...
+warmup_factor = 0.001  # ... from lr x this
+lr = 2.5e-5  # peak learning rate (before layer decay)
+layer_decay = 0.9  # lr scale per block from the top: layer_decay ** (depth + 1 - layer)
+weight_decay = 0.1  # AdamW, on every parameter (EVA-01's det config exempts none)
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.999  # AdamW beta2
+eps = 1e-8  # AdamW epsilon
+grad_clip = 0.0  # global gradient-norm clip; 0 disables (EVA-01 used none)
+# system
+dtype = 'fp16'  # 'fp16' (dynamic loss scale), 'bf16' or 'fp32'; a CPU cannot run DeepSpeed fp16: fp32 there
+zero_stage = 1  # DeepSpeed ZeRO stage
+seed = 0  # init, data order and augmentation
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
+# -----------------------------------------------------------------------------
+rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+cuda = device.type == 'cuda'
+require_files(init_from=init_from, **{k: globals()[k] for k in ('train_json', 'val_json') if globals()[k] != 'synthetic'
+                                       and not (k == 'train_json' and eval_only)})
+if eval_only and not init_from:
+    config_error("eval_only needs --init_from=CHECKPOINT")
+if task != 'det':
+    config_error(f"task must be 'det' (semantic segmentation, 'seg', is not built yet), got {task!r}")
+dtype, model_dtype = resolve_dtype(dtype, cuda)
+config['dtype'] = dtype
+test_size = test_size or img_size
+
+# -----------------------------------------------------------------------------
+# data: LSJ crops padded to img_size x img_size, ImageNet mean / std in 0-255 units (detectron2's pixel_mean / std)
+if 'synthetic' in (train_json, val_json):
+    if rank == 0:
+        write_synthetic_scenes(synthetic_dir, synthetic_size, synthetic_size // 8, img_size, num_classes, seed)
+    dist.barrier()
+
+
+def coco_source(json_path, images, train):
+    if json_path == 'synthetic':
+        json_path, images = os.path.join(synthetic_dir, f"instances_{'train' if train else 'val'}.json"), synthetic_dir
+    try:
+        src = CocoDetection(json_path, images, masks=masks and train, train=train)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        config_error(f"{json_path}: {e}")
+    if len(src.categories) != num_classes:
+        config_error(f"{json_path} has {len(src.categories)} categories, num_classes={num_classes}")
+    return src
+
+
+val_src = coco_source(val_json, val_images, train=False)
+val_set = Samples(val_src, LargeScaleJitter(test_size, train=False), seed, joint=True)
+classes = [c['name'] for c in val_src.categories]
+micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
+config['micro_batch'] = micro_batch
+train_set, steps_per_epoch = None, 1
+if not eval_only:
+    train_set = Samples(coco_source(train_json, train_images, train=True), LargeScaleJitter(img_size, lsj_scale),
+                        seed, joint=True)
+    steps_per_epoch = len(train_set) // batch_size
+    if steps_per_epoch == 0:
+        config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
+    print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
+           f"{len(train_set):,} train / {len(val_set):,} val images at {img_size} (test {test_size}), "
+           f"{max_iters:,} steps ({max_iters / steps_per_epoch:.1f} epochs); dtype {dtype}, ZeRO-{zero_stage}")
+
+
+def to_device(batch, size):
+    """A collated batch -> (images (B, 3, S, S) normalised with the padding 0, sizes, targets on the device)."""
+    x = normalize_batch(batch['image'].to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    ar = torch.arange(size, device=device)
+    sizes = batch['sizes'].to(device)
+    inside = (ar[None, :, None] < sizes[:, 0, None, None]) & (ar[None, None, :] < sizes[:, 1, None, None])
+    targets = [{k: t[k].to(device) for k in ('boxes', 'labels', 'masks') if k in t} for t in batch['targets']]
+    return x * inside[:, None], batch['sizes'].tolist(), targets
+
+
+# -----------------------------------------------------------------------------
+# model: a whole detector from init_from (ours or detectron2's layout), or an encoder under a fresh detector
+torch.manual_seed(seed)
+backbone_cfg = eva_config(model_size, img_size=pretrain_img_size, patch_size=16, drop_path=drop_path, grad_checkpointing=grad_checkpointing)
+det_cfg = DetConfig(backbone=backbone_cfg, num_classes=num_classes, img_size=img_size, window=window,
+                    global_blocks=tuple(global_blocks), pyramid_dim=pyramid_dim, anchor_sizes=tuple(anchor_sizes),
+                    rpn_batch=rpn_batch, rpn_pre_nms=tuple(rpn_pre_nms), rpn_post_nms=rpn_post_nms,
+                    roi_batch=roi_batch, head_dim=head_dim, fc_dim=fc_dim, canonical_box=canonical_box, mask=masks,
+                    score_thresh=score_thresh, nms=nms, soft_nms=soft_nms, max_dets=max_dets, maskness=maskness)
+with torch.device(device):
+    model = CascadeMaskRCNN(det_cfg)
+if init_from:
+    ckpt = read_checkpoint(init_from)
+    sd = ckpt.get('model', ckpt)
+    if any(k.startswith('backbone.net.') for k in sd):
+        load_detectron2(model, init_from)
+    else:
+        load_backbone(model, ckpt)
+    del ckpt, sd  # GBs of host memory for EVA-g
+
+
+@torch.no_grad()
+def evaluate(net):
+    """COCO box (and mask) AP over the whole val set: each rank infers a disjoint share, predictions mapped back to
+    the original images (boxes / scale, masks pasted at the original size and RLE-encoded), gathered on rank 0, which
+    runs COCOeval (faster-coco-eval) against val_json. -> {'bbox': {AP, AP50, ...}, 'segm': {...}} on every rank."""
+    from faster_coco_eval.core import mask as mask_util
+    net.eval()
+    sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
+    results, unreadable = [], 0
+    for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda,
+                             collate_fn=functools.partial(collate_detection, size=test_size)):
+        x, sizes, _ = to_device(batch, test_size)
+        for out, t, skipped in zip(net(x, sizes), batch['targets'], batch['skipped'].tolist()):
+            unreadable += skipped
+            (sy, sx), (H, W) = t['scale'], t['orig_size']
+            boxes = out['boxes'] / torch.tensor([sx, sy, sx, sy], device=device)
+            boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, W), boxes[:, 1::2].clamp(0, H)
+            rles = []
+            if 'masks' in out and len(boxes):  # torchvision's paste (a 1-pixel border, bilinear) at the original size, >= 0.5
+                pasted = paste_masks_in_image(out['masks'][:, None], boxes, (H, W), padding=1)[:, 0] >= 0.5
+                rles = mask_util.encode(np.asfortranarray(pasted.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
+            for j, (b, s, c) in enumerate(zip(boxes.tolist(), out['scores'].tolist(), out['labels'].tolist())):
+                r = {'image_id': t['image_id'], 'category_id': val_src.categories[c]['id'], 'score': s,
+                     'bbox': [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                if rles:
+                    r['segmentation'] = {'size': rles[j]['size'], 'counts': rles[j]['counts'].decode()}
+                results.append(r)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (results, unreadable))
+    net.train()
+    metrics = {}
+    if rank == 0:
+        results, unreadable = [r for g in gathered for r in g[0]], sum(g[1] for g in gathered)
+        metrics = coco_eval(results)
+        metrics['images'], metrics['unreadable'] = len(val_set) - unreadable, unreadable
+    box = [metrics]
+    dist.broadcast_object_list(box)
+    return box[0]
+
+
+def coco_eval(results):
+    """COCOeval_faster's 12 numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) in %, for boxes
+    and, with masks, for masks; 0 when nothing was detected."""
+    from faster_coco_eval import COCO, COCOeval_faster
+    names = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+    gt = COCO(val_src.json_path)
+    out = {}
+    for kind in ('bbox', 'segm') if masks else ('bbox',):
+        if not results:
+            out[kind] = dict.fromkeys(names, 0.0)
+            continue
+        E = COCOeval_faster(gt, gt.loadRes(results), kind, print_function=lambda *a: None)
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+        out[kind] = {n: round(100 * float(v), 3) for n, v in zip(names, E.stats)}
+    return out
+
+
+def get_lr(step):
+    """Linear warmup from lr x warmup_factor, then steps of x0.1 at lr_steps (detectron2's WarmupParamScheduler over
+    a MultiStepParamScheduler)."""
+    f = 0.1 ** sum(step >= s for s in lr_steps)
+    if step < warmup_iters:
+        f *= warmup_factor + (1 - warmup_factor) * step / warmup_iters
+    return lr * f
+
+
+def report(metrics, step):
+    print0(f"step {step}: " + '  '.join(f"{k} AP {v['AP']:.2f} (AP50 {v['AP50']:.2f}, AP75 {v['AP75']:.2f})"
+                                          for k, v in metrics.items() if isinstance(v, dict)) +
+           f"  [{metrics['images']:,} images" + (f", {metrics['unreadable']} unreadable]" if metrics['unreadable']
+                                                 else ']'))
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'init_from': init_from, 'step': step, 'test_size': test_size, **metrics}, f, indent=1)
+
+
+if eval_only:
+    report(evaluate(model.to(model_dtype) if cuda else model), 0)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# engine, resume, log
+optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps,
+                              **({'fused': True} if cuda else {}))
+engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                         'steps_per_epoch': steps_per_epoch, 'total_steps': max_iters}, wandb_project, wandb_run_name)
+
+# -----------------------------------------------------------------------------
+# training loop
+data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed), micro_batch, grad_accum,
+                     steps_per_epoch, step, num_workers, cuda, collate_fn=functools.partial(collate_detection,
+                                                                                           size=img_size))
+sums = {}  # loss terms summed over the steps since the last log line
+bad = torch.zeros(2, device=device)  # (images skipped, annotations skipped)
+t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
+stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+while step < max_iters:
+    lr_now = get_lr(step)
+    for group in optimizer.param_groups:
+        group['lr'] = lr_now * group['lr_scale']
+    for _ in range(grad_accum):
+        batch = next(data)
+        x, sizes, targets = to_device(batch, img_size)
+        losses = engine(x, sizes, targets)
+        loss = sum(losses.values())
+        engine.backward(loss)
+        engine.step()
+        for k, v in {'loss': loss, **losses}.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        bad += torch.tensor([batch['skipped'].sum(), sum(t['dropped'] for t in batch['targets'])], device=device)
+    step += 1
+    n_logged += 1
+    if step % log_interval == 0 or step == max_iters:
+        names = list(sums)
+        stats = torch.cat((torch.stack([sums[k] for k in names]) / (n_logged * grad_accum), bad,
+                           torch.tensor([stop()], device=device)))
+        dist.all_reduce(stats)
+        stopping = stats[-1].item() > 0
+        img_s = n_logged * batch_size / (time.time() - t_log)
+        log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
+             **engine_stats(engine), 'img_s': round(img_s, 2), 'bad_samples': int(stats[-3].item()),
+             'eta_h': round((max_iters - step) * (time.time() - t_start) / (step - start_step) / 3600, 4),
+             **{k: round(stats[i].item() / world, 4) for i, k in enumerate(names) if i}, 'bad_anns': int(stats[-2])})
+        sums = {}
+        t_log, n_logged = time.time(), 0
+    evaluate_now = step == max_iters or (eval_interval and step % eval_interval == 0)
+    if evaluate_now:
+        metrics = evaluate(engine.module)
+        report(metrics, step)
+        log({'step': step, 'eval': metrics}, echo=False)
+    if step % save_interval == 0 or evaluate_now or step == stop_step or stopping:
+        sd = full_state_dict(engine)  # a collective: every rank
+        save_checkpoint(engine, out_dir, step, {'config': config},
+                        {'last.pt': {'model': sd, 'det_config': dataclasses.asdict(det_cfg), 'classes': classes,
+                                     'config': config, 'step': step}}, keep_ckpts)
+    if step == stop_step or stopping:
+        print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
+        break
+if step > start_step:
+    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {max_iters})")
+dist.barrier()
+dist.destroy_process_group()
