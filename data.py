@@ -476,12 +476,17 @@ class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler's split (a seeded permutation per epoch, padded by wrapping to a multiple of the
     world size, rank r takes every world-th index from r) that can start mid-epoch and stop early:
     set_epoch(epoch, start, stop) yields this rank's indices [start, stop) of that epoch. With pad=False (for
-    evaluation) nothing is repeated: the ranks together see each sample exactly once, the last ranks one fewer."""
+    evaluation) nothing is repeated: the ranks together see each sample exactly once, the last ranks one fewer.
+    repeat_factors (n,): LVIS's repeat-factor sampling (detectron2's RepeatFactorTrainingSampler): each epoch sample i
+    comes floor(r_i) times plus once more with probability frac(r_i), drawn from the epoch's seed; an epoch is
+    round(sum r) samples (the draw cut or wrapped to it), so that epochs keep one length and a resume its place."""
 
-    def __init__(self, n, num_replicas=1, rank=0, seed=0, shuffle=True, pad=True):
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, shuffle=True, pad=True, repeat_factors=None):
         self.n, self.num_replicas, self.rank, self.seed, self.shuffle = n, num_replicas, rank, seed, shuffle
-        self.pad = pad
-        self.per_rank = math.ceil(n / num_replicas) if pad else len(range(rank, n, num_replicas))
+        self.pad, self.repeat_factors = pad, repeat_factors
+        if repeat_factors is not None:
+            self.n = round(float(repeat_factors.sum()))
+        self.per_rank = math.ceil(self.n / num_replicas) if pad else len(range(rank, self.n, num_replicas))
         self.set_epoch(0)
 
     def set_epoch(self, epoch, start=0, stop=None):
@@ -489,8 +494,14 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.stop = self.per_rank if stop is None else min(stop, self.per_rank)
 
     def indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.repeat_factors is not None:
+            r = self.repeat_factors
+            reps = r.floor().long() + (torch.rand(len(r), generator=g) < r - r.floor()).long()
+            drawn = torch.repeat_interleave(torch.arange(len(r)), reps)
+            drawn = drawn[torch.randperm(len(drawn), generator=g)].tolist()
+            order = (drawn * (self.n // max(len(drawn), 1) + 1))[:self.n]
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -1066,6 +1077,17 @@ class CocoDetection:
         if self.masks:
             target['masks'] = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
         return img, target
+
+    def repeat_factors(self, threshold=0.001):
+        """(n,) LVIS's repeat factor per image (Gupta et al. 2019; detectron2's repeat_factors_from_category_frequency):
+        the max over its classes of max(1, sqrt(threshold / f_c)), f_c the fraction of these images showing class c."""
+        cats = [{self.cat_index[a['category_id']] for a in self.anns.get(im['id'], []) if a['category_id'] in
+                 self.cat_index} for im in self.images]
+        freq = torch.zeros(len(self.categories))
+        for c in cats:
+            freq[list(c)] += 1
+        rc = (threshold / (freq / len(self.images)).clamp(min=1e-12)).sqrt().clamp(min=1.0)
+        return torch.tensor([max((rc[c].item() for c in cs), default=1.0) for cs in cats])
 
     def image_counts(self):
         """Images per class (LVIS's categories carry image_count; else counted): the federated loss's frequencies."""

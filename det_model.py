@@ -574,26 +574,39 @@ D2_KEYS = ((r'^proposal_generator\.rpn_head\.conv\.conv(\d)\.', r'proposal_gener
            (r'^proposal_generator\.rpn_head\.anchor_deltas\.', 'proposal_generator.head.bbox_pred.'))
 
 
-def load_detectron2(model, path):
-    """A whole detector in detectron2's layout (weights under 'model'; EVA-01's released files) through D2_KEYS. Every
-    tensor must fit by name and shape (the relative-position tables are sized for the training square: build the model
-    at that img_size, 1280 for EVA-01's); else one error lists what does not."""
-    ckpt = read_checkpoint(path)
-    sd = {}
+def load_detectron2(model, path_or_ckpt):
+    """A whole detector in detectron2's layout (weights under 'model': ours, EVA-01's released files) through D2_KEYS.
+    What depends on the task is fitted: relative-position tables of another grid are resized linearly (ViTDet's rule),
+    class-dependent layers of another class count (cls_score, the mask predictor) start afresh, a missing mask head is
+    new (COCO from the boxes-only Objects365 model, as EVA-01). Anything else that does not fit is one error."""
+    path = path_or_ckpt if isinstance(path_or_ckpt, str) else 'the checkpoint'
+    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
+    target, sd, fresh, resized, bad = model.state_dict(), {}, [], [], []
     for k, v in ckpt.get('model', ckpt).items():
-        if k not in ('pixel_mean', 'pixel_std'):  # detectron2 keeps its normalisation as buffers
-            for a, b in D2_KEYS:
-                k = re.sub(a, b, k)
+        if k in ('pixel_mean', 'pixel_std'):  # detectron2 keeps its normalisation as buffers
+            continue
+        for a, b in D2_KEYS:
+            k = re.sub(a, b, k)
+        t = target.get(k)
+        if t is None:
+            bad.append(f"{k}: not in the model")
+        elif k.endswith(('.rel_pos_h', '.rel_pos_w')) and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
+            sd[k] = F.interpolate(v.float().T[None], size=t.shape[0], mode='linear')[0].T.to(v.dtype)
+            resized.append(k)
+        elif v.shape != t.shape and ('.cls_score.' in k or 'mask_head.predictor.' in k):
+            fresh.append(k)
+        elif v.shape != t.shape:
+            bad.append(f"{k}: file {tuple(v.shape)}, model {tuple(t.shape)}")
+        else:
             sd[k] = v
-    target = model.state_dict()
-    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(target[k].shape)}" for k, v in sd.items()
-           if k in target and v.shape != target[k].shape]
-    bad += [f"{k}: not in the model" for k in sd if k not in target]
-    bad += [f"{k}: not in the file" for k in target if k not in sd]
+    missing = [k for k in target if k not in sd and k not in fresh]
+    bad += [f"{k}: not in the file" for k in missing if not k.startswith('roi_heads.mask_head.')]
     if bad:
         raise ValueError(f"{path} does not fit the detector ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
-    model.load_state_dict(sd)
-    print(f"load_detectron2: {len(sd)} tensors from {path}")
+    model.load_state_dict(sd, strict=False)
+    print(f"load_detectron2: {len(sd)} tensors from {path}" + (f"; resized {len(resized)} relative-position tables"
+          if resized else '') + (f"; new for {model.config.num_classes} classes: {', '.join(fresh)}" if fresh else '')
+          + (f"; new mask head ({len(missing)} tensors)" if missing else ''))
 
 
 def param_groups(model, weight_decay, layer_decay):

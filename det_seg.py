@@ -8,6 +8,7 @@ at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COC
     python model.py psz14to16 out/pretrain_eva_g/eva_mim.pt out/eva_psz16.pt         # the backbone at patch 16
     torchrun --nproc_per_node 8 det_seg.py config/det_o365_eva_g.py --init_from=out/eva_psz16.pt
     torchrun --nproc_per_node 8 det_seg.py config/det_coco_eva_g.py --init_from=out/det_o365/last.pt
+    torchrun --nproc_per_node 8 det_seg.py config/det_lvis_eva_g.py --init_from=out/det_o365/last.pt
     python det_seg.py config/det_coco_eva_g.py --eval_only=True --init_from=eva_coco_det.pth --test_size=1536 \\
         --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5                              # EVA-01's released evaluation
 
@@ -60,6 +61,8 @@ num_classes = 80  # categories of the json (COCO 80, LVIS 1203, Objects365 365)
 img_size = 1280  # LSJ: the square images are scaled around, cropped to and padded to
 test_size = 0  # longest side at test (0: img_size; EVA-01's released COCO / LVIS numbers: 1536)
 lsj_scale = (0.1, 2.0)  # LSJ's scale range
+repeat_threshold = 0.0  # >0: LVIS's repeat-factor sampling at this class frequency (EVA-01's LVIS: 0.001)
+lvis_eval = False  # LVIS-style AP (federated: negative / not-exhaustive classes, APr / APc / APf), max_dets per image
 num_workers = 8  # DataLoader workers per GPU
 # model
 model_size = 'eva_g'  # a key of model.SIZES (at patch 16)
@@ -79,6 +82,8 @@ roi_batch = 512  # proposals sampled per image for the cascade (25% foreground a
 head_dim = 256  # box and mask heads' convolutions
 fc_dim = 1024  # box heads' fc
 canonical_box = 224  # a box of this side is pooled from p4
+sigmoid_ce = False  # per-class sigmoid cross-entropy in the box heads (LVIS) instead of softmax
+fed_classes = 0  # >0: the federated loss over this many classes per step, drawn by image frequency^0.5 (LVIS: 50)
 # test (the defaults are detectron2's; EVA-01's released COCO numbers: soft_nms 0.6, score_thresh 0, maskness 0.5)
 score_thresh = 0.05  # candidates above this class probability
 nms = 0.5  # per-class NMS IoU
@@ -143,11 +148,14 @@ val_set = Samples(val_src, LargeScaleJitter(test_size, train=False), seed, joint
 classes = [c['name'] for c in val_src.categories]
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
-train_set, steps_per_epoch = None, 1
+train_set, steps_per_epoch, fed_weight = None, 1, None
 if not eval_only:
-    train_set = Samples(coco_source(train_json, train_images, train=True), LargeScaleJitter(img_size, lsj_scale),
-                        seed, joint=True)
-    steps_per_epoch = len(train_set) // batch_size
+    train_src = coco_source(train_json, train_images, train=True)
+    train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
+    sampler = ResumableSampler(len(train_set), world, rank, seed, repeat_factors=train_src.repeat_factors(
+        repeat_threshold) if repeat_threshold > 0 else None)  # an epoch: len(train_set), or the repeats' sum
+    steps_per_epoch = sampler.n // batch_size
+    fed_weight = train_src.image_counts() ** 0.5 if fed_classes else None
     if steps_per_epoch == 0:
         config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
@@ -173,14 +181,16 @@ det_cfg = DetConfig(backbone=backbone_cfg, num_classes=num_classes, img_size=img
                     global_blocks=tuple(global_blocks), pyramid_dim=pyramid_dim, anchor_sizes=tuple(anchor_sizes),
                     rpn_batch=rpn_batch, rpn_pre_nms=tuple(rpn_pre_nms), rpn_post_nms=rpn_post_nms,
                     roi_batch=roi_batch, head_dim=head_dim, fc_dim=fc_dim, canonical_box=canonical_box, mask=masks,
-                    score_thresh=score_thresh, nms=nms, soft_nms=soft_nms, max_dets=max_dets, maskness=maskness)
+                    sigmoid_ce=sigmoid_ce, fed_classes=fed_classes, score_thresh=score_thresh, nms=nms,
+                    soft_nms=soft_nms, max_dets=max_dets, maskness=maskness)
 with torch.device(device):
-    model = CascadeMaskRCNN(det_cfg)
+    model = CascadeMaskRCNN(det_cfg, fed_weight)
 if init_from:
     ckpt = read_checkpoint(init_from)
     sd = ckpt.get('model', ckpt)
     if any(k.startswith('backbone.net.') for k in sd):
-        load_detectron2(model, init_from)
+        print0(f"init_from {init_from}: a whole detector")
+        load_detectron2(model, ckpt)
     else:
         load_backbone(model, ckpt)
     del ckpt, sd  # GBs of host memory for EVA-g
@@ -228,7 +238,9 @@ def evaluate(net):
 
 def coco_eval(results):
     """COCOeval_faster's 12 numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) in %, for boxes
-    and, with masks, for masks; 0 when nothing was detected."""
+    and, with masks, for masks; 0 when nothing was detected. lvis_eval: LVIS's rules (a detection of a class neither in
+    the image nor among its negative classes is not scored; not-exhaustive classes count no false positives), max_dets
+    per image, and APr / APc / APf in place of the ARs."""
     from faster_coco_eval import COCO, COCOeval_faster
     names = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
     gt = COCO(val_src.json_path)
@@ -237,11 +249,17 @@ def coco_eval(results):
         if not results:
             out[kind] = dict.fromkeys(names, 0.0)
             continue
-        E = COCOeval_faster(gt, gt.loadRes(results), kind, print_function=lambda *a: None)
+        E = COCOeval_faster(gt, gt.loadRes(results), kind, print_function=lambda *a: None, lvis_style=lvis_eval)
+        if lvis_eval:
+            E.params.maxDets = [max_dets]
         E.evaluate()
         E.accumulate()
         E.summarize()
-        out[kind] = {n: round(100 * float(v), 3) for n, v in zip(names, E.stats)}
+        out[kind] = {n: round(100 * float(v), 3) for n, v in zip(names[:6], E.stats)}
+        # LVIS style with one maxDets: all_stats = (AP ... APl, AR, 0, 0, ARs, ARm, ARl, AR50, AR75, APr, APc, APf)
+        out[kind].update({n: round(100 * float(E.all_stats[i]), 3) for n, i in (('APr', 14), ('APc', 15), ('APf', 16),
+                                                                                 ('AR', 6))} if lvis_eval else
+                         {n: round(100 * float(v), 3) for n, v in zip(names[6:], E.stats[6:])})
     return out
 
 
@@ -282,8 +300,7 @@ log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_ac
 
 # -----------------------------------------------------------------------------
 # training loop
-data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed), micro_batch, grad_accum,
-                     steps_per_epoch, step, num_workers, cuda, collate_fn=functools.partial(collate_detection,
+data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda, collate_fn=functools.partial(collate_detection,
                                                                                            size=img_size))
 sums = {}  # loss terms summed over the steps since the last log line
 bad = torch.zeros(2, device=device)  # (images skipped, annotations skipped)

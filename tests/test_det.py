@@ -389,3 +389,133 @@ def test_resume_gives_the_same_losses(demo):
     assert a.keys() == b.keys() and len(a) == 2
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), s
+
+
+def test_repeat_factors_by_hand_and_the_sampler_repeats_them(tmp_path):
+    """4 images: class 0 in all, class 1 in one (f = 1/4). threshold 1: r_0 = max(1, sqrt(1 / 1)) = 1,
+    r_1 = sqrt(1 / 0.25) = 2, so the image with class 1 repeats twice and the others once; at threshold 0.75,
+    r_1 = sqrt(3): once plus once more 73% of the epochs."""
+    images = [{'id': i, 'file_name': f'{i}.png', 'height': 8, 'width': 8} for i in range(4)]
+    anns = [{'id': i, 'image_id': i, 'category_id': 1, 'bbox': [0, 0, 4, 4], 'iscrowd': 0} for i in range(4)]
+    anns.append({'id': 9, 'image_id': 2, 'category_id': 7, 'bbox': [1, 1, 4, 4], 'iscrowd': 0})
+    path = tmp_path / 'lvis.json'
+    path.write_text(json.dumps({'images': images, 'annotations': anns,
+                                'categories': [{'id': 1, 'name': 'a'}, {'id': 7, 'name': 'b'}]}))
+    src = CocoDetection(str(path), str(tmp_path), masks=False)
+    torch.testing.assert_close(src.repeat_factors(1.0), torch.tensor([1.0, 1.0, 2.0, 1.0]))
+    r = src.repeat_factors(0.75)
+    torch.testing.assert_close(r, torch.tensor([1.0, 1.0, math.sqrt(3), 1.0]))
+    from data import ResumableSampler
+    sampler = ResumableSampler(4, repeat_factors=r)
+    assert sampler.n == 5 and len(sampler) == 5  # round(3 + 1.732)
+    twice = 0
+    for epoch in range(400):
+        sampler.set_epoch(epoch)
+        idx = sampler.indices()
+        assert len(idx) == 5 and set(idx) == {0, 1, 2, 3}  # a short draw (image 2 once) is wrapped to 5
+        twice += idx.count(2) >= 2 and idx.count(0) == 1  # image 2 drawn twice: nothing wrapped
+    assert abs(twice / 400 - (math.sqrt(3) - 1)) < 0.08
+    other = ResumableSampler(4, repeat_factors=r)
+    other.set_epoch(399)
+    assert other.indices() == idx  # the epoch's draw depends on (seed, epoch) only
+
+
+def test_lvis_style_evaluation_scores_only_the_federated_classes(tmp_path):
+    """faster-coco-eval's lvis_style, as det_seg's lvis_eval uses it: a detection of a class that is neither in the
+    image nor among its negative classes is not scored; one among the negatives is a false positive; APr / APc / APf
+    at all_stats[14:17]."""
+    from faster_coco_eval import COCO, COCOeval_faster
+    folder = write_synthetic_scenes(str(tmp_path / 'scenes'), 4, 8, img_size=64)
+    d = json.load(open(os.path.join(folder, 'instances_val.json')))
+    for c, f in zip(d['categories'], 'rcff'):
+        c['frequency'] = f
+    for im in d['images']:
+        im['neg_category_ids'], im['not_exhaustive_category_ids'] = [], []
+    present = {(a['image_id'], a['category_id']) for a in d['annotations']}
+    img, cat = next((im['id'], c['id']) for im in d['images'] for c in d['categories'] if (im['id'], c['id']) not in
+                    present)
+    path = tmp_path / 'lvis.json'
+    results = [{'image_id': a['image_id'], 'category_id': a['category_id'], 'bbox': a['bbox'], 'score': 0.5}
+               for a in d['annotations']]
+    wrong = {'image_id': img, 'category_id': cat, 'bbox': [0, 0, 20, 20], 'score': 0.9}
+
+    def ap(neg):
+        for im in d['images']:
+            im['neg_category_ids'] = [cat] if neg and im['id'] == img else []
+        path.write_text(json.dumps(d))
+        gt = COCO(str(path))
+        dts = json.loads(json.dumps(results + [wrong]))  # fresh dicts: the evaluator marks them
+        E = COCOeval_faster(gt, gt.loadRes(dts), 'bbox', lvis_style=True, print_function=lambda *a: None)
+        E.params.maxDets = [300]
+        E.evaluate(), E.accumulate(), E.summarize()
+        return E.all_stats  # with one maxDets: AP, AP50, AP75, APs, APm, APl, AR, 0, 0, ARs, ARm, ARl, AR50, AR75, APr, APc, APf
+    unscored, scored = ap(False), ap(True)
+    assert unscored[0] == pytest.approx(1.0) and scored[0] < 1.0
+    assert len(unscored) >= 17 and all(v == pytest.approx(1.0) or v == -1 for v in unscored[14:17])
+
+
+def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
+    """A boxes-only detector of 3 classes trained at 64 px (Objects365's role) into a mask detector of 4 classes at
+    128 px (COCO's): relative-position tables resized, cls_score and the mask head new, all else equal. The same file
+    with detectron2's RPN-head names (EVA-01's releases) loads the same; a backbone of another width is refused."""
+    from det_model import load_detectron2
+    from dataclasses import replace
+    torch.manual_seed(0)
+    src = CascadeMaskRCNN(replace(tiny(img_size=64, mask=False), num_classes=3))
+    randomise_rel_pos(src)
+    sd = {k: v for k, v in src.state_dict().items()}
+    d2 = {k.replace('proposal_generator.head.conv.0.0.', 'proposal_generator.rpn_head.conv.conv0.')
+           .replace('proposal_generator.head.conv.1.0.', 'proposal_generator.rpn_head.conv.conv1.')
+           .replace('proposal_generator.head.cls_logits.', 'proposal_generator.rpn_head.objectness_logits.')
+           .replace('proposal_generator.head.bbox_pred.', 'proposal_generator.rpn_head.anchor_deltas.'): v
+          for k, v in sd.items()}
+    assert sum('rpn_head' in k for k in d2) == 8  # 2 convs, objectness, deltas: weight and bias each
+    for name, state in (('ours.pt', {'model': sd}), ('d2.pth', {'model': {**d2, 'pixel_mean': torch.zeros(3)}})):
+        torch.save(state, tmp_path / name)
+        dst = CascadeMaskRCNN(tiny(img_size=128))
+        load_detectron2(dst, str(tmp_path / name))
+        got = dst.state_dict()
+        for k, v in sd.items():
+            if '.cls_score.' in k:
+                assert got[k].shape[0] == 5
+            elif 'rel_pos' in k and k.startswith('backbone.net.blocks.1.'):  # global: 2 x 4 - 1 -> 2 x 8 - 1 rows
+                ref = F.interpolate(v.T[None], size=15, mode='linear')[0].T
+                assert got[k].shape == (15, 16) and torch.equal(got[k], ref)
+            else:
+                assert torch.equal(got[k], v), k
+    wide = CascadeMaskRCNN(replace(tiny(), backbone=eva_config('eva_tiny', img_size=224, patch_size=16,
+                                                               embed_dim=32)))
+    with pytest.raises(ValueError, match='does not fit the detector'):
+        load_detectron2(wide, str(tmp_path / 'ours.pt'))
+
+
+def test_a_missing_image_is_skipped_and_a_class_count_mismatch_stops_the_run(tmp_path):
+    from data import Samples
+    folder = write_synthetic_scenes(str(tmp_path / 'scenes'), 16, 2, img_size=64)
+    os.remove(os.path.join(folder, 'train', '00003.png'))
+    src = CocoDetection(os.path.join(folder, 'instances_train.json'), folder)
+    ds = Samples(src, LargeScaleJitter(64), joint=True)
+    i = next(i for i in range(len(src)) if src.path(i).endswith('00003.png'))
+    assert ds[i]['skipped'] == 1 and ds[i - 1]['skipped'] == 0
+    js = os.path.join(folder, 'instances_train.json')
+    r = subprocess.run([sys.executable, 'det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}',
+                        f'--train_images={folder}', f'--val_images={folder}', '--num_classes=5',
+                        f'--out_dir={tmp_path}/out'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: {js} has 4 categories, num_classes=5"
+
+
+def test_eva_g_detector_shapes_on_the_meta_device():
+    """EVA-01's EVA-g ViTDet at 1280, built without memory: 40 blocks, global attention in 3, 7, ..., 39 with
+    relative-position tables for the 80 x 80 grid (159 rows), 16 x 16 windows elsewhere (31 rows), head dim 88; the
+    14 x 14 pos_embed; the frozen patch-16 kernel."""
+    with torch.device('meta'):
+        model = CascadeMaskRCNN(DetConfig(backbone=eva_config('eva_g', patch_size=16), num_classes=80, img_size=1280))
+    net = model.backbone.net
+    assert [i for i, b in enumerate(net.blocks) if b.window == 0] == list(range(3, 40, 4))
+    assert net.blocks[3].attn.rel_pos_h.shape == (159, 88) and net.blocks[0].attn.rel_pos_w.shape == (31, 88)
+    assert net.pos_embed.shape == (1, 197, 1408) and net.patch_embed.proj.weight.shape == (1408, 3, 16, 16)
+    assert not net.patch_embed.proj.weight.requires_grad
+    assert model.roi_heads.box_predictor[0].cls_score.out_features == 81
+    encoder = sum(p.numel() for n, p in net.named_parameters() if 'rel_pos' not in n)
+    assert encoder == 1_011_146_112 - 2 * 1408 - 1408 + (16 * 16 - 14 * 14) * 3 * 1408 - (257 - 197) * 1408
