@@ -214,20 +214,15 @@ class SimpleFeaturePyramid(nn.Module):
         return p
 
 
-class Backbone(nn.Module):
+class Backbone(SimpleFeaturePyramid):
     """backbone.net (the ViT) + backbone.simfp_* (the pyramid), detectron2's nesting, so that keys line up."""
 
     def __init__(self, cfg, det):
-        super().__init__()
+        super().__init__(cfg.embed_dim, det.pyramid_dim)
         self.net = ViTDet(cfg, det)
-        pyramid = SimpleFeaturePyramid(cfg.embed_dim, det.pyramid_dim)
-        for name, m in pyramid.named_children():
-            setattr(self, name, m)
-
-    forward_pyramid = SimpleFeaturePyramid.forward
 
     def forward(self, x):
-        return self.forward_pyramid(self.net(x))
+        return super().forward(self.net(x))
 
 # -----------------------------------------------------------------------------
 # RPN: torchvision's, with detectron2's anchors and loss

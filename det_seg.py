@@ -113,8 +113,8 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
-require_files(init_from=init_from, **{k: globals()[k] for k in ('train_json', 'val_json') if globals()[k] != 'synthetic'
-                                       and not (k == 'train_json' and eval_only)})
+require_files(init_from=init_from, train_json=train_json if train_json != 'synthetic' and not eval_only else '',
+              val_json=val_json if val_json != 'synthetic' else '')  # '' is not checked
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
 if task != 'det':
