@@ -168,13 +168,18 @@ def atomic_save(obj, path):
 
 def full_state_dict(engine):
     """The fp32 weights by name on rank 0, None elsewhere: a collective (ZeRO partitions the master copies). Without
-    one (frozen; no ZeRO: in fp32 the weights are the master, in fp16 it is one flat buffer) the weights, in fp32."""
+    one (frozen; no ZeRO: in fp32 the weights are the master, in fp16 it is one flat buffer) the weights, in fp32.
+    Persistent buffers (BatchNorm's running statistics) are rank 0's, floating ones in fp32."""
     from deepspeed.utils import safe_get_full_fp32_param
-    sd = {}
+    sd, rank0 = {}, dist.get_rank() == 0
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        sd[name] = (full if full is not None else p.detach()).float().cpu().clone() if dist.get_rank() == 0 else None
-    return sd if dist.get_rank() == 0 else None
+        sd[name] = (full if full is not None else p.detach()).float().cpu().clone() if rank0 else None
+    if rank0:
+        persistent = engine.module.state_dict().keys()
+        sd.update({n: (b.float() if b.is_floating_point() else b).cpu().clone() for n, b in engine.module.named_buffers()
+                   if n in persistent})
+    return sd if rank0 else None
 
 
 def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):

@@ -1176,13 +1176,15 @@ def collate_detection(samples, size):
 
 
 def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, num_classes=4, seed=0):
-    """The synthetic detection set, written once: folder/{train,val}/NNNNN.png and instances_{train,val}.json (COCO
-    format, RLE masks). A scene is 1-4 shapes of SyntheticShapes' first num_classes kinds, each of its own colour and
-    size, on a textured background; later shapes occlude earlier ones, whose mask and box keep only the visible pixels
-    (an object with under a quarter of itself left is dropped). Skipped when folder/meta.json says it holds this set.
-    -> folder."""
+    """The synthetic detection and segmentation set, written once: folder/{train,val}/NNNNN.png, instances_{train,val}
+    .json (COCO format, RLE masks) and {train,val}_labels/NNNNN.png (semantic labels: 0 background, shape k -> k + 1).
+    A scene is 1-4 shapes of SyntheticShapes' first num_classes kinds, each of its own colour and size, on a textured
+    background; later shapes occlude earlier ones, whose mask and box keep only the visible pixels (an instance with
+    under a quarter of itself left is dropped; the label map keeps every visible pixel). Skipped when folder/meta.json
+    says it holds this set. -> folder."""
     from faster_coco_eval.core import mask as mask_util
-    meta = dict(train_size=train_size, val_size=val_size, img_size=img_size, num_classes=num_classes, seed=seed)
+    meta = dict(train_size=train_size, val_size=val_size, img_size=img_size, num_classes=num_classes, seed=seed,
+                labels=True)
     if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
         return folder
     S, tmp = img_size, folder.rstrip('/') + f'.tmp{os.getpid()}'
@@ -1190,10 +1192,12 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
     categories = [{'id': k + 1, 'name': name} for k, name in enumerate(SyntheticShapes.SHAPES[:num_classes])]
     for split, n in (('train', train_size), ('val', val_size)):
         os.makedirs(os.path.join(tmp, split))
+        os.makedirs(os.path.join(tmp, split + '_labels'))
         images, anns, shapes.seed = [], [], seed + 1000 * (split == 'val')
         for i in range(n):
             rng = np.random.default_rng([seed, split == 'val', i, 13])
             img, objs = shapes._background(shapes._params(i)), []
+            label = np.zeros((S, S), np.uint8)
             for _ in range(int(rng.integers(1, 5))):
                 p = dict(label=int(rng.integers(num_classes)), r=rng.uniform(0.1, 0.22) * S)
                 cx, cy = rng.uniform(p['r'], S - p['r'], 2)
@@ -1205,8 +1209,10 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
                 for o in objs:  # the new shape hides what it covers of the earlier ones
                     o['mask'] &= ~m
                 objs.append({'label': p['label'], 'mask': m, 'full': m.sum()})
+                label[m] = p['label'] + 1
             name = os.path.join(split, f'{i:05d}.png')
             img.save(os.path.join(tmp, name))
+            Image.fromarray(label).save(os.path.join(tmp, split + '_labels', f'{i:05d}.png'))
             images.append({'id': i + 1, 'file_name': name, 'height': S, 'width': S})
             for o in objs:
                 if o['mask'].sum() < 0.25 * o['full']:
@@ -1224,3 +1230,166 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+# -----------------------------------------------------------------------------
+# semantic segmentation (EVA-01 seg, an mmseg 0.20 pipeline): image + label-PNG folders, the training augmentation
+
+# COCO-Stuff-164K's raw label PNGs (stuffthingmaps_trainval2017) hold ids 0-181, 255 unlabeled; 11 thing ids are never
+# used (COCO's missing 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91, 1-based): mmseg's convert_datasets/coco_stuff164k.py
+# maps the other 171 in order to train ids 0-170, the rest to 255
+COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+
+
+def label_lut(mode):
+    """A 256-entry table from a label PNG's values to train ids (255: ignored): None identity, 'reduce_zero_label'
+    (ADE20K: 0 'other' -> 255, k -> k - 1, as mmseg), 'cocostuff' (the 182 raw ids -> 171)."""
+    lut = torch.arange(256, dtype=torch.uint8)
+    if mode == 'reduce_zero_label':
+        lut = torch.cat((torch.tensor([255]), torch.arange(255))).to(torch.uint8)
+        lut[255] = 255
+    elif mode == 'cocostuff':
+        used = [i for i in range(182) if i not in COCO_STUFF_UNUSED]
+        lut = torch.full((256,), 255, dtype=torch.uint8)
+        lut[used] = torch.arange(len(used), dtype=torch.uint8)
+    elif mode is not None:
+        raise ValueError(f"label_map must be None, 'reduce_zero_label' or 'cocostuff', got {mode!r}")
+    return lut
+
+
+class SegFiles:
+    """Semantic segmentation as mmseg's CustomDataset lays it out: img_dir/<name>.<jpg, png, ...> with
+    ann_dir/<name><ann_suffix> (one class index per pixel, 255 ignored; ADE20K '.png', mmseg-converted COCO-Stuff
+    '_labelTrainIds.png', raw COCO-Stuff '.png' with label_map='cocostuff'), subfolders included. load(i) -> (uint8
+    image (3, H, W), uint8 label (H, W) in train ids). An image without its label, or a label without its image, is
+    left out, named and counted (`unpaired`); a label of another size than its image, not single-channel, or with
+    class ids >= num_classes other than 255 is an error for Samples to skip and count."""
+
+    def __init__(self, img_dir, ann_dir, num_classes, label_map=None, ann_suffix='.png'):
+        def scan(root, keep):
+            found = {}
+            for d, _, files in os.walk(root):
+                for f in files:
+                    if keep(f):
+                        found[os.path.relpath(os.path.join(d, f), root)] = os.path.join(d, f)
+            return found
+        for d in (img_dir, ann_dir):
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"segmentation folder not found: {d}")
+        imgs = {os.path.splitext(k)[0]: v for k, v in scan(img_dir, lambda f: f.lower().endswith(IMAGE_EXTENSIONS)).items()}
+        anns = {k[:-len(ann_suffix)]: v for k, v in scan(ann_dir, lambda f: f.endswith(ann_suffix)).items()}
+        self.names = sorted(imgs.keys() & anns.keys())
+        if not self.names:
+            raise ValueError(f"no image in {img_dir} has a label {ann_dir}/<name>{ann_suffix} ({len(imgs)} images, "
+                             f"{len(anns)} labels)")
+        self.unpaired = sorted(imgs.keys() ^ anns.keys())
+        if self.unpaired:
+            print(f"warning: {len(self.unpaired)} of {img_dir} / {ann_dir} have no image or no label, left out: "
+                  f"{', '.join(self.unpaired[:5])}" + (' ...' if len(self.unpaired) > 5 else ''), file=sys.stderr)
+        self.images, self.anns = [imgs[n] for n in self.names], [anns[n] for n in self.names]
+        self.num_classes, self.lut = num_classes, label_lut(label_map)
+
+    def __len__(self):
+        return len(self.names)
+
+    def name(self, i):
+        return self.images[i]
+
+    def load(self, i):
+        img = read_rgb(self.images[i])
+        with Image.open(self.anns[i]) as im:
+            if im.mode not in ('L', 'P'):
+                raise ValueError(f"label {self.anns[i]} is {im.mode}, not single-channel class indices")
+            label = self.lut[torch.from_numpy(np.array(im, dtype=np.uint8)).long()]
+        if label.shape != img.shape[1:]:
+            raise ValueError(f"label {self.anns[i]} is {tuple(label.shape)}, its image {tuple(img.shape[1:])}")
+        bad = label.unique()
+        bad = bad[(bad >= self.num_classes) & (bad != 255)]
+        if len(bad):
+            raise ValueError(f"label {self.anns[i]} has class ids {bad.tolist()[:5]} >= num_classes {self.num_classes}")
+        return img, label
+
+    def check(self, n=8):
+        """Reads n labels spread over the set; if none loads the set itself is wrong (a wrong folder, label_map or
+        num_classes): one error naming the first problem, before training starts."""
+        errors = []
+        for i in np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(int):
+            try:
+                return self.load(int(i))
+            except Exception as e:
+                errors.append(e)
+        raise ValueError(f"none of {len(errors)} samples loads: {errors[0]}")
+
+
+class SegAugment:
+    """(uint8 image (3, H, W), uint8 label (H, W)) -> the same at crop x crop: EVA-01 seg's training pipeline (mmseg
+    0.20). Resize: r ~ U(ratio), the image scaled by min(scale[0] r / long side, scale[1] r / short side) (mmcv's
+    keep-ratio rescale), bilinear without antialiasing (cv2's), labels nearest; RandomCrop: offsets uniform, redrawn up
+    to 10 times while one class covers >= cat_max_ratio of the crop's labelled pixels (or it shows a single class);
+    flip (p 0.5); PhotoMetricDistortion; padding to crop x crop (image: the mean colour, label 255). The colour steps round to uint8
+    after each, as mmseg; saturation is torchvision's blend with the grey image where mmseg scales S in HSV."""
+
+    def __init__(self, crop=896, scale=(3584, 896), ratio=(0.5, 2.0), cat_max_ratio=0.75):
+        self.crop, self.scale, self.ratio, self.cat_max_ratio = crop, scale, ratio, cat_max_ratio
+
+    def __call__(self, sample):
+        from torchvision.transforms.v2 import InterpolationMode, functional as TF
+        img, label = sample
+        H, W = img.shape[1:]
+        r = self.ratio[0] + (self.ratio[1] - self.ratio[0]) * torch.rand(()).item()
+        f = min(int(self.scale[0] * r) / max(H, W), int(self.scale[1] * r) / min(H, W))
+        h, w = int(H * f + 0.5), int(W * f + 0.5)
+        img = TF.resize(img, [h, w], antialias=False)
+        label = TF.resize(label[None], [h, w], InterpolationMode.NEAREST)[0]
+        c = self.crop
+        for attempt in range(11):  # mmseg: 10 tries, then the 11th draw whatever it shows
+            top, left = (int(torch.randint(max(s - c, 0) + 1, ())) for s in (h, w))
+            if attempt == 10 or self.cat_max_ratio >= 1:
+                break
+            counts = label[top:top + c, left:left + c].flatten().bincount(minlength=256)[:255]
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+        img, label = img[:, top:top + c, left:left + c], label[top:top + c, left:left + c]
+        if torch.rand(()) < 0.5:
+            img, label = img.flip(-1), label.flip(-1)
+        img = photometric_distortion(img)
+        # mmseg pads after Normalize with 0, i.e. the mean colour: the uint8 mean here (normalised: 0 within 1/255)
+        out_img = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)[:, None, None].repeat(1, c, c)
+        out_label = torch.full((c, c), 255, dtype=torch.uint8)
+        out_img[:, :img.shape[1], :img.shape[2]], out_label[:label.shape[0], :label.shape[1]] = img, label
+        return out_img, out_label
+
+
+def photometric_distortion(img):
+    """mmseg's PhotoMetricDistortion on a uint8 (3, H, W) image, each step with p 0.5: brightness + U(-32, 32); contrast
+    x U(0.5, 1.5) (before or after the next two, p 0.5); saturation x U(0.5, 1.5); hue + U{-18 ... 17} of OpenCV's
+    180-step circle."""
+    from torchvision.transforms.v2 import functional as TF
+
+    def coin():
+        return torch.rand(()) < 0.5
+
+    def uniform(a, b):
+        return a + (b - a) * torch.rand(()).item()
+
+    def convert(x, alpha=1.0, beta=0.0):  # mmseg's convert: float, clip to 0-255, truncate to uint8
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+    if coin():
+        img = convert(img, beta=uniform(-32, 32))
+    contrast_first = coin()
+    if contrast_first and coin():
+        img = convert(img, alpha=uniform(0.5, 1.5))
+    if coin():
+        img = TF.adjust_saturation(img, uniform(0.5, 1.5))
+    if coin():
+        img = TF.adjust_hue(img, int(torch.randint(-18, 18, ())) / 180)
+    if not contrast_first and coin():
+        img = convert(img, alpha=uniform(0.5, 1.5))
+    return img
+
+
+def seg_test_size(h, w, scale=(3584, 896), ratio=1.0, divisor=32):
+    """The test input size of an (h, w) image (mmseg's keep-ratio Resize at scale x ratio, then ResizeToMultiple: up
+    to a multiple of divisor)."""
+    f = min(int(scale[0] * ratio) / max(h, w), int(scale[1] * ratio) / min(h, w))
+    return tuple(math.ceil(int(s * f + 0.5) / divisor) * divisor for s in (h, w))

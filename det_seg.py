@@ -1,10 +1,14 @@
 """
-Object detection and instance segmentation with an EVA backbone, the way EVA-01's det code does it (EVA paper,
-section 4.4): the encoder as a plain ViTDet backbone (patch 16, window attention in all blocks but every 4th,
-decomposed relative position, a simple feature pyramid) under a Cascade Mask R-CNN, trained with large-scale jitter
-at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COCO-format json. Modules: det_model.py.
+Object detection, instance and semantic segmentation with an EVA backbone (EVA paper, section 4.4). task='det', the
+way EVA-01's det code does it: the encoder as a plain ViTDet backbone (patch 16, window attention in all blocks but
+every 4th, decomposed relative position, a simple feature pyramid) under a Cascade Mask R-CNN, trained with large-
+scale jitter at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COCO-format json.
+task='seg': the encoder tapped at four depths under EVA-01's Mask2Former head (or UperNet, BEiT's and EVA-02's; the
+paper's ViT-Adapter is still to come), mmseg's pipeline and sliding-window mIoU; ADE20K, COCO-Stuff-164K, any folder of
+images and label PNGs. Modules: det_model.py.
 
     python det_seg.py config/det_tiny.py                                             # CPU demo (synthetic scenes)
+    python det_seg.py config/seg_tiny.py                                             # CPU demo, semantic segmentation
     python model.py psz14to16 out/pretrain_eva_g/eva_mim.pt out/eva_psz16.pt         # the backbone at patch 16
     torchrun --nproc_per_node 8 det_seg.py config/det_o365_eva_g.py --init_from=out/eva_psz16.pt
     torchrun --nproc_per_node 8 det_seg.py config/det_coco_eva_g.py --init_from=out/det_o365/last.pt
@@ -12,10 +16,10 @@ at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COC
     python det_seg.py config/det_coco_eva_g.py --eval_only=True --init_from=eva_coco_det.pth --test_size=1536 \\
         --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5                              # EVA-01's released evaluation
 
-Expected (EVA paper Tables 6-7, EVA-01 det/README.md): COCO val2017 64.2 box AP (det model) / 55.0 mask AP (seg
+Expected for detection (EVA paper Tables 6-7, EVA-01 det/README.md): COCO val2017 64.2 box AP (det model) / 55.0 mask AP (seg
 model) at 1536 with soft-NMS and maskness (the paper's 64.5 uses test-time tricks the README leaves out); LVIS v1
 val 62.2 box / 55.0 mask AP. Writes out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed), out_dir/last.pt ({'model',
-'det_config', 'classes', ...}: init_from reads it) and out_dir/eval.json.
+'model_config', 'classes', ...}: init_from reads it) and out_dir/eval.json.
 """
 import dataclasses
 import functools
@@ -32,13 +36,15 @@ import torch
 import torch.distributed as dist
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, ResumableSampler, Samples,
-                  collate_detection, make_loader, normalize_batch, train_batches, write_synthetic_scenes)
-from det_model import CascadeMaskRCNN, DetConfig, load_backbone, load_detectron2, param_groups
+from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, ResumableSampler, Samples, SegAugment,
+                  SegFiles, collate_detection, make_loader, normalize_batch, seg_test_size, train_batches,
+                  write_synthetic_scenes)
+from det_model import (CascadeMaskRCNN, DetConfig, Segmenter, SegConfig, confusion, load_backbone, load_whole,
+                       param_groups, resize, seg_metrics, slide_inference)
 from model import eva_config, read_checkpoint
 
 # -----------------------------------------------------------------------------
-# config: defaults are EVA-01's COCO recipe (det/projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_eva.py)
+# config: defaults are EVA-01's COCO detection recipe (det/projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_eva.py)
 # I/O
 out_dir = 'out/det_coco'  # checkpoints and log.jsonl; a run auto-resumes from here
 log_interval = 20  # steps between log lines
@@ -50,22 +56,33 @@ keep_ckpts = 2  # DeepSpeed checkpoints kept in out_dir/ckpt (older ones are del
 wandb_project = ''  # '' disables wandb
 wandb_run_name = 'eva-det'  # wandb run name
 # data
-task = 'det'  # 'det': boxes and instance masks (semantic segmentation, 'seg', is part 2)
+task = 'det'  # 'det': boxes and instance masks; 'seg': semantic segmentation (the seg keys below)
 train_json = 'data/coco/annotations/instances_train2017.json'  # COCO-format instances; 'synthetic': scenes
 train_images = 'data/coco/train2017'  # the folder the json's file_name entries are under (LVIS: data/coco)
 val_json = 'data/coco/annotations/instances_val2017.json'  # evaluated with COCOeval; 'synthetic': scenes
 val_images = 'data/coco/val2017'  # its images
 synthetic_dir = 'data/synthetic_scenes'  # 'synthetic': its PNGs and jsons, written there once
 synthetic_size = 512  # synthetic training scenes (and an eighth as many for validation)
-num_classes = 80  # categories of the json (COCO 80, LVIS 1203, Objects365 365)
-img_size = 1280  # LSJ: the square images are scaled around, cropped to and padded to
+num_classes = 80  # categories of the json (COCO 80, LVIS 1203, Objects365 365; seg: ADE20K 150, COCO-Stuff 171)
+img_size = 1280  # LSJ: the square images are scaled around, cropped to and padded to; seg: the crop (EVA-01: 896)
 test_size = 0  # longest side at test (0: img_size; EVA-01's released COCO / LVIS numbers: 1536)
 lsj_scale = (0.1, 2.0)  # LSJ's scale range
 repeat_threshold = 0.0  # >0: LVIS's repeat-factor sampling at this class frequency (EVA-01's LVIS: 0.001)
 lvis_eval = False  # LVIS-style AP (federated: negative / not-exhaustive classes, APr / APc / APf), max_dets per image
 num_workers = 8  # DataLoader workers per GPU
+train_labels = ''  # seg: the training label PNGs (images: train_images); 'synthetic': the scenes' class maps
+val_labels = ''  # seg: the validation label PNGs (images: val_images); 'synthetic': likewise
+label_suffix = '.png'  # seg: a label is named its image's stem + this (mmseg-converted COCO-Stuff: '_labelTrainIds.png')
+label_map = ''  # seg: '' ids as stored, 'reduce_zero_label' (ADE20K: 0 ignored, k -> k - 1), 'cocostuff' (raw 182 -> 171)
+seg_scale = (3584, 896)  # seg: mmseg's keep-ratio resize (long, short side), x a ratio from seg_ratio in training
+seg_ratio = (0.5, 2.0)  # seg: the training resize ratio's range
+cat_max_ratio = 0.75  # seg: a training crop is redrawn (10 tries) while one class covers this fraction of it
+test_stride = 512  # seg: sliding windows of img_size at this stride
+test_ratios = (1.0,)  # seg: test scales, x seg_scale (EVA-01's multi-scale: 512/896 ... 1280/896 in 7 steps)
+test_flip = False  # seg: add each scale's mirror image at test
 # model
-model_size = 'eva_g'  # a key of model.SIZES (at patch 16)
+model_size = 'eva_g'  # a key of model.SIZES
+patch_size = 16  # the encoder's patch (EVA-01 fine-tunes the psz14to16 export; det's pyramid needs 16)
 pretrain_img_size = 224  # the size pos_embed is for (14 x 14 at patch 16, the psz14to16 export's), resized per input
 init_from = ''  # an encoder (psz14to16 output) or a whole detector (last.pt, EVA-01's released .pth); '' = random
 drop_path = 0.6  # stochastic depth of the last block
@@ -90,10 +107,22 @@ nms = 0.5  # per-class NMS IoU
 soft_nms = 0.0  # >0: linear soft-NMS at this IoU instead of NMS
 max_dets = 100  # detections per image (soft-NMS: per image and class)
 maskness = 0.0  # >0: scores rescored by their mask's mean probability above it
+# seg model
+seg_head = 'mask2former'  # seg: 'mask2former' (the paper's) or 'upernet' (BEiT's / EVA-02's, with an auxiliary FCN head)
+taps = (9, 19, 29, 39)  # seg: the blocks feeding the pyramid's strides 4, 8, 16, 32
+seg_channels = 1024  # seg: decode head channels (EVA-01's Mask2Former 1024; UperNet: BEiT 512, EVA-02-L 1024)
+aux_weight = 0.4  # seg, UperNet: the auxiliary FCN head's loss weight (0: none)
+queries = 200  # seg, Mask2Former: queries
+dec_layers = 8  # seg, Mask2Former: masked-attention decoder layers
+enc_layers = 6  # seg, Mask2Former: deformable-attention pixel-decoder layers
+attn_heads = 32  # seg, Mask2Former: attention heads in both
+ffn_dim = 4096  # seg, Mask2Former: FFN hidden width in both
+train_points = 12544  # seg, Mask2Former: points sampled per mask for matching and the mask losses
 # optimization
 batch_size = 64  # global batch (images)
 micro_batch = 1  # per GPU per forward; gradient accumulation fills the rest
 max_iters = 45_000  # optimizer steps
+schedule = 'step'  # 'step': x0.1 at each of lr_steps (detectron2's); 'poly': linear decay to 0 (mmseg's poly, power 1)
 lr_steps = (40_000,)  # the lr drops x0.1 at each
 warmup_iters = 500  # linear warmup ...
 warmup_factor = 0.001  # ... from lr x this
@@ -113,21 +142,26 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
-require_files(init_from=init_from, train_json=train_json if train_json != 'synthetic' and not eval_only else '',
-              val_json=val_json if val_json != 'synthetic' else '')  # '' is not checked
+det_files = task == 'det' and not eval_only
+require_files(init_from=init_from, train_json=train_json if det_files and train_json != 'synthetic' else '',
+              val_json=val_json if task == 'det' and val_json != 'synthetic' else '')  # '' is not checked
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
-if task != 'det':
-    config_error(f"task must be 'det' (semantic segmentation, 'seg', is not built yet), got {task!r}")
+if task not in ('det', 'seg') or schedule not in ('step', 'poly'):
+    config_error(f"task must be 'det' or 'seg', schedule 'step' or 'poly'; got {task!r}, {schedule!r}")
+if task == 'seg' and seg_head not in ('mask2former', 'upernet'):
+    config_error(f"seg_head must be 'mask2former' or 'upernet', got {seg_head!r}")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 test_size = test_size or img_size
 
 # -----------------------------------------------------------------------------
-# data: LSJ crops padded to img_size x img_size, ImageNet mean / std in 0-255 units (detectron2's pixel_mean / std)
-if 'synthetic' in (train_json, val_json):
+# data. det: LSJ crops padded to img_size x img_size; seg: mmseg's resize / crop / flip / photometric distortion to
+# img_size crops, whole images at test. ImageNet mean / std in 0-255 units (detectron2's pixel_mean, mmseg's img_norm_cfg)
+shapes = num_classes - (task == 'seg')  # the synthetic scenes' shape kinds (seg: class 0 is the background)
+if 'synthetic' in ((train_json, val_json) if task == 'det' else (train_labels, val_labels)):
     if rank == 0:
-        write_synthetic_scenes(synthetic_dir, synthetic_size, synthetic_size // 8, img_size, num_classes, seed)
+        write_synthetic_scenes(synthetic_dir, synthetic_size, synthetic_size // 8, img_size, shapes, seed)
     dist.barrier()
 
 
@@ -143,61 +177,98 @@ def coco_source(json_path, images, train):
     return src
 
 
-val_src = coco_source(val_json, val_images, train=False)
-val_set = Samples(val_src, LargeScaleJitter(test_size, train=False), seed, joint=True)
-classes = [c['name'] for c in val_src.categories]
+def seg_source(images, labels, train):
+    if labels == 'synthetic':
+        images = os.path.join(synthetic_dir, 'train' if train else 'val')
+        labels = images + '_labels'
+    try:
+        src = SegFiles(images, labels, num_classes, label_map or None, label_suffix)
+        src.check()  # a few labels read now: a wrong folder, label_map or num_classes is one error, not 100 skips
+    except (OSError, ValueError) as e:
+        config_error(str(e))
+    return src
+
+
+def whole(sample):  # seg at test: the image as it is (evaluate resizes it on the device) and its label
+    return sample
+
+
+if task == 'det':
+    val_src = coco_source(val_json, val_images, train=False)
+    val_set = Samples(val_src, LargeScaleJitter(test_size, train=False), seed, joint=True)
+    classes = [c['name'] for c in val_src.categories]
+else:
+    val_set, classes = Samples(seg_source(val_images, val_labels, train=False), whole, seed, joint=True), None
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
 train_set, steps_per_epoch, fed_weight = None, 1, None
 if not eval_only:
-    train_src = coco_source(train_json, train_images, train=True)
-    train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
+    if task == 'det':
+        train_src = coco_source(train_json, train_images, train=True)
+        train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
+        fed_weight = train_src.image_counts() ** 0.5 if fed_classes else None
+    else:
+        train_src = seg_source(train_images, train_labels, train=True)
+        train_set = Samples(train_src, SegAugment(img_size, seg_scale, seg_ratio, cat_max_ratio), seed, joint=True)
     sampler = ResumableSampler(len(train_set), world, rank, seed, repeat_factors=train_src.repeat_factors(
         repeat_threshold) if repeat_threshold > 0 else None)  # an epoch: len(train_set), or the repeats' sum
     steps_per_epoch = sampler.n // batch_size
-    fed_weight = train_src.image_counts() ** 0.5 if fed_classes else None
     if steps_per_epoch == 0:
         config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
            f"{len(train_set):,} train / {len(val_set):,} val images at {img_size} (test {test_size}), "
            f"{max_iters:,} steps ({max_iters / steps_per_epoch:.1f} epochs); dtype {dtype}, ZeRO-{zero_stage}")
+collate = functools.partial(collate_detection, size=img_size) if task == 'det' else None  # seg: torch's default
 
 
-def to_device(batch, size):
-    """A collated batch -> (images (B, 3, S, S) normalised with the padding 0, sizes, targets on the device)."""
+def model_inputs(batch, size):
+    """A collated batch -> (the model's arguments on the device, annotations skipped in it). det: images (B, 3, S, S)
+    normalised with the padding 0, their sizes, targets; seg: images, labels (B, S, S)."""
     x = normalize_batch(batch['image'].to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    if task == 'seg':
+        return (x, batch['label'].to(device, non_blocking=True)), 0
     ar = torch.arange(size, device=device)
     sizes = batch['sizes'].to(device)
     inside = (ar[None, :, None] < sizes[:, 0, None, None]) & (ar[None, None, :] < sizes[:, 1, None, None])
     targets = [{k: t[k].to(device) for k in ('boxes', 'labels', 'masks') if k in t} for t in batch['targets']]
-    return x * inside[:, None], batch['sizes'].tolist(), targets
+    return (x * inside[:, None], batch['sizes'].tolist(), targets), sum(t['dropped'] for t in batch['targets'])
 
 
 # -----------------------------------------------------------------------------
-# model: a whole detector from init_from (ours or detectron2's layout), or an encoder under a fresh detector
+# model: a whole detector / segmenter from init_from (ours or detectron2's layout), or an encoder under fresh heads
 torch.manual_seed(seed)
-backbone_cfg = eva_config(model_size, img_size=pretrain_img_size, patch_size=16, drop_path=drop_path, grad_checkpointing=grad_checkpointing)
-det_cfg = DetConfig(backbone=backbone_cfg, num_classes=num_classes, img_size=img_size, window=window,
-                    global_blocks=tuple(global_blocks), pyramid_dim=pyramid_dim, anchor_sizes=tuple(anchor_sizes),
-                    rpn_batch=rpn_batch, rpn_pre_nms=tuple(rpn_pre_nms), rpn_post_nms=rpn_post_nms,
-                    roi_batch=roi_batch, head_dim=head_dim, fc_dim=fc_dim, canonical_box=canonical_box, mask=masks,
-                    sigmoid_ce=sigmoid_ce, fed_classes=fed_classes, score_thresh=score_thresh, nms=nms,
-                    soft_nms=soft_nms, max_dets=max_dets, maskness=maskness)
-with torch.device(device):
-    model = CascadeMaskRCNN(det_cfg, fed_weight)
+if task == 'det':
+    backbone_cfg = eva_config(model_size, img_size=pretrain_img_size, patch_size=patch_size, drop_path=drop_path,
+                              grad_checkpointing=grad_checkpointing)  # pos_embed stays 14 x 14, resized per forward
+    model_cfg = DetConfig(backbone=backbone_cfg, num_classes=num_classes, img_size=img_size, window=window,
+                          global_blocks=tuple(global_blocks), pyramid_dim=pyramid_dim, anchor_sizes=tuple(anchor_sizes),
+                          rpn_batch=rpn_batch, rpn_pre_nms=tuple(rpn_pre_nms), rpn_post_nms=rpn_post_nms,
+                          roi_batch=roi_batch, head_dim=head_dim, fc_dim=fc_dim, canonical_box=canonical_box,
+                          mask=masks, sigmoid_ce=sigmoid_ce, fed_classes=fed_classes, score_thresh=score_thresh,
+                          nms=nms, soft_nms=soft_nms, max_dets=max_dets, maskness=maskness)
+    with torch.device(device):
+        model = CascadeMaskRCNN(model_cfg, fed_weight)
+else:
+    backbone_cfg = eva_config(model_size, img_size=img_size, patch_size=patch_size, drop_path=drop_path,
+                              grad_checkpointing=grad_checkpointing)  # pos_embed at the crop's grid (resized at load)
+    model_cfg = SegConfig(backbone=backbone_cfg, num_classes=num_classes, taps=tuple(taps), head=seg_head,
+                          channels=seg_channels, aux_weight=aux_weight, queries=queries, dec_layers=dec_layers,
+                          enc_layers=enc_layers, heads=attn_heads, ffn=ffn_dim, points=train_points)
+    with torch.device(device):
+        model = Segmenter(model_cfg)
 if init_from:
     ckpt = read_checkpoint(init_from)
     sd = ckpt.get('model', ckpt)
-    if any(k.startswith('backbone.net.') for k in sd):
-        print0(f"init_from {init_from}: a whole detector")
-        load_detectron2(model, ckpt)
+    if any(k.startswith(('backbone.net.', 'decode_head.')) for k in sd):
+        print0(f"init_from {init_from}: a whole {'detector' if task == 'det' else 'segmenter'}")
+        load_whole(model, ckpt)
     else:
         load_backbone(model, ckpt)
     del ckpt, sd  # GBs of host memory for EVA-g
 
 
 @torch.no_grad()
-def evaluate(net):
+def evaluate_det(net):
     """COCO box (and mask) AP over the whole val set: each rank infers a disjoint share, predictions mapped back to
     the original images (boxes / scale, masks pasted at the original size and RLE-encoded), gathered on rank 0, which
     runs COCOeval (faster-coco-eval) against val_json. -> {'bbox': {AP, AP50, ...}, 'segm': {...}} on every rank."""
@@ -207,7 +278,7 @@ def evaluate(net):
     results, unreadable = [], 0
     for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda,
                              collate_fn=functools.partial(collate_detection, size=test_size)):
-        x, sizes, _ = to_device(batch, test_size)
+        (x, sizes, _), _ = model_inputs(batch, test_size)
         for out, t, skipped in zip(net(x, sizes), batch['targets'], batch['skipped'].tolist()):
             unreadable += skipped
             (sy, sx), (H, W) = t['scale'], t['orig_size']
@@ -263,18 +334,52 @@ def coco_eval(results):
     return out
 
 
+@torch.no_grad()
+def evaluate_seg(net):
+    """mmseg's evaluation over the whole val set: each rank takes a disjoint share of the images, one at a time; per
+    scale of test_ratios (and its mirror with test_flip) the image is resized (seg_test_size: keep-ratio to seg_scale x
+    ratio, up to a multiple of 32), slid over with img_size windows, the logits resized to the original image and
+    softmaxed; their sum's argmax against the label. The (K, K) confusions are summed over ranks (exact) -> mIoU, mAcc,
+    aAcc and per-class IoU on every rank."""
+    net.eval()
+    sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    counts = torch.zeros(2, dtype=torch.long, device=device)  # (images, unreadable)
+    for batch in make_loader(val_set, sampler, 1, num_workers, cuda):  # one image: sizes differ
+        x = normalize_batch(batch['image'].to(device), IMAGENET_MEAN, IMAGENET_STD)
+        label = batch['label'].to(device)
+        H, W = label.shape[-2:]
+        probs = 0
+        for r in test_ratios:
+            xr = resize(x, seg_test_size(H, W, seg_scale, r))  # bilinear, no antialias (mmcv's cv2 resize)
+            for flip in (False, True) if test_flip else (False,):
+                logits = slide_inference(net, xr.flip(-1) if flip else xr, num_classes, img_size, test_stride)
+                probs = probs + resize(logits.flip(-1) if flip else logits, (H, W)).softmax(1)
+        conf += confusion(probs.argmax(1), label, num_classes)
+        counts += torch.tensor([1, batch['skipped'].sum()], device=device)
+    dist.all_reduce(conf)
+    dist.all_reduce(counts)
+    net.train()
+    return {**seg_metrics(conf), 'images': int(counts[0] - counts[1]), 'unreadable': int(counts[1])}
+
+
+def evaluate(net):
+    return evaluate_det(net) if task == 'det' else evaluate_seg(net)
+
+
 def get_lr(step):
-    """Linear warmup from lr x warmup_factor, then steps of x0.1 at lr_steps (detectron2's WarmupParamScheduler over
-    a MultiStepParamScheduler)."""
-    f = 0.1 ** sum(step >= s for s in lr_steps)
+    """Linear warmup from lr x warmup_factor, times steps of x0.1 at lr_steps (detectron2's WarmupParamScheduler over a
+    MultiStepParamScheduler) or a linear decay to 0 at max_iters (mmcv's poly with power 1 and linear warmup)."""
+    f = 0.1 ** sum(step >= s for s in lr_steps) if schedule == 'step' else 1 - step / max_iters
     if step < warmup_iters:
         f *= warmup_factor + (1 - warmup_factor) * step / warmup_iters
     return lr * f
 
 
 def report(metrics, step):
-    print0(f"step {step}: " + '  '.join(f"{k} AP {v['AP']:.2f} (AP50 {v['AP50']:.2f}, AP75 {v['AP75']:.2f})"
-                                          for k, v in metrics.items() if isinstance(v, dict)) +
+    print0(f"step {step}: " + ('  '.join(f"{k} AP {v['AP']:.2f} (AP50 {v['AP50']:.2f}, AP75 {v['AP75']:.2f})"
+                                           for k, v in metrics.items() if isinstance(v, dict)) if task == 'det' else
+                               f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}") +
            f"  [{metrics['images']:,} images" + (f", {metrics['unreadable']} unreadable]" if metrics['unreadable']
                                                  else ']'))
     if rank == 0:
@@ -291,7 +396,8 @@ if eval_only:
 
 # -----------------------------------------------------------------------------
 # engine, resume, log
-optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps,
+optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay, *(('backbone.net.', True) if task == 'det'
+                                           else ('backbone.', False))), lr=lr, betas=(beta1, beta2), eps=eps,
                               **({'fused': True} if cuda else {}))
 engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
 step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
@@ -300,8 +406,7 @@ log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_ac
 
 # -----------------------------------------------------------------------------
 # training loop
-data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda, collate_fn=functools.partial(collate_detection,
-                                                                                           size=img_size))
+data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda, collate_fn=collate)
 sums = {}  # loss terms summed over the steps since the last log line
 bad = torch.zeros(2, device=device)  # (images skipped, annotations skipped)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
@@ -312,14 +417,14 @@ while step < max_iters:
         group['lr'] = lr_now * group['lr_scale']
     for _ in range(grad_accum):
         batch = next(data)
-        x, sizes, targets = to_device(batch, img_size)
-        losses = engine(x, sizes, targets)
+        inputs, dropped = model_inputs(batch, img_size)
+        losses = engine(*inputs)
         loss = sum(losses.values())
         engine.backward(loss)
         engine.step()
         for k, v in {'loss': loss, **losses}.items():
             sums[k] = sums.get(k, 0) + v.detach()
-        bad += torch.tensor([batch['skipped'].sum(), sum(t['dropped'] for t in batch['targets'])], device=device)
+        bad += torch.tensor([batch['skipped'].sum(), dropped], device=device)
     step += 1
     n_logged += 1
     if step % log_interval == 0 or step == max_iters:
@@ -332,7 +437,8 @@ while step < max_iters:
         log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
              **engine_stats(engine), 'img_s': round(img_s, 2), 'bad_samples': int(stats[-3].item()),
              'eta_h': round((max_iters - step) * (time.time() - t_start) / (step - start_step) / 3600, 4),
-             **{k: round(stats[i].item() / world, 4) for i, k in enumerate(names) if i}, 'bad_anns': int(stats[-2])})
+             **{k: round(stats[i].item() / world, 4) for i, k in enumerate(names) if i},
+             **({'bad_anns': int(stats[-2])} if task == 'det' else {})})
         sums = {}
         t_log, n_logged = time.time(), 0
     evaluate_now = step == max_iters or (eval_interval and step % eval_interval == 0)
@@ -343,7 +449,7 @@ while step < max_iters:
     if step % save_interval == 0 or evaluate_now or step == stop_step or stopping:
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config},
-                        {'last.pt': {'model': sd, 'det_config': dataclasses.asdict(det_cfg), 'classes': classes,
+                        {'last.pt': {'model': sd, 'model_config': dataclasses.asdict(model_cfg), 'classes': classes,
                                      'config': config, 'step': step}}, keep_ckpts)
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")

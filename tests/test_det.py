@@ -458,7 +458,7 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     """A boxes-only detector of 3 classes trained at 64 px (Objects365's role) into a mask detector of 4 classes at
     128 px (COCO's): relative-position tables resized, cls_score and the mask head new, all else equal. The same file
     with detectron2's RPN-head names (EVA-01's releases) loads the same; a backbone of another width is refused."""
-    from det_model import load_detectron2
+    from det_model import load_whole
     from dataclasses import replace
     torch.manual_seed(0)
     src = CascadeMaskRCNN(replace(tiny(img_size=64, mask=False), num_classes=3))
@@ -473,7 +473,7 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     for name, state in (('ours.pt', {'model': sd}), ('d2.pth', {'model': {**d2, 'pixel_mean': torch.zeros(3)}})):
         torch.save(state, tmp_path / name)
         dst = CascadeMaskRCNN(tiny(img_size=128))
-        load_detectron2(dst, str(tmp_path / name))
+        load_whole(dst, str(tmp_path / name))
         got = dst.state_dict()
         for k, v in sd.items():
             if '.cls_score.' in k:
@@ -486,7 +486,7 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     wide = CascadeMaskRCNN(replace(tiny(), backbone=eva_config('eva_tiny', img_size=224, patch_size=16,
                                                                embed_dim=32)))
     with pytest.raises(ValueError, match='does not fit the detector'):
-        load_detectron2(wide, str(tmp_path / 'ours.pt'))
+        load_whole(wide, str(tmp_path / 'ours.pt'))
 
 
 def test_a_missing_image_is_skipped_and_a_class_count_mismatch_stops_the_run(tmp_path):
