@@ -30,7 +30,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
-from model import EVA, Attention, Block, EVAConfig, PatchEmbed, load_pretrained, read_checkpoint, resize_pos_embed
+from model import EVA, Attention, Block, DropPath, EVAConfig, PatchEmbed, load_pretrained, read_checkpoint, resize_pos_embed
 
 
 @dataclass
@@ -573,35 +573,95 @@ class SegConfig:
     ffn: int = 4096                # Mask2Former: FFN hidden width
     points: int = 12544            # Mask2Former: points per mask for matching and the mask losses (112 x 112)
     no_object_weight: float = 0.1  # Mask2Former: the no-object class's CE weight
+    adapter: bool = False          # ViT-Adapter between the encoder and the head (EVA-01's), instead of fpn1-fpn4
+    adapter_inplanes: int = 64     # its spatial prior's stem channels
+    adapter_heads: int = 16        # its deformable attentions' heads (4 points each)
+    deform_ratio: float = 0.5      # their value width / D
+    cffn_ratio: float = 0.25       # the extractors' ConvFFN hidden width / D
 
 
 class SegViT(EVA):
     """The EVA encoder as BEiT's / EVA-02's mmseg backbone: global attention over the cls token and the patches, the
     absolute pos_embed at the crop's grid, no final norm; the patch tokens after each of `taps` blocks as a (B, D, h, w)
     map, brought to strides 4, 8, 16, 32 by fpn1 (two 2x2 transposed convs, BN + GELU between), fpn2 (one), fpn3
-    (identity), fpn4 (2x2 max-pool). Keys: EVA's, plus fpn1.* and fpn2.*."""
+    (identity), fpn4 (2x2 max-pool). Keys: EVA's, plus fpn1.* and fpn2.*. With seg.adapter: EVA-01's BEiTAdapter
+    instead of the fpn (forward_adapter; keys spm.*, level_embed, interactions.*, up.*, norm1-4.*)."""
 
-    def __init__(self, cfg, taps):
+    def __init__(self, seg):
+        cfg, taps = seg.backbone, tuple(seg.taps)
         super().__init__(replace(cfg, num_classes=0, pooling='cls', use_mask_token=False, mim_dim=0))
         if len(taps) != 4 or max(taps) >= cfg.depth:
             raise ValueError(f"taps must be 4 block indices below depth {cfg.depth} (repeats allowed), got {taps}")
-        self.norm, self.taps, D = nn.Identity(), tuple(taps), cfg.embed_dim
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2))
-        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
-        self.fpn3, self.fpn4 = nn.Identity(), nn.MaxPool2d(2)
+        self.norm, self.taps, self.adapter, D = nn.Identity(), taps, seg.adapter, cfg.embed_dim
+        if not seg.adapter:
+            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2))
+            self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
+            self.fpn3, self.fpn4 = nn.Identity(), nn.MaxPool2d(2)
+            return
+        if cfg.patch_size != 16 or list(taps) != sorted(taps):
+            raise ValueError(f"the adapter needs patch 16 (its stride-16 level is the ViT's grid) and 4 non-decreasing "
+                             f"taps ending its interaction intervals; got patch {cfg.patch_size}, taps {taps}")
+        self.spm = SpatialPrior(seg.adapter_inplanes, D)
+        self.level_embed = nn.Parameter(torch.zeros(3, D))
+        self.interactions = nn.ModuleList(Interaction(D, seg.adapter_heads, 4, seg.deform_ratio, seg.cffn_ratio,
+                                                      cfg.drop_path, extra=i == 3) for i in range(4))
+        self.up = nn.ConvTranspose2d(D, D, 2, 2)
+        self.norm1, self.norm2, self.norm3, self.norm4 = (BatchNorm2d(D) for _ in range(4))
+        for part in (self.up, self.spm, self.interactions):  # BEiTAdapter's _init_weights, then the attentions' own
+            part.apply(adapter_init)
+        for m in self.interactions.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def run(self, fn, *args):  # gradient checkpointing of a block (or an adapter module) when training with it
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward(self, x):
         cfg = self.config
         if x.shape[-2:] != (cfg.img_size, cfg.img_size):
             raise ValueError(f"input {tuple(x.shape)}: the segmenter is built for {cfg.img_size} x {cfg.img_size} crops")
-        x = self.patch_embed(x.to(self.pos_embed.dtype))  # float32 images into a half model (DeepSpeed fp16)
+        x = x.to(self.pos_embed.dtype)  # float32 images into a half model (DeepSpeed fp16)
+        if self.adapter:
+            return self.forward_adapter(x)
+        x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(len(x), -1, -1).to(x.dtype), x), 1) + self.pos_embed.to(x.dtype)
         maps = {}
         for i, blk in enumerate(self.blocks[:max(self.taps) + 1]):
-            x = checkpoint(blk, x, use_reentrant=False) if cfg.grad_checkpointing and self.training and \
-                torch.is_grad_enabled() else blk(x)
+            x = self.run(blk, x)
             maps[i] = x[:, 1:].transpose(1, 2).unflatten(2, (cfg.grid, cfg.grid))
         return [fpn(maps[i]) for fpn, i in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), self.taps)]
+
+    def forward_adapter(self, img):
+        """ViT-Adapter (Chen et al. 2023) as EVA-01's BEiTAdapter: the spatial prior's stride-8/16/32 features (plus level
+        embeddings) as one token set c; per interval of blocks ending at a tap, the injector adds to the patch tokens what
+        they read of c by deformable attention (through a zero-initialised gamma), the blocks run on cls + patches, and
+        the extractor(s) update c from the patch tokens (deformable attention + a depthwise-conv FFN). -> c's levels (c1:
+        the stride-4 prior plus c2 upsampled), each plus the ViT map of its interval resized, BatchNorm'd."""
+        G, N = self.config.grid, len(img)
+        c1, c2, c3, c4 = self.spm(img)
+        c_shapes = [tuple(t.shape[-2:]) for t in (c2, c3, c4)]
+        c = torch.cat([t.flatten(2).transpose(1, 2) + self.level_embed[i] for i, t in enumerate((c2, c3, c4))], 1)
+        x = self.patch_embed(img) + self.pos_embed[:, 1:].to(img.dtype)
+        cls = self.cls_token.expand(N, -1, -1).to(x.dtype)  # without its pos_embed entry, as the official
+        ref_x = reference_points([(G, G)], img.device)[None].expand(N, -1, -1)
+        ref_c = reference_points(c_shapes, img.device)[None].expand(N, -1, -1)
+        outs, start = [], 0
+        for inter, end in zip(self.interactions, self.taps):
+            x = self.run(inter.injector, x, ref_x, c, c_shapes)
+            t = torch.cat((cls, x), 1)
+            for blk in self.blocks[start:end + 1]:
+                t = self.run(blk, t)
+            cls, x, start = t[:, :1], t[:, 1:], end + 1
+            for ext in [inter.extractor, *(inter.extra_extractors or [])]:
+                c = self.run(ext, c, ref_c, x, (G, G), c_shapes)
+            outs.append(x.transpose(1, 2).unflatten(2, (G, G)))
+        c2, c3, c4 = (t.transpose(1, 2).unflatten(2, s) for t, s in zip(c.split([h * w for h, w in c_shapes], 1), c_shapes))
+        levels = (self.up(c2) + c1, c2, c3, c4)
+        return [norm(lvl + resize(o, lvl.shape[-2:])) for norm, lvl, o in
+                zip((self.norm1, self.norm2, self.norm3, self.norm4), levels, outs)]
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -732,15 +792,18 @@ class MSDeformAttn(nn.Module):
         self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
         self.attention_weights = nn.Linear(dim, heads * levels * points)
         self.value_proj, self.output_proj = nn.Linear(dim, vd), nn.Linear(vd, dim)
-        theta = torch.arange(heads) * (2 * math.pi / heads)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        theta = torch.arange(self.heads) * (2 * math.pi / self.heads)
         star = torch.stack((theta.cos(), theta.sin()), -1)
         star = star / star.abs().max(-1, keepdim=True).values
-        with torch.no_grad():
-            self.sampling_offsets.weight.zero_()
-            self.sampling_offsets.bias.copy_((star[:, None, None] * torch.arange(1, points + 1)[:, None]).expand(
-                heads, levels, points, 2).flatten())
-            self.attention_weights.weight.zero_()
-            self.attention_weights.bias.zero_()
+        self.sampling_offsets.weight.zero_()
+        self.sampling_offsets.bias.copy_((star[:, None, None] * torch.arange(1, self.points + 1)[:, None]).expand(
+            self.heads, self.levels, self.points, 2).flatten())
+        self.attention_weights.weight.zero_()
+        self.attention_weights.bias.zero_()
         for m in (self.value_proj, self.output_proj):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
@@ -1023,6 +1086,99 @@ def semantic_inference(cls, masks):
     return torch.einsum('bqc,bqhw->bchw', cls.float().softmax(-1)[..., :-1], masks.float().sigmoid())
 
 
+# -----------------------------------------------------------------------------
+# ViT-Adapter (EVA-01's seg/mmseg_custom/models/backbones/adapter_modules.py), driven by SegViT.forward_adapter
+
+
+def adapter_init(m):
+    """BEiTAdapter's _init_weights: linears trunc-normal 0.02, norms at (1, 0), convs N(0, sqrt(2 / fan_out))."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups)))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class SpatialPrior(nn.Module):
+    """The spatial prior module: a ResNet-like stem (three 3x3 conv-BN-ReLU, the first at stride 2, then a stride-2
+    max-pool) to stride 4 with c channels, stride-2 conv-BN-ReLU to strides 8 (2c), 16 (4c), 32 (4c); each level
+    projected to the ViT's width D by a 1x1 conv (fc1 ... fc4)."""
+
+    def __init__(self, c, D):
+        super().__init__()
+
+        def conv_bn(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout), nn.ReLU()]
+        self.stem = nn.Sequential(*conv_bn(3, c, 2), *conv_bn(c, c, 1), *conv_bn(c, c, 1), nn.MaxPool2d(3, 2, 1))
+        self.conv2, self.conv3 = nn.Sequential(*conv_bn(c, 2 * c, 2)), nn.Sequential(*conv_bn(2 * c, 4 * c, 2))
+        self.conv4 = nn.Sequential(*conv_bn(4 * c, 4 * c, 2))
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Conv2d(k * c, D, 1) for k in (1, 2, 4, 4))
+
+    def forward(self, x):
+        c1 = self.stem(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        return self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(self.conv4(c3))
+
+
+class Injector(nn.Module):
+    """The patch tokens read the prior's three levels by deformable attention, added through gamma (zero at init: the
+    ViT starts as it was pretrained)."""
+
+    def __init__(self, D, heads, points, ratio):
+        super().__init__()
+        self.query_norm, self.feat_norm = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+        self.attn = MSDeformAttn(D, heads, 3, points, ratio)
+        self.gamma = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x, ref, c, c_shapes):
+        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), c_shapes)
+
+
+class ConvFFN(nn.Module):
+    """fc1, a depthwise 3x3 conv over each of the three levels' maps, GELU, fc2."""
+
+    def __init__(self, D, hidden):
+        super().__init__()
+        self.fc1, self.dwconv, self.fc2 = nn.Linear(D, hidden), nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden), nn.Linear(hidden, D)
+
+    def forward(self, x, shapes):
+        x = self.fc1(x).split([h * w for h, w in shapes], 1)
+        x = torch.cat([self.dwconv(t.transpose(1, 2).unflatten(2, s)).flatten(2).transpose(1, 2) for t, s in zip(x, shapes)], 1)
+        return self.fc2(F.gelu(x))
+
+
+class Extractor(nn.Module):
+    """The prior's tokens read the patch tokens (one level) by deformable attention, then the ConvFFN, with drop path."""
+
+    def __init__(self, D, heads, points, ratio, cffn_ratio, drop_path):
+        super().__init__()
+        self.query_norm, self.feat_norm = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+        self.attn = MSDeformAttn(D, heads, 1, points, ratio)
+        self.ffn, self.ffn_norm = ConvFFN(D, int(D * cffn_ratio)), nn.LayerNorm(D, eps=1e-6)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, c, ref, x, x_shape, c_shapes):
+        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), [x_shape])
+        return c + self.drop_path(self.ffn(self.ffn_norm(c), c_shapes))
+
+
+class Interaction(nn.Module):
+    """One interval's injector and extractor (the last interval has two extra extractors)."""
+
+    def __init__(self, D, heads, points, ratio, cffn_ratio, drop_path, extra):
+        super().__init__()
+        self.injector = Injector(D, heads, points, ratio)
+        self.extractor = Extractor(D, heads, points, ratio, cffn_ratio, drop_path)
+        self.extra_extractors = nn.ModuleList(Extractor(D, heads, points, ratio, cffn_ratio, drop_path)
+                                              for _ in range(2)) if extra else None
+
+
 class Segmenter(nn.Module):
     """SegViT + UperNet (+ the auxiliary FCN head) or Mask2Former: (images, labels) -> {loss name: scalar}; (images) ->
     (B, K, H, W) float32 scores at the input's size (UperNet: logits; Mask2Former: its semantic inference). Keys as
@@ -1033,7 +1189,7 @@ class Segmenter(nn.Module):
         if seg.head not in ('upernet', 'mask2former'):
             raise ValueError(f"head must be 'upernet' or 'mask2former', got {seg.head!r}")
         self.config, D = seg, seg.backbone.embed_dim
-        self.backbone = SegViT(seg.backbone, seg.taps)
+        self.backbone = SegViT(seg)
         if seg.head == 'upernet':
             self.decode_head = UPerHead(D, seg.channels, seg.num_classes)
             self.auxiliary_head = FCNHead(D, seg.aux_channels, seg.num_classes) if seg.aux_weight else None
@@ -1113,18 +1269,37 @@ D2_KEYS = ((r'^proposal_generator\.rpn_head\.conv\.conv(\d)\.', r'proposal_gener
            (r'^proposal_generator\.rpn_head\.anchor_deltas\.', 'proposal_generator.head.bbox_pred.'))
 
 
+# mmseg / mmdet 2.22 names (EVA-01's released eva_sem_seg_mask2former_*.pth, from the module definitions of its seg
+# code; not checked against the files, which are 4-5 GB) -> ours, where they differ: mmcv's ConvModule (.conv, .gn),
+# BaseTransformerLayer (attentions.k, ffns.0.layers, norms.k) and the adapter's DWConv wrapper
+MMSEG_KEYS = ((r'pixel_decoder\.(input_convs\.\d|lateral_convs\.0|output_convs\.0)\.conv\.', r'pixel_decoder.\1.0.'),
+              (r'pixel_decoder\.(input_convs\.\d|lateral_convs\.0|output_convs\.0)\.gn\.', r'pixel_decoder.\1.1.'),
+              (r'pixel_decoder\.(lateral|output)_convs\.0\.', r'pixel_decoder.\1_conv.'),
+              (r'\.encoder\.layers\.(\d+)\.attentions\.0\.', r'.encoder.\1.attn.'),
+              (r'\.transformer_decoder\.layers\.(\d+)\.attentions\.0\.attn\.', r'.transformer_decoder.\1.cross_attn.'),
+              (r'\.transformer_decoder\.layers\.(\d+)\.attentions\.1\.attn\.', r'.transformer_decoder.\1.self_attn.'),
+              (r'\.(encoder|transformer_decoder)\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.', r'.\1.\2.ffn.0.'),
+              (r'\.(encoder|transformer_decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\.', r'.\1.\2.ffn.2.'),
+              (r'\.(encoder|transformer_decoder)\.layers\.(\d+)\.norms\.(\d)\.',
+               lambda m: f'.{m[1]}.{m[2]}.norm{int(m[3]) + 1}.'),
+              (r'\.transformer_decoder\.post_norm\.', '.post_norm.'),
+              (r'\.ffn\.dwconv\.dwconv\.', '.ffn.dwconv.'))
+
+
 def load_whole(model, path_or_ckpt):
-    """A whole detector or segmenter (weights under 'model': ours, EVA-01's released detectron2 files through D2_KEYS).
+    """A whole detector or segmenter (weights under 'model': ours, EVA-01's released detectron2 files through D2_KEYS;
+    under 'state_dict': EVA-01's released mmseg files through MMSEG_KEYS).
     What depends on the task is fitted: relative-position tables of another grid are resized linearly (ViTDet's rule),
-    class-dependent layers of another class count (cls_score, the mask predictor, conv_seg) start afresh, a missing mask
-    head is new (COCO from the boxes-only Objects365 model, as EVA-01). Anything else that does not fit is one error."""
+    class-dependent layers of another class count (cls_score, the mask predictor, conv_seg, cls_embed) start afresh,
+    a missing mask head is new (COCO from the boxes-only Objects365 model, as EVA-01). Anything else that does not fit
+    is one error."""
     path = path_or_ckpt if isinstance(path_or_ckpt, str) else 'the checkpoint'
     ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
     target, sd, fresh, resized, bad = model.state_dict(), {}, [], [], []
-    for k, v in ckpt.get('model', ckpt).items():
-        if k in ('pixel_mean', 'pixel_std'):  # detectron2 keeps its normalisation as buffers
-            continue
-        for a, b in D2_KEYS:
+    for k, v in (ckpt.get('model') or ckpt.get('state_dict') or ckpt).items():  # ours, detectron2's; mmcv's
+        if k in ('pixel_mean', 'pixel_std') or k.startswith('decode_head.conv_seg.') and k not in target:
+            continue  # detectron2's normalisation buffers; mmseg's BaseDecodeHead classifier, unused by Mask2Former
+        for a, b in D2_KEYS + MMSEG_KEYS:
             k = re.sub(a, b, k)
         t = target.get(k)
         if t is None:
@@ -1132,7 +1307,7 @@ def load_whole(model, path_or_ckpt):
         elif k.endswith(('.rel_pos_h', '.rel_pos_w')) and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
             sd[k] = F.interpolate(v.float().T[None], size=t.shape[0], mode='linear')[0].T.to(v.dtype)
             resized.append(k)
-        elif v.shape != t.shape and ('.cls_score.' in k or 'mask_head.predictor.' in k or '.conv_seg.' in k):
+        elif v.shape != t.shape and any(n in k for n in ('.cls_score.', 'mask_head.predictor.', '.conv_seg.', '.cls_embed.')):
             fresh.append(k)
         elif v.shape != t.shape:
             bad.append(f"{k}: file {tuple(v.shape)}, model {tuple(t.shape)}")

@@ -3,8 +3,8 @@ Object detection, instance and semantic segmentation with an EVA backbone (EVA p
 way EVA-01's det code does it: the encoder as a plain ViTDet backbone (patch 16, window attention in all blocks but
 every 4th, decomposed relative position, a simple feature pyramid) under a Cascade Mask R-CNN, trained with large-
 scale jitter at 1280; COCO and LVIS v1 (from an Objects365 model), Objects365 itself, any COCO-format json.
-task='seg': the encoder tapped at four depths under EVA-01's Mask2Former head (or UperNet, BEiT's and EVA-02's; the
-paper's ViT-Adapter is still to come), mmseg's pipeline and sliding-window mIoU; ADE20K, COCO-Stuff-164K, any folder of
+task='seg': EVA-01's ViT-Adapter + Mask2Former (or the encoder tapped at four depths through BEiT's simple pyramid,
+under Mask2Former or UperNet, BEiT's and EVA-02's head), mmseg's pipeline and sliding-window mIoU; ADE20K, COCO-Stuff-164K, any folder of
 images and label PNGs. Modules: det_model.py.
 
     python det_seg.py config/det_tiny.py                                             # CPU demo (synthetic scenes)
@@ -118,6 +118,9 @@ enc_layers = 6  # seg, Mask2Former: deformable-attention pixel-decoder layers
 attn_heads = 32  # seg, Mask2Former: attention heads in both
 ffn_dim = 4096  # seg, Mask2Former: FFN hidden width in both
 train_points = 12544  # seg, Mask2Former: points sampled per mask for matching and the mask losses
+adapter = False  # seg: ViT-Adapter between the encoder and the head (EVA-01's) instead of fpn1-fpn4
+adapter_heads = 16  # seg: the adapter's deformable-attention heads
+adapter_inplanes = 64  # seg: the adapter's spatial-prior stem channels
 # optimization
 batch_size = 64  # global batch (images)
 micro_batch = 1  # per GPU per forward; gradient accumulation fills the rest
@@ -253,7 +256,8 @@ else:
                               grad_checkpointing=grad_checkpointing)  # pos_embed at the crop's grid (resized at load)
     model_cfg = SegConfig(backbone=backbone_cfg, num_classes=num_classes, taps=tuple(taps), head=seg_head,
                           channels=seg_channels, aux_weight=aux_weight, queries=queries, dec_layers=dec_layers,
-                          enc_layers=enc_layers, heads=attn_heads, ffn=ffn_dim, points=train_points)
+                          enc_layers=enc_layers, heads=attn_heads, ffn=ffn_dim, points=train_points, adapter=adapter,
+                          adapter_heads=adapter_heads, adapter_inplanes=adapter_inplanes)
     with torch.device(device):
         model = Segmenter(model_cfg)
 if init_from:

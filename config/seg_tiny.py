@@ -1,8 +1,8 @@
 """
 Tiny semantic segmentation on the synthetic scenes (1-4 shapes of 4 kinds per 128 px image on textured backgrounds,
-later shapes occluding earlier ones; class 0 the background), from scratch, on a CPU: the scenes are real PNGs with
-label PNGs (written once to data/synthetic_scenes, shared with det_tiny), through mmseg's pipeline and its
-sliding-window mIoU.
+later shapes occluding earlier ones; class 0 the background), from scratch, on a CPU, with the paper's model in
+miniature (a 2-block EVA, a ViT-Adapter, Mask2Former): the scenes are real PNGs with label PNGs (written once to
+data/synthetic_scenes, shared with det_tiny), through mmseg's pipeline and its sliding-window mIoU.
 
     python det_seg.py config/seg_tiny.py
 
@@ -25,8 +25,11 @@ num_workers = 1
 model_size = 'eva_tiny'  # 64 wide, 2 blocks (patch 16: an 8 x 8 token grid)
 drop_path = 0.0
 grad_checkpointing = False
-taps = (0, 0, 1, 1)  # 2 blocks: each feeds two pyramid levels
-seg_head = 'mask2former'  # --seg_head=upernet: UperNet (see README for both)
+taps = (0, 0, 1, 1)  # 2 blocks, each ending two of the adapter's intervals (two without a block) / feeding two levels
+seg_head = 'mask2former'  # --seg_head=upernet: UperNet (README: all three)
+adapter = True  # the ViT-Adapter; --adapter=False: the plain encoder through fpn1-fpn4
+adapter_heads = 4
+adapter_inplanes = 16
 seg_channels = 32  # GroupNorm's 32 groups: a multiple of 32
 queries = 20
 dec_layers = 3  # one visit to each level
