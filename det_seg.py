@@ -154,6 +154,8 @@ if task not in ('det', 'seg') or schedule not in ('step', 'poly'):
     config_error(f"task must be 'det' or 'seg', schedule 'step' or 'poly'; got {task!r}, {schedule!r}")
 if task == 'seg' and seg_head not in ('mask2former', 'upernet'):
     config_error(f"seg_head must be 'mask2former' or 'upernet', got {seg_head!r}")
+if task == 'seg' and repeat_threshold > 0:
+    config_error(f"repeat_threshold={repeat_threshold}: repeat-factor sampling is for detection (LVIS), not task='seg'")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 test_size = test_size or img_size
@@ -219,7 +221,8 @@ if not eval_only:
     if steps_per_epoch == 0:
         config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
     print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
-           f"{len(train_set):,} train / {len(val_set):,} val images at {img_size} (test {test_size}), "
+           f"{len(train_set):,} train / {len(val_set):,} val images at {img_size} " +
+           (f"(test {test_size}), " if task == 'det' else f"(test: windows of {img_size} at stride {test_stride}), ") +
            f"{max_iters:,} steps ({max_iters / steps_per_epoch:.1f} epochs); dtype {dtype}, ZeRO-{zero_stage}")
 collate = functools.partial(collate_detection, size=img_size) if task == 'det' else None  # seg: torch's default
 

@@ -172,8 +172,8 @@ def test_two_ranks_train_as_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize('zero_stage', [0, 1])
-def test_resume_is_exact(tmp_path, zero_stage):
+def test_resume_is_exact(tmp_path, zero_stage=1):
+    # ZeRO-1 as the configs run it; test_common resumes each of ZeRO 0 / 1 / 2 exactly on 2 ranks
     # warmup_steps 10 > the run's 6 steps: the warmup is cut at 6 (lr 2e-3 (s - 1) / 6 at step s)
     common = ['--zeroshot_data=', '--batch_size=16', '--micro_batch=16', '--samples_seen=96', '--warmup_steps=10',
               '--log_interval=1', '--eval_interval=100', '--drop_path=0.1', '--synthetic_size=40',

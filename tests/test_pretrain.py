@@ -87,8 +87,8 @@ def test_official_init_and_validation_loss(tmp_path):
     assert val_loss == [pytest.approx(-cos.mean().item(), abs=1e-6)]
 
 
-@pytest.mark.parametrize('zero_stage', [0, 1, 2])
-def test_resume_gives_the_same_losses(tmp_path, zero_stage):
+def test_resume_gives_the_same_losses(tmp_path, zero_stage=1):
+    # ZeRO-1 as the configs run it; test_common resumes each of ZeRO 0 / 1 / 2 exactly on 2 ranks
     args = ['--synthetic_size=256', '--max_steps=6', '--batch_size=16', '--micro_batch=8', f'--zero_stage={zero_stage}']
     pretrain(tmp_path / 'full', *args)
     out = pretrain(tmp_path / 'split', *args, '--stop_step=3')
@@ -100,7 +100,7 @@ def test_resume_gives_the_same_losses(tmp_path, zero_stage):
     row = [json.loads(line) for line in open(tmp_path / 'split' / 'log.jsonl') if '"loss"' in line][-1]
     assert set(ROW_FORMAT) - {'samples_s'} <= set(row), row  # the row every stage logs
     assert row['eta_h'] == 0 and row['bad_samples'] == 0
-    assert row['grad_norm'] > 0 if zero_stage else row['grad_norm'] is None  # DeepSpeed takes none without ZeRO in fp32
+    assert row['grad_norm'] > 0
     ckpt = torch.load(tmp_path / 'split' / 'eva_mim.pt', weights_only=False)  # the fp32 weights, with any ZeRO stage
     assert ckpt['step'] == 3 and ckpt['model']['pos_embed'].dtype == torch.float32
     # on the CPU in fp32 the resumed run is the same computation: equal to float rounding of the log (1e-6)

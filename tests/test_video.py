@@ -213,8 +213,8 @@ SHORT = ['--synthetic_size=64', '--batch_size=16', '--micro_batch=8', '--epochs=
          '--test_clips=2']  # 8 steps, 16 val videos
 
 
-@pytest.mark.parametrize('zero_stage', [0, 1])
-def test_resume_is_exact_with_mixup_cutmix_and_jitter(tmp_path, zero_stage):
+def test_resume_is_exact_with_mixup_cutmix_and_jitter(tmp_path, zero_stage=1):
+    # ZeRO-1 as the configs run it; test_common resumes each of ZeRO 0 / 1 / 2 exactly on 2 ranks
     args = SHORT + ['--mixup=0.8', '--cutmix=1.0', '--color_jitter=0.8', '--grayscale=0.2', '--drop_path=0.1',
                     f'--zero_stage={zero_stage}']
     data = tmp_path / 'videos'
