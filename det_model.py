@@ -30,7 +30,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
-from model import EVA, Attention, Block, DropPath, EVAConfig, PatchEmbed, load_pretrained, read_checkpoint, resize_pos_embed
+from model import (EVA, Attention, Block, DropPath, EVAConfig, PatchEmbed, load_pretrained, read_checkpoint,
+                   resize_pos_embed, unwrap_state_dict)
 
 
 @dataclass
@@ -553,8 +554,8 @@ def _pairwise_iou(b):
     return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
 
 # -----------------------------------------------------------------------------
-# semantic segmentation: the EVA encoder tapped at four depths, BEiT's fpn1 ... fpn4, UperNet (the EVA paper's
-# Mask2Former and ViT-Adapter: issue 17, still to come)
+# semantic segmentation: the EVA encoder (with the ViT-Adapter, or tapped at four depths through BEiT's fpn1 ... fpn4),
+# UperNet; Mask2Former and the adapter's modules follow
 
 
 @dataclass
@@ -1247,7 +1248,8 @@ def seg_metrics(conf):
     inter, label, pred = conf.diag(), conf.sum(1), conf.sum(0)
     iou, acc = inter / (label + pred - inter), inter / label  # 0 / 0 = NaN: skipped by nanmean
     return {'mIoU': 100 * iou.nanmean().item(), 'mAcc': 100 * acc.nanmean().item(),
-            'aAcc': 100 * (inter.sum() / label.sum().clamp(min=1)).item(), 'IoU': [None if math.isnan(v) else round(100 * v, 2) for v in iou.tolist()]}
+            'aAcc': 100 * (inter.sum() / label.sum().clamp(min=1)).item(),
+            'IoU': [None if math.isnan(v) else round(100 * v, 2) for v in iou.tolist()]}
 
 # -----------------------------------------------------------------------------
 # loading and optimizer groups
@@ -1256,9 +1258,11 @@ def seg_metrics(conf):
 def load_backbone(model, path_or_state_dict):
     """An encoder checkpoint (ideally `python model.py psz14to16` output, as EVA-01; a patch-14 one is resized the same
     way on the fly) into the detector's model.backbone.net or the segmenter's model.backbone with load_pretrained's
-    checks: only what the task adds may be missing (relative-position tables; the segmenter's fpn1 ... fpn4)."""
+    checks: only what the task adds to the encoder may be missing (relative-position tables; the segmenter's fpn1 ...
+    fpn4 or the adapter), every tensor of the encoder itself must come from the file."""
     net = getattr(model.backbone, 'net', model.backbone)
-    new = tuple(k for k in net.state_dict() if '.rel_pos_' in k or k.startswith('fpn'))
+    encoder = ('patch_embed.', 'pos_embed', 'cls_token', 'blocks.')
+    new = tuple(k for k in net.state_dict() if '.rel_pos_' in k or not k.startswith(encoder))
     return load_pretrained(net, path_or_state_dict, allowed_missing=new)
 
 
@@ -1296,7 +1300,7 @@ def load_whole(model, path_or_ckpt):
     path = path_or_ckpt if isinstance(path_or_ckpt, str) else 'the checkpoint'
     ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
     target, sd, fresh, resized, bad = model.state_dict(), {}, [], [], []
-    for k, v in (ckpt.get('model') or ckpt.get('state_dict') or ckpt).items():  # ours, detectron2's; mmcv's
+    for k, v in unwrap_state_dict(ckpt)[0].items():  # under 'model' (ours, detectron2's) or 'state_dict' (mmcv's)
         if k in ('pixel_mean', 'pixel_std') or k.startswith('decode_head.conv_seg.') and k not in target:
             continue  # detectron2's normalisation buffers; mmseg's BaseDecodeHead classifier, unused by Mask2Former
         for a, b in D2_KEYS + MMSEG_KEYS:

@@ -41,7 +41,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, 
                   write_synthetic_scenes)
 from det_model import (CascadeMaskRCNN, DetConfig, Segmenter, SegConfig, confusion, load_backbone, load_whole,
                        param_groups, resize, seg_metrics, slide_inference)
-from model import eva_config, read_checkpoint
+from model import eva_config, read_checkpoint, unwrap_state_dict
 
 # -----------------------------------------------------------------------------
 # config: defaults are EVA-01's COCO detection recipe (det/projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_eva.py)
@@ -265,7 +265,7 @@ else:
         model = Segmenter(model_cfg)
 if init_from:
     ckpt = read_checkpoint(init_from)
-    sd = ckpt.get('model', ckpt)
+    sd = unwrap_state_dict(ckpt)[0]  # ours and detectron2's under 'model', mmseg's under 'state_dict'
     if any(k.startswith(('backbone.net.', 'decode_head.')) for k in sd):
         print0(f"init_from {init_from}: a whole {'detector' if task == 'det' else 'segmenter'}")
         load_whole(model, ckpt)

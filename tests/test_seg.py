@@ -212,15 +212,11 @@ def test_adapter_pyramid_and_its_zero_injection_leaves_the_vit_as_pretrained():
     assert (net(x)[2] - feats[2]).abs().max() > 1e-3
 
 
-def test_released_mmseg_names_load_through_the_key_map(tmp_path):
-    """Our adapter + Mask2Former state dict renamed by hand to mmseg / mmdet 2.22's module names (ConvModule's .conv /
-    .gn, BaseTransformerLayer's attentions / ffns.0.layers / norms, the adapter's DWConv), under 'state_dict' with the
-    unused conv_seg BaseDecodeHead makes: load_whole brings every tensor back."""
+def mmseg_names(sd):
+    """Our adapter + Mask2Former keys renamed by hand to mmseg / mmdet 2.22's module names."""
     import re
-    torch.manual_seed(0)
-    src = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 3), depth=4, head='mask2former', adapter=True))
     official = {}
-    for k, v in src.state_dict().items():
+    for k, v in sd.items():
         k = re.sub(r'(input_convs\.\d)\.0\.', r'\1.conv.', k)
         k = re.sub(r'(input_convs\.\d)\.1\.', r'\1.gn.', k)
         k = k.replace('lateral_conv.0.', 'lateral_convs.0.conv.').replace('lateral_conv.1.', 'lateral_convs.0.gn.')
@@ -234,6 +230,16 @@ def test_released_mmseg_names_load_through_the_key_map(tmp_path):
         k = k.replace('decode_head.post_norm.', 'decode_head.transformer_decoder.post_norm.')
         k = k.replace('.ffn.dwconv.', '.ffn.dwconv.dwconv.')
         official[k] = v
+    return official
+
+
+def test_released_mmseg_names_load_through_the_key_map(tmp_path):
+    """Our adapter + Mask2Former state dict renamed by hand to mmseg / mmdet 2.22's module names (ConvModule's .conv /
+    .gn, BaseTransformerLayer's attentions / ffns.0.layers / norms, the adapter's DWConv), under 'state_dict' with the
+    unused conv_seg BaseDecodeHead makes: load_whole brings every tensor back."""
+    torch.manual_seed(0)
+    src = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 3), depth=4, head='mask2former', adapter=True))
+    official = mmseg_names(src.state_dict())
     assert 'decode_head.transformer_decoder.layers.3.attentions.1.attn.in_proj_weight' in official
     official['decode_head.conv_seg.weight'] = torch.zeros(5, 32, 1, 1)
     torch.save({'meta': {}, 'state_dict': official}, tmp_path / 'eva_sem_seg.pth')
@@ -350,6 +356,10 @@ def test_backbone_loading_and_layer_decay_groups(tmp_path):
     info = load_backbone(model, str(tmp_path / 'eva.pt'))
     assert sorted(info['missing']) == sorted(k for k in model.backbone.state_dict() if k.startswith('fpn'))
     torch.testing.assert_close(model.backbone.blocks[2].mlp.fc1.weight, eva.blocks[2].mlp.fc1.weight)
+    with_adapter = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 2), head='mask2former', adapter=True))
+    info = load_backbone(with_adapter, str(tmp_path / 'eva.pt'))  # the EVA-g recipe: an encoder under the adapter
+    assert sorted(info['missing']) == sorted(k for k in with_adapter.backbone.state_dict() if not k.startswith(
+        ('patch_embed.', 'pos_embed', 'cls_token', 'blocks.'))) and 'spm.fc1.weight' in info['missing']
     groups = param_groups(model, 0.05, 0.5, prefix='backbone.', decay_all=False)
     where = {id(p): (g['lr_scale'], g['weight_decay']) for g in groups for p in g['params']}
     b = model.backbone
@@ -448,6 +458,18 @@ def test_eval_on_two_ranks_equals_the_training_runs_own(demo):
          f'--init_from={d}/run/last.pt'], nproc=2)
     again = json.load(open(d / 'eval2' / 'eval.json'))
     assert again['images'] == 32 and again['IoU'] == ev['IoU'] and again['mIoU'] == pytest.approx(ev['mIoU'])
+
+
+def test_eval_only_reads_a_released_mmseg_layout_file(demo):
+    """The demo's weights saved as EVA-01's mmseg files are (mmcv's {'meta', 'state_dict'}, mmseg / mmdet names):
+    init_from takes them as a whole segmenter, and they evaluate as the demo did."""
+    d, _ = demo
+    sd = torch.load(d / 'run' / 'last.pt')['model']
+    torch.save({'meta': {}, 'state_dict': mmseg_names(sd)}, d / 'released.pth')
+    out = run([f'--out_dir={d}/released', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--eval_only=True',
+               f'--init_from={d}/released.pth'])
+    assert 'a whole segmenter' in out
+    assert json.load(open(d / 'released' / 'eval.json'))['IoU'] == json.load(open(d / 'run' / 'eval.json'))['IoU']
 
 
 def test_resume_gives_the_same_losses(demo):
