@@ -6,6 +6,7 @@ Stages import it before torch: OpenMP reads its wait policy once, when torch loa
 import importlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -258,6 +259,15 @@ def format_row(row, total_steps=None):
                                if k not in ROW_FORMAT and k != 'step' and v is not None and not isinstance(v, dict)])
 
 
+def _row_step(line):
+    """A log line's step (0 for a header); a line that does not parse (the run was killed while writing it): inf,
+    so that it is dropped."""
+    try:
+        return json.loads(line).get('step', 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def open_log(out_dir, header, wandb_project='', wandb_run_name=''):
     """Makes out_dir. Rank 0 writes header['config'] to out_dir/config.json, drops from out_dir/log.jsonl the rows of
     steps after header['start_step'] (a resumed run redoes them), appends `header`, starts wandb if wandb_project.
@@ -270,7 +280,7 @@ def open_log(out_dir, header, wandb_project='', wandb_run_name=''):
     atomic_save(json.dumps(header['config'], indent=1) + '\n', os.path.join(out_dir, 'config.json'))
     path, wandb = os.path.join(out_dir, 'log.jsonl'), None
     rows = open(path).readlines() if os.path.exists(path) else []
-    atomic_save(''.join(r for r in rows if json.loads(r).get('step', 0) <= header['start_step']), path)
+    atomic_save(''.join(r for r in rows if _row_step(r) <= header['start_step']), path)
     f = open(path, 'a')
     print(json.dumps(header), file=f, flush=True)
     print0(f"settings: {out_dir}/config.json; log: {path}")

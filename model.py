@@ -31,12 +31,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # EVA-g is the paper's model (Table 1 of the paper: 1408 wide, 40 deep, 16 heads, MLP 6144, patch 14).
-# eva_l / eva_b are the usual ViT-L / ViT-B shapes at patch 14; eva_tiny is for CPU tests and demos.
+# eva_l / eva_b are the usual ViT-L / ViT-B shapes at patch 14; eva_tiny is for CPU tests and demos, eva_mini (4 blocks)
+# for chain.py's student.
 SIZES = {
     'eva_g': dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144),
     'eva_l': dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
     'eva_b': dict(patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
     'eva_tiny': dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),
+    'eva_mini': dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_dim=256),
 }
 
 
@@ -297,12 +299,28 @@ def mim_loss(pred, target, mask):
 
 
 class CLIPTeacher(nn.Module):
-    """The frozen MIM teacher: an open_clip CLIP image tower (OpenAI ViT-L/14 in the paper); its targets are the
-    patch tokens after ln_post and after the output projection (1024 -> 768 for ViT-L/14), cls dropped.
-    name='tiny' builds a small randomly initialised tower of the same class for tests and CPU demos."""
+    """The frozen MIM teacher's patch features, cls dropped: (B, N, out_dim).
+    - an open_clip CLIP image tower (OpenAI ViT-L/14 in the paper): the patch tokens after ln_post and after the
+      output projection (1024 -> 768 for ViT-L/14); name='tiny' builds a small randomly initialised tower of that
+      class for tests and CPU demos;
+    - our own clip.pt as `pretrained` (train_clip.py's EVA image tower; `name` unused): all patch tokens after the
+      final norm, through the tower's head (its projection to the joint embedding), the same place as the OpenAI
+      tokens; EVA-02 distils an EVA-CLIP tower this way. Its pos_embed is resized to img_size if need be."""
 
     def __init__(self, name='ViT-L-14', pretrained='openai', img_size=224, patch_size=14):
         super().__init__()
+        ckpt = read_clip_file(pretrained)
+        self.eva = self.visual = None
+        if ckpt is not None:
+            cfg = EVAConfig(**{**ckpt['vision_cfg'], 'img_size': img_size, 'drop_path': 0.0, 'grad_checkpointing': False})
+            self.eva = EVA(cfg)
+            load_pretrained(self.eva, {k[len('visual.'):]: v for k, v in ckpt['model'].items()
+                                       if k.startswith('visual.')}, allowed_missing=())
+            self.eva.eval().requires_grad_(False)
+            self.out_dim, self.description = cfg.num_classes, f"the EVA image tower of {pretrained}"
+            self.flops_per_image = self.eva.flops_per_image(backward=False)
+            self.flops_per_image += 2 * cfg.num_patches * cfg.embed_dim * cfg.num_classes  # head on every patch
+            return
         import open_clip
         if name == 'tiny':
             visual = open_clip.transformer.VisionTransformer(
@@ -314,6 +332,8 @@ class CLIPTeacher(nn.Module):
         visual.output_tokens = True  # open_clip returns the tokens after ln_post but before proj
         self.visual = visual.eval().requires_grad_(False)
         width = visual.conv1.out_channels
+        self.out_dim = visual.proj.shape[1]
+        self.description = f"{name} ({'random init' if name == 'tiny' or not pretrained else pretrained})"
         self.flops_per_image = vit_flops(visual.image_size[0], visual.patch_size[0], width,
                                          len(visual.transformer.resblocks),
                                          visual.transformer.resblocks[0].mlp.c_fc.out_features)
@@ -325,8 +345,24 @@ class CLIPTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, x):
         """x (B, 3, H, W), normalised with CLIP's mean/std -> targets (B, N, out_dim)."""
+        if self.eva is not None:
+            tokens = self.eva.forward_features(x.to(self.eva.cls_token.dtype))  # (B, 1+N, D) after the final norm
+            return self.eva.head(tokens[:, 1:])
         _, tokens = self.visual(x.to(self.visual.proj.dtype))
         return tokens @ self.visual.proj
+
+
+def read_clip_file(path):
+    """Our clip.pt (train_clip.py's export: 'model' with visual.* / text.*, 'vision_cfg', ...) read from `path`, or
+    None for anything else (an open_clip tag, OpenAI's archive, an open_clip state dict)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:  # mmap: a multi-GB open_clip file is not read in only to be told apart
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) and 'vision_cfg' in ckpt and isinstance(ckpt.get('model'), dict) else None
+
 
 def uses_quick_gelu(name, pretrained):
     """True where open_clip's table says the tagged weights were trained with QuickGELU (all of OpenAI's): open_clip

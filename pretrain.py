@@ -60,7 +60,7 @@ grad_checkpointing = False  # recompute blocks in backward: less memory (EVA-g o
 compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
 init_from = ''  # start from an encoder checkpoint (anything load_pretrained reads); '' = random init
 teacher_model = 'ViT-L-14'  # open_clip model name; 'tiny' = small random tower of the same class (tests)
-teacher_pretrained = 'openai'  # open_clip tag or a local checkpoint file
+teacher_pretrained = 'openai'  # open_clip tag, a local open_clip file, or our clip.pt (its EVA tower; teacher_model unused)
 # optimization
 batch_size = 4096  # global batch (16 nodes x 8 GPUs x 32)
 micro_batch = 32  # per GPU per forward; gradient accumulation fills the rest of batch_size
@@ -104,9 +104,20 @@ print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = g
        f"({total_steps / steps_per_epoch:.2f} epochs), warmup {warmup_steps:,}; dtype {dtype}, ZeRO-{zero_stage}")
 
 # -----------------------------------------------------------------------------
+# teacher: built first, its feature width is the student's lm_head output (768 for OpenAI's CLIP-L/14)
+if local_rank != 0:
+    dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
+torch.manual_seed(seed)  # a random teacher ('tiny', the demo's) is the same on every rank, on resume and in plot.py
+teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, eva_config(model_size).patch_size).to(device)
+if local_rank == 0:
+    dist.barrier()
+if cuda:
+    teacher.half()  # the teacher only infers: fp16 halves its time and memory
+
+# -----------------------------------------------------------------------------
 # data
 cfg = eva_config(model_size, img_size=img_size, drop_path=drop_path, grad_checkpointing=grad_checkpointing,
-                 pooling='cls', use_mask_token=True, mim_dim=768, init_std=init_std, init_trunc=init_trunc)
+                 pooling='cls', use_mask_token=True, mim_dim=teacher.out_dim, init_std=init_std, init_trunc=init_trunc)
 mask_gen = MaskingGenerator(cfg.grid, num_mask_patches, min_num_patches=min_mask_patches)
 train_set = Samples(train_source, mim_transform(img_size, crop_scale, uint8=True), seed, mask_gen)
 sampler = ResumableSampler(len(train_set), world, rank, seed)
@@ -119,7 +130,7 @@ if val_data_path:
 val_mask = torch.arange(cfg.num_patches) % 2 == 0
 
 # -----------------------------------------------------------------------------
-# model, teacher, engine
+# model, engine
 torch.manual_seed(seed)  # the same init on every rank (DeepSpeed also broadcasts rank 0's weights)
 with torch.device(device):  # initialising 1B parameters on the GPU takes seconds, on the CPU a minute
     model = EVA(cfg)
@@ -127,19 +138,12 @@ if init_from:
     load_pretrained(model, init_from)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
-if local_rank != 0:
-    dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
-teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, cfg.patch_size).to(device)
-if local_rank == 0:
-    dist.barrier()
-if cuda:
-    teacher.half()  # the teacher only infers: fp16 halves its time and memory
 print0(f"student {model_size}: {sum(p.numel() for p in model.parameters()):,} parameters; teacher "
-       f"{teacher_model} ({'random init' if teacher_model == 'tiny' or not teacher_pretrained else teacher_pretrained})")
+       f"{teacher.description}, {teacher.out_dim}-d features")
 with torch.no_grad():
     n_teacher = teacher(torch.zeros(1, 3, img_size, img_size, device=device)).shape
-if n_teacher[1:] != (cfg.num_patches, 768):
-    config_error(f"teacher {teacher_model} gives {tuple(n_teacher)} tokens, the student wants ({cfg.num_patches}, 768): "
+if n_teacher[1] != cfg.num_patches:
+    config_error(f"the teacher gives {n_teacher[1]} patch tokens at {img_size} px, the student {cfg.num_patches}: "
                  f"choose a teacher with the student's patch grid")
 
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps,

@@ -71,10 +71,11 @@ def test_official_init_and_validation_loss(tmp_path):
               'blocks.0.attn.qkv.weight', 'blocks.1.mlp.fc1.weight'):
         assert 0.01 < sd[k].abs().max() <= 0.015, k
     cfg = eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768, init_std=0.015, init_trunc=1.0)
-    torch.manual_seed(0)  # pretrain.py's order of draws: the student, then the teacher
+    torch.manual_seed(0)  # pretrain.py's draws: the teacher from the seed, then the student from the seed
+    teacher = CLIPTeacher('tiny', '', 32, 4)
+    torch.manual_seed(0)
     student = EVA(cfg)
     assert all(torch.equal(v, sd[k]) for k, v in student.state_dict().items())
-    teacher = CLIPTeacher('tiny', '', 32, 4)
     student.eval()
     val = Samples(SyntheticShapes(10, 32, seed=1), eval_transform(32, 224 / 256), 0)
     x = torch.stack([val[i]['image'] for i in range(10)])
