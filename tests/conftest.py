@@ -24,3 +24,21 @@ def run_readme(monkeypatch, tmp_path):
         exec(code[0], namespace)
         return namespace
     return run
+
+
+@pytest.fixture
+def check_curves():
+    """check_curves(run_dir, *panels): plot.py draws a stage's real log.jsonl: curves.png written, the training loss,
+    lr and the given panels (evaluation groups) among its curves, each loss value the one in the log."""
+    import json
+
+    import plot
+
+    def check(run_dir, *panels):
+        rows, bad = plot.read_log(os.path.join(run_dir, 'log.jsonl'))
+        got = plot.curves(rows)
+        assert bad == 0 and {'training loss', 'lr', *panels} <= set(got), sorted(got)
+        assert got['training loss']['loss'][1] == [r['loss'] for r in rows if 'loss' in r]
+        assert os.path.getsize(plot.plot_curves(str(run_dir))) > 10_000
+        assert len([line for line in open(os.path.join(run_dir, 'log.jsonl')) if json.loads(line).get('eval')]) > 0
+    return check

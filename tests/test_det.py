@@ -353,7 +353,7 @@ def demo(tmp_path_factory):
     return d, out
 
 
-def test_demo_learns(demo):
+def test_demo_learns(demo, check_curves):
     d, out = demo
     ev = json.load(open(d / 'run' / 'eval.json'))
     assert ev['images'] == 32
@@ -362,6 +362,7 @@ def test_demo_learns(demo):
     assert ev['bbox']['AP50'] > 4 and ev['segm']['AP50'] > 1.5, ev
     rpn = [r['loss_rpn_cls'] for r in rows(d / 'run') if 'loss' in r]  # the total rises as proposals find objects
     assert rpn[-1] < 0.3 * rpn[0]
+    check_curves(d / 'run', 'eval: bbox', 'eval: segm')
 
 
 def test_eval_only_on_two_ranks_equals_one(demo):

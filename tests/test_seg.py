@@ -420,11 +420,12 @@ def demo(tmp_path_factory):
 BAR = 21
 
 
-def test_demo_learns_with_the_adapter_and_mask2former(demo):
+def test_demo_learns_with_the_adapter_and_mask2former(demo, check_curves):
     d, out = demo
     ev = json.load(open(d / 'run' / 'eval.json'))
     assert ev['images'] == 32 and 'mIoU' in out
     assert ev['mIoU'] > BAR, ev
+    check_curves(d / 'run', 'eval: metrics')
     assert 'backbone.interactions.3.extra_extractors.1.ffn.dwconv.weight' in torch.load(d / 'run' / 'last.pt')['model']
 
 

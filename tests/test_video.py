@@ -240,12 +240,13 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_tiny_demo_learns_motion(trained):
+def test_tiny_demo_learns_motion(trained, check_curves):
     """Colour x direction: one frame tells the colour, so a model blind to motion tops out at 50% top-1."""
     evals = [json.loads(line)['eval']['model'] for line in open(trained / 'run' / 'log.jsonl') if '"eval"' in line]
     final = json.load(open(trained / 'run' / 'eval.json'))['model']
     assert final['videos'] == evals[-1]['videos'] == 128
     assert final['top1'] > LEARNED and evals[-1]['top1'] > LEARNED and evals[0]['top1'] < LEARNED, (evals, final)
+    check_curves(trained / 'run', 'eval: model')
 
 
 def test_views_summed_over_ranks_exactly(trained, tmp_path):
