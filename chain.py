@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import plot
+
 # -----------------------------------------------------------------------------
 # config
 out_dir = 'out/chain'  # one folder per run below it, and the results
@@ -95,7 +97,7 @@ def run_all():
     """Start each run when its dependencies are done, `jobs` at a time; a failed run stops the chain (its log
     named). Ctrl-C reaches the runs too (same process group): they save and exit, and the chain stops."""
     pending = [r for r in runs() if not os.path.exists(done_file(r[0]))]
-    finished = {r[0] for r in runs()} - {r[0] for r in pending}
+    finished = {name for name, _, _ in runs() if os.path.exists(done_file(name))}
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     active, t0 = {}, time.time()
@@ -135,12 +137,7 @@ def run_all():
 
 def last_eval(name):
     """The last evaluation row of a run's log.jsonl (lines that do not parse skipped)."""
-    rows = []
-    for line in open(os.path.join(out_dir, name, 'log.jsonl')):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+    rows, _ = plot.read_log(os.path.join(out_dir, name, 'log.jsonl'))
     evals = [r for r in rows if 'eval' in r or 'val_loss' in r]
     if not evals:
         raise ValueError(f"{out_dir}/{name}/log.jsonl has no evaluation row")
@@ -193,7 +190,6 @@ if __name__ == '__main__':
         f.write(text + '\n')
     print(f"\n{text}\n\n{len(runs())} runs, {wall:.0f} s in this start; {out_dir}/results.json, {out_dir}/table.md")
     if pictures:
-        import plot
         print(plot.plot_chain(res, os.path.join(out_dir, 'chain.png')))
         for name, _, _ in runs():
             print(plot.plot_curves(os.path.join(out_dir, name)))
