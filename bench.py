@@ -7,23 +7,28 @@ MIM input pipeline against torchvision's.
     python bench.py --compile_blocks=True
     python bench.py --profile=True --reference=        # + a torch.profiler trace of two steps (out/bench/*/trace.json)
     python bench.py --stage=finetune --img_size=336 --micro_batch=8
+    python bench.py --stage=clip --micro_batch=160     # also video, det, seg: each stage's recipe by default
+    python bench.py --stage=video --stage_args=--num_frames=16
+    python bench.py --zero_config=overlap_comm=False   # a DeepSpeed zero_optimization setting for every run
     python bench.py --mode=data                        # input pipeline, images/s per CPU core
     python bench.py --mode=targets                     # the performance targets in one run, each said met or not
+    python bench.py --mode=table --rows=mim64,clip     # rows of the README's table (ROWS), each saved as it ends
     python bench.py --model_size=eva_tiny --img_size=32 --micro_batch=8 --teacher_model=tiny --steps=3 --warmup=2
                                                        # a CPU smoke run (correctness only, never a speed claim)
 
 Step mode runs the stage script itself (pretrain.py: teacher forward, student forward and backward, the DeepSpeed
-optimizer step, data loading; finetune_cls.py: forward, backward, step, EMA) on synthetic data, each in a fresh
-subprocess so that its peak memory is its own, and reads the step times from its log. The references are the same
-script with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM), eager,
+optimizer step, data loading; finetune_cls.py: forward, backward, step, EMA; train_clip.py, finetune_video.py,
+det_seg.py likewise) on synthetic data, each in a fresh subprocess so that its peak memory is its own, stops it once
+its log holds the warm-up and timed steps, and reads the rates from that log. The references are the same script
+with model.EVA replaced by timm's Eva of the same size (a mask token and lm_head added for MIM), eager,
 before the script imports it: same teacher, same data, same DeepSpeed config. 'timm' also undoes our one change to
 DeepSpeed's optimizer (common.fuse_zero_grad_checks), so it is timm's Eva under DeepSpeed as it ships: what a user
 would otherwise run; 'timm_our_engine' keeps it, so ours against it is the model's (and compile's) own share.
 Warm-up steps are dropped; the median step is reported. MFU counts the student's forward + backward and the
-teacher's forward (matmul FLOPs) against the matmul rate measured here (fp16 on a GPU, fp32 on a CPU). The
-projected per-GPU peak under ZeRO-1 over N ranks subtracts (1 - 1/N) of the fp32 master weights and Adam moments
-(12 bytes per trained parameter) that one rank holds whole here: an upper bound (gradient buckets and transient
-fp32 gradients are not subtracted).
+teacher's forward (matmul FLOPs; CLIP: both towers; det and seg: none) against the matmul rate measured here (fp16
+on a GPU, fp32 on a CPU). The projected per-GPU peak under ZeRO-1 over N ranks subtracts (1 - 1/N) of the fp32
+master weights and Adam moments (12 bytes per trained parameter) that one rank holds whole here: an upper bound
+(gradient buckets and transient fp32 gradients are not subtracted).
 
 Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
 process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop +
@@ -31,10 +36,12 @@ flip, block mask; normalised on the GPU later) against torchvision's ImageFolder
 ToTensor, Normalize and the same mask generator, and compares the two outputs' statistics on the same crops (an
 untimed pass with every pipeline's generator seeded per image).
 """
+import ast
 import json
 import os
 import runpy
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,6 +103,8 @@ def timm_eva_class():
 def worker(job):
     """In the subprocess: run a stage script as __main__ with the job's arguments (and timm's Eva as the model
     class for the reference), as `python script ARGS` would."""
+    import deepspeed
+
     import common
     import model
     # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo would go on
@@ -105,6 +114,15 @@ def worker(job):
         model.EVA = timm_eva_class()
     if job['impl'] == 'timm':  # DeepSpeed's optimizer as it ships: its per-tensor gradient checks left in place
         common.fuse_zero_grad_checks = lambda optimizer: optimizer
+    initialize = deepspeed.initialize
+
+    def engine_record(*a, config, model, **k):  # the DeepSpeed config the run used (with zero_config merged in)
+        config = {**config, 'zero_optimization': {**config['zero_optimization'], **job.get('zero_config', {})}}
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        with open(os.path.join(job['run_dir'], 'engine.json'), 'w') as f:
+            json.dump({'deepspeed_config': config, 'trained_params': trained}, f, indent=1)
+        return initialize(*a, config=config, model=model, **k)
+    deepspeed.initialize = engine_record
     sys.argv = [job['script'], *job['args']]
     if not job.get('profile'):
         runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
@@ -164,113 +182,198 @@ if __name__ == '__main__' and 'BENCH_JOB' in os.environ:
 
 # -----------------------------------------------------------------------------
 # config
-mode = 'step'  # 'step': ours vs timm's Eva; 'data': input pipeline vs torchvision's; 'targets': the performance targets
-stage = 'pretrain'  # 'pretrain' (pretrain.py's MIM step with the CLIP teacher) or 'finetune' (finetune_cls.py's)
+mode = 'step'  # 'step': a stage's training step, ours vs references; 'data': input pipeline vs torchvision's; 'table':
+#   the benchmark table's rows (ROWS) in order, each saved as it ends; 'targets': the rows the targets need, and checks
+stage = 'pretrain'  # step mode: 'pretrain' (MIM with the CLIP teacher), 'finetune' (finetune_cls.py), 'clip'
+#   (train_clip.py), 'video' (finetune_video.py), 'det' or 'seg' (det_seg.py's two tasks)
 model_size = 'eva_g'  # a key of model.SIZES
-img_size = 224  # resolution
-micro_batch = 64  # images per step (one GPU, no accumulation)
-grad_checkpointing = False  # recompute blocks in backward
-compile_blocks = False  # torch.compile each of our blocks (the timm references always run eager)
+img_size = 0  # resolution; 0: the stage's recipe (pretrain, clip, video 224; finetune 336; det 1280; seg 896)
+micro_batch = 0  # images (pairs, clips) per step on one GPU, no accumulation; 0: the stage's (see STAGES)
+grad_checkpointing = None  # recompute blocks in backward; None: the stage's recipe (on for clip, video, det, seg)
+compile_blocks = False  # torch.compile each of our blocks (pretrain, finetune, video; the timm references run eager)
 profile = False  # step mode: also write a torch.profiler trace of two steps of ours (out_dir/<stage>_ours/trace.json)
-reference = 'timm,timm_our_engine'  # runs to compare with, comma-separated: 'timm' (timm's Eva, eager, under
-#   DeepSpeed as it ships: what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine
-#   changes: the model's own share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only
+reference = 'auto'  # runs to compare with, comma-separated: 'timm' (timm's Eva, eager, under DeepSpeed as it ships:
+#   what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine changes: the model's own
+#   share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only; 'auto': 'timm,timm_our_engine'
+#   for pretrain and finetune, '' for the others
+stage_args = ''  # more arguments for the stage script, space-separated: a config file there replaces the stage's base
+#   config (bench's own settings still override it), --key=value come last: e.g. '--num_frames=16'
+zero_config = ''  # DeepSpeed zero_optimization settings merged in for every run: 'key=value,...' (overlap_comm=False)
 teacher_model = 'ViT-L-14'  # pretrain teacher, randomly initialised (its cost, not its weights); 'tiny' for CPU
 dtype = 'fp16'  # training precision on a GPU (a CPU falls back to fp32, as the stages do)
 steps = 10  # timed steps; the median is reported
 warmup = 5  # steps run first and not timed (allocator, autotuning, compilation)
 zero_ranks = 16  # project the per-GPU peak memory under ZeRO-1 over this many ranks
 num_workers = 8  # DataLoader workers of the stage
-out_dir = 'out/bench'  # logs of the runs and bench.json
+out_dir = 'out/bench'  # logs of the runs and bench_<mode>.json (table mode: a folder per row and table.md)
+rows = ''  # table mode: the ROWS to run, comma-separated, in this order; '': all of them
 data_images = 256  # data mode: JPEGs written
 data_passes = 5  # data mode: timed passes over them per pipeline, interleaved; the median pass is reported
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
+# step mode's stages: script, base config, the log's rate key, one sample, and the recipe's resolution, micro-batch
+# per GPU and gradient checkpointing (pretrain: 64, the MIM target's micro-batch; the recipe runs 32)
+STAGES = {'pretrain': ('pretrain.py', '', 'img_s', 'img', 224, 64, False),
+          'finetune': ('finetune_cls.py', '', 'img_s', 'img', 336, 16, False),
+          'clip': ('train_clip.py', '', 'samples_s', 'pair', 224, 160, True),  # A100-40GB: 160 (the paper)
+          'video': ('finetune_video.py', '', 'samples_s', 'clip', 224, 2, True),
+          'det': ('det_seg.py', '', 'img_s', 'img', 1280, 1, True),
+          'seg': ('det_seg.py', 'config/seg_ade20k_eva_g.py', 'img_s', 'img', 896, 1, True)}
+if stage not in STAGES:
+    raise SystemExit(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+SCRIPT, BASE_CONFIG, RATE_KEY, UNIT, *_recipe = STAGES[stage]
+img_size, micro_batch = img_size or _recipe[0], micro_batch or _recipe[1]
+grad_checkpointing = _recipe[2] if grad_checkpointing is None else grad_checkpointing
+if reference == 'auto':
+    reference = 'timm,timm_our_engine' if stage in ('pretrain', 'finetune') else ''
+if compile_blocks and SCRIPT not in ('pretrain.py', 'finetune_cls.py', 'finetune_video.py'):
+    raise SystemExit(f"compile_blocks: {SCRIPT} does not compile its blocks")
+try:
+    ZERO = {k: ast.literal_eval(v) for k, v in (kv.split('=', 1) for kv in zero_config.split(',') if kv)}
+except (ValueError, SyntaxError):
+    raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
 
 
 def run_step(impl, num_masked, min_masked):
-    """One stage run of warmup + steps steps; -> per-step img/s (timed steps), peak GiB, trained parameters."""
+    """One stage run of warmup + steps steps, stopped once they are logged (a stage's end-of-run evaluation and
+    checkpoint are not the step, and cost minutes at EVA-g); -> per-step rates (timed steps), peak GiB, wall s."""
     run_dir = os.path.join(out_dir, f'{stage}_{impl}')
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    n = warmup + steps
+    os.makedirs(run_dir)
+    n, m = warmup + steps, micro_batch
     ckpt, comp = grad_checkpointing and impl != 'no_checkpointing', compile_blocks and not impl.startswith('timm')
-    common = [f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
-              f'--micro_batch={micro_batch}', f'--batch_size={micro_batch}', f'--grad_checkpointing={ckpt}',
-              f'--compile_blocks={comp}', f'--dtype={dtype}', f'--num_workers={num_workers}', '--log_interval=1',
-              f'--synthetic_size={micro_batch * n}']
-    if stage == 'pretrain':
-        script = 'pretrain.py'  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
-        args = common + ['--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0', '--val_data_path=',
-                         f'--teacher_model={teacher_model}', '--teacher_pretrained=', f'--num_mask_patches={num_masked}',
-                         f'--min_mask_patches={min_masked}']
-    else:
-        script = 'finetune_cls.py'
-        args = common + ['--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
-                         f'--val_size={micro_batch}']
-    job = {'script': script, 'impl': impl, 'args': args}
-    if profile and impl == 'ours':  # profiled steps are slower: this run's img/s are marked 'profiled'
+    extra = stage_args.split()
+    files = [a for a in extra if not a.startswith('--')] or [BASE_CONFIG] * bool(BASE_CONFIG)
+    args = [*files, f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
+            f'--micro_batch={m}', f'--batch_size={m}', f'--grad_checkpointing={ckpt}', f'--dtype={dtype}',
+            f'--num_workers={num_workers}', '--log_interval=1']
+    args += [f'--compile_blocks={comp}'] * (SCRIPT != 'det_seg.py' and SCRIPT != 'train_clip.py')
+    synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
+    if stage == 'pretrain':  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
+        args += [f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0',
+                 '--val_data_path=', f'--teacher_model={teacher_model}', '--teacher_pretrained=',
+                 f'--num_mask_patches={num_masked}', f'--min_mask_patches={min_masked}']
+    elif stage == 'finetune':
+        args += [f'--synthetic_size={m * n}', '--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
+                 f'--val_size={m}']
+    elif stage == 'clip':  # a random text tower: its cost, not OpenAI's weights
+        args += ['--train_data=synthetic', f'--synthetic_size={m * n}', f'--samples_seen={m * n}', '--warmup_steps=1',
+                 '--zeroshot_data=', '--text_init_from=']
+    elif stage == 'video':  # (the synthetic videos have at most 24 classes: the head is 0.01% of the step)
+        args += ['--data_path=synthetic', '--val_data_path=synthetic', f'--synthetic_dir={synthetic}',
+                 f'--synthetic_size={m * n}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']
+    else:  # det / seg on the synthetic scenes (10 shape kinds: 10 classes, and the background for seg)
+        args += [f'--task={stage}', f'--synthetic_dir={synthetic}', f'--synthetic_size={m * n}', f'--max_iters={n}',
+                 '--eval_interval=0', f'--save_interval={n + 1}', f'--num_classes={10 + (stage == "seg")}']
+        args += ['--train_json=synthetic', '--val_json=synthetic'] if stage == 'det' else \
+            ['--train_labels=synthetic', '--val_labels=synthetic', '--label_map=']
+    job = {'script': SCRIPT, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
+           'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO}
+    if profile and impl == 'ours':  # profiled steps are slower: this run's rates are marked 'profiled'
         job.update(profile=os.path.abspath(run_dir), wait=max(warmup - 1, 0))
-    env = dict(os.environ, BENCH_JOB=json.dumps(job))
-    t = time.time()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py')], env=env, cwd=ROOT, capture_output=True,
-                       text=True)
+    env, log_path, t = dict(os.environ, BENCH_JOB=json.dumps(job)), os.path.join(run_dir, 'log.jsonl'), time.time()
+    with open(os.path.join(run_dir, 'output.txt'), 'w') as out:  # the stage's own output, for a failure or a look
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'bench.py')], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # its own group: workers go too
+        logged = []
+        try:
+            while proc.poll() is None and len(logged) < n:
+                time.sleep(0.2)
+                lines = open(log_path).readlines() if os.path.exists(log_path) else []
+                logged = [r for r in map(json.loads, lines[:-1] if lines and not lines[-1].endswith('\n') else lines)
+                          if RATE_KEY in r]
+        finally:  # also on Ctrl-C or SIGTERM: a run in its own session would outlive bench.py on the GPU
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     wall = time.time() - t
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'output.txt'), 'w') as f:  # the stage's own output, for a failure or a look
-        f.write(r.stdout + r.stderr)
-    if r.returncode != 0:
-        raise RuntimeError(f"{script} with {impl} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
-    steps_rows = [row for row in rows if 'img_s' in row]
-    assert len(steps_rows) == n, f"{script}: {len(steps_rows)} logged steps, expected {n}"
-    mem = max((row['mem_gb'] or 0) for row in steps_rows) or None
-    return [row['img_s'] for row in steps_rows[warmup:]], mem, wall
+    if len(logged) < n:
+        tail = open(os.path.join(run_dir, 'output.txt')).read()[-4000:]
+        raise RuntimeError(f"{SCRIPT} with {impl} ended (exit status {proc.returncode}) after {len(logged)} of {n} "
+                           f"steps; its output ({run_dir}/output.txt) ends:\n{tail}")
+    mem = max((row['mem_gb'] or 0) for row in logged[:n]) or None
+    return [row[RATE_KEY] for row in logged[warmup:n]], mem, wall
+
+
+def stage_flops(c, num_masked):
+    """Matmul FLOPs of one trained sample, forward + backward (and the MIM teacher's forward), from the run's own
+    logged settings c, as the stage counts them for its MFU; None for det / seg (no count of the heads' FLOPs)."""
+    from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config, vit_flops
+    with torch.device('meta'):
+        if stage == 'pretrain':
+            student = EVA(eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', use_mask_token=True,
+                                     mim_dim=768))
+            flops = student.flops_per_image(num_masked=num_masked)
+            if c['teacher_model'] == 'tiny':
+                return flops + CLIPTeacher('tiny', '', c['img_size'], student.config.patch_size).flops_per_image
+            import open_clip  # an open_clip tower: its forward from its config, without building it
+            mc = open_clip.get_model_config(c['teacher_model'])
+            v, grid = mc['vision_cfg'], mc['vision_cfg']['image_size'] // mc['vision_cfg']['patch_size']
+            flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'],
+                               int(v['width'] * v.get('mlp_ratio', 4.0)))
+            return flops + 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
+        if stage == 'clip':
+            vision = eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', num_classes=c['embed_dim'])
+            return CLIP(vision, TEXT_SIZES[c['text_size']], c['embed_dim']).flops_per_pair()
+        if stage in ('finetune', 'video'):
+            return EVA(eva_config(c['model_size'], img_size=c['img_size'], num_classes=c['num_classes'],
+                                  num_frames=c.get('num_frames', 1))).flops_per_image()
+    return None
 
 
 def step_mode():
-    from model import EVA, CLIPTeacher, eva_config, vit_flops
+    from model import eva_config
     cuda = torch.cuda.is_available()
     rate = matmul_tflops()
-    mim = stage == 'pretrain'
-    cfg = eva_config(model_size, img_size=img_size, pooling='cls' if mim else 'mean', use_mask_token=mim,
-                     mim_dim=768 if mim else 0, num_classes=0 if mim else 1000)
-    with torch.device('meta'):
-        student = EVA(cfg)
-    params = sum(p.numel() for p in student.parameters())
-    num_masked = round(105 / 256 * cfg.num_patches)  # the paper's 105 of 256 at any grid
-    flops = student.flops_per_image(num_masked=num_masked if mim else 0)
-    if mim and teacher_model == 'tiny':
-        flops += CLIPTeacher('tiny', '', img_size, cfg.patch_size).flops_per_image
-    elif mim:  # an open_clip tower: its forward from its config, without building it
-        import open_clip
-        mc = open_clip.get_model_config(teacher_model)
-        v, grid = mc['vision_cfg'], mc['vision_cfg']['image_size'] // mc['vision_cfg']['patch_size']
-        flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], int(v['width'] * v.get('mlp_ratio', 4.0)))
-        flops += 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
-    results = {'config': config, 'device': torch.cuda.get_device_name() if cuda else 'cpu',
-               'matmul_tflops': rate, 'flops_per_image': flops, 'params': params, 'runs': {}}
+    grid = img_size // eva_config(model_size).patch_size
+    num_masked = round(105 / 256 * grid * grid)  # the paper's 105 of 256 at any grid
+    results = {'config': config, 'stage': stage, 'unit': UNIT, 'script': SCRIPT, 'img_size': img_size,
+               'micro_batch': micro_batch, 'grad_checkpointing': grad_checkpointing, 'reference': reference,
+               'device': torch.cuda.get_device_name() if cuda else 'cpu', 'matmul_tflops': rate, 'runs': {}}
     references = [r for r in reference.split(',') if r]
     unknown = set(references) - {'timm', 'timm_our_engine', 'no_checkpointing'}
     assert not unknown, f"unknown reference {unknown}: 'timm', 'timm_our_engine' or 'no_checkpointing'"
+    assert stage in ('pretrain', 'finetune') or not {'timm', 'timm_our_engine'} & set(references), \
+        f"the timm references are for pretrain and finetune (timm's Eva as MIM or classification model), not {stage}"
     for impl in ['ours'] + references:
-        img_s, mem, wall = run_step(impl, num_masked, 16 if cfg.grid >= 14 else 4)
-        med = statistics.median(img_s)
-        optimizer_gb = 12 * params / 2**30
+        try:
+            rates, mem, wall = run_step(impl, num_masked, 16 if grid >= 14 else 4)
+        except RuntimeError as e:  # a reference that fails (out of memory without checkpointing) is a finding
+            if impl == 'ours':
+                raise
+            print(e)
+            results['runs'][impl] = {'error': str(e)[-1000:]}
+            continue
+        run_dir = os.path.join(out_dir, f'{stage}_{impl}')
+        logged = json.loads(open(os.path.join(run_dir, 'log.jsonl')).readline())['config']  # the stage's settings
+        engine = json.load(open(os.path.join(run_dir, 'engine.json')))
+        if impl == 'ours':
+            results.update(flops_per_sample=stage_flops(logged, num_masked), params=engine['trained_params'])
+        med, flops = statistics.median(rates), results['flops_per_sample']
+        optimizer_gb = 12 * engine['trained_params'] / 2**30
         results['runs'][impl] = {
-            'img_s': med, 'img_s_all': img_s, 'wall_s': round(wall, 1), 'mfu': med * flops / (rate * 1e12),
-            'peak_gb': mem, 'zero_projected_gb': mem - optimizer_gb * (1 - 1 / zero_ranks) if mem else None,
-            'profiled': profile and impl == 'ours'}  # then its img/s include the profiler's overhead
+            'samples_s': med, 'samples_s_all': rates, 'wall_s': round(wall, 1),
+            'mfu': flops and med * flops / (rate * 1e12), 'peak_gb': mem,
+            'zero_projected_gb': mem - optimizer_gb * (1 - 1 / zero_ranks) if mem else None,
+            'grad_checkpointing': logged['grad_checkpointing'], 'trained_params': engine['trained_params'],
+            'zero_optimization': engine['deepspeed_config']['zero_optimization'],
+            'profiled': profile and impl == 'ours'}  # then its rate includes the profiler's overhead
     ours = results['runs']['ours']
-    ours['vs'] = {ref: ours['img_s'] / results['runs'][ref]['img_s'] for ref in references}
+    ours['vs'] = {ref: ours['samples_s'] / results['runs'][ref]['samples_s'] for ref in references
+                  if 'samples_s' in results['runs'][ref]}
     precision = dtype if cuda or dtype != 'fp16' else 'fp32 (CPU)'  # the stages' CPU fallback for fp16
-    print(f"{stage} step, {model_size} at {img_size}, micro-batch {micro_batch}, {precision}, grad checkpointing "
-          f"{grad_checkpointing}, compile {compile_blocks} on {results['device']} (matmul {rate:.1f} TFLOP/s "
-          "measured):")
+    print(f"{stage} step ({SCRIPT}), {model_size} at {img_size}, micro-batch {micro_batch}, {precision}, grad "
+          f"checkpointing {grad_checkpointing}, compile {compile_blocks}" + (f", zero {ZERO}" if ZERO else '') +
+          f" on {results['device']} (matmul {rate:.1f} TFLOP/s measured):")
     for impl, r in results['runs'].items():
+        if 'error' in r:
+            print(f"  {impl:16s} failed: {r['error'].strip().splitlines()[-1]}")
+            continue
         projected = r['zero_projected_gb'] and round(r['zero_projected_gb'], 2)
-        print(f"  {impl:16s} {r['img_s']:6.1f} img/s (median of {steps}) | MFU {100 * r['mfu']:5.1f}% | peak "
+        mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '    -'
+        print(f"  {impl:16s} {r['samples_s']:6.1f} {UNIT}/s (median of {steps}) | MFU {mfu} | peak "
               f"{r['peak_gb']} GiB | ZeRO-1 over {zero_ranks}: <= {projected} GiB"
               + ''.join(f" | {v:.2f}x {ref}" for ref, v in r.get('vs', {}).items())
               + (' | profiled: slower, trace in ' + os.path.join(out_dir, f'{stage}_{impl}') if r['profiled'] else ''))
@@ -337,46 +440,108 @@ def data_mode():
     return results
 
 
-def targets_mode():
-    """The performance targets in one command (one GPU session): the MIM step at micro_batch against timm (>= 1.25x,
-    >= 50% MFU), the checkpointed step at micro-batch 32 projected over 16 ranks (<= 20 GiB), the input pipeline
-    (>= 1.5x torchvision per core). Each is a bench.py run of its own; the other settings pass through."""
-    passed = [f'--{k}={v}' for k, v in config.items() if k not in ('mode', 'out_dir', 'micro_batch',
-                                                                   'grad_checkpointing', 'reference', 'zero_ranks')]
-    runs = {'step': ['--mode=step', f'--micro_batch={micro_batch}', '--reference=timm'],
-            'checkpointed': ['--mode=step', '--grad_checkpointing=True', '--micro_batch=32',  # eager (see pretrain.py)
-                             '--reference=no_checkpointing', '--zero_ranks=16', '--compile_blocks=False'],
-            'data': ['--mode=data']}
-    res = {}
-    for name, args in runs.items():
-        d = os.path.join(out_dir, name)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *passed, *args, f'--out_dir={d}'],
-                           cwd=ROOT, capture_output=True, text=True)
-        print(r.stdout, end='')
+# the benchmark table's rows (EVA-g, one GPU), in the order a short GPU session should run them: each a bench.py run
+ROWS = {'mim64': ['--stage=pretrain', '--micro_batch=64', '--reference=timm,timm_our_engine'],
+        'mim64_compiled': ['--stage=pretrain', '--micro_batch=64', '--compile_blocks=True', '--reference='],
+        'mim64_no_overlap': ['--stage=pretrain', '--micro_batch=64', '--reference=',  # world size 1: nothing to overlap
+                             '--zero_config=overlap_comm=False,contiguous_gradients=False'],
+        'mim32_ckpt': ['--stage=pretrain', '--micro_batch=32', '--grad_checkpointing=True',
+                       '--reference=no_checkpointing'],
+        'cls336': ['--stage=finetune', '--img_size=336', '--micro_batch=16', '--reference=timm'],
+        'cls560_ckpt': ['--stage=finetune', '--img_size=560', '--micro_batch=8', '--grad_checkpointing=True',
+                        '--reference='],
+        'clip': ['--stage=clip', '--micro_batch=160'],
+        'video8': ['--stage=video', '--micro_batch=2', '--stage_args=--num_frames=8'],
+        'video16': ['--stage=video', '--micro_batch=2', '--stage_args=--num_frames=16'],
+        'det1280': ['--stage=det', '--img_size=1280', '--micro_batch=1'],
+        'det1024': ['--stage=det', '--img_size=1024', '--micro_batch=1'],
+        'seg896': ['--stage=seg', '--img_size=896', '--micro_batch=1'],
+        'data': ['--mode=data']}
+TARGET_ROWS = 'mim64,mim64_compiled,mim32_ckpt,data'
+
+
+def table_mode():
+    """ROWS in order, each a bench.py run of its own in out_dir/<row> (this command's other settings pass through,
+    the row's own come last), each added to out_dir/table.md and bench_table.json as it ends: a GPU session cut
+    short keeps what it measured. A failed row is said and the next one runs. targets mode: TARGET_ROWS, then
+    the performance targets, each said met or not (or not run)."""
+    names = [r for r in (rows or (TARGET_ROWS if mode == 'targets' else ','.join(ROWS))).split(',') if r]
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    passed = [a for a in sys.argv[1:] if a.split('=')[0] not in ('--mode', '--out_dir', '--rows')]
+    res, table = {}, os.path.join(out_dir, 'table.md')
+    with open(table, 'w') as f:
+        f.write('| row | command (`python bench.py ...`) | rate | MFU | peak | ZeRO-1 projected | vs |\n'
+                '|---|---|---|---|---|---|---|\n')
+    for name in names:
+        d, args = os.path.join(out_dir, name), ROWS[name]
+        print(f"-- {name}: python bench.py {' '.join(args)}", flush=True)  # its summary follows, as it comes
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'bench.py'), *passed, *args, f'--out_dir={d}'],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            err = proc.communicate()[1]
+        finally:  # stopped itself: the row's bench.py is told to stop its run (a SIGKILL would leave that running)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
         res[name] = None
-        if r.returncode == 0:
-            res[name] = json.load(open(os.path.join(d, f"bench_{args[0].split('=')[1]}.json")))
-        else:  # the other checks still run: a short GPU session should not lose them to one failure
-            print(f"bench.py {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    step = res['step'] and res['step']['runs']['ours']
-    ckpt = res['checkpointed'] and res['checkpointed']['runs']['ours']
-    checks = [(f'{model_size} step vs timm under DeepSpeed >= 1.25x', step and step['vs']['timm'], 1.25),
-              ('MFU >= 50%', step and step['mfu'], 0.5),
-              ('checkpointed micro-batch 32, ZeRO-1 over 16: <= 20 GiB', ckpt and ckpt['zero_projected_gb'], 20.0),
-              ('input pipeline vs torchvision per core >= 1.5x',
-               res['data'] and res['data']['runs']['ours']['vs_torchvision'], 1.5)]
-    if ckpt:
-        print(f"gradient checkpointing at micro-batch 32 runs at {ckpt['vs']['no_checkpointing']:.2f}x the speed "
-              f"without it ({res['checkpointed']['runs']['no_checkpointing']['peak_gb']} GiB peak without)")
-    print("targets:")
-    for what, value, bound in checks:
-        ok = value is not None and (value <= bound if 'GiB' in what else value >= bound)
-        print(f"  {'met    ' if ok else 'NOT met'} {what}: {value if value is None else round(value, 3)}")
-    res['checks'] = [dict(what=w, value=v, bound=b) for w, v, b in checks]
+        if proc.returncode == 0:
+            res[name] = json.load(open(os.path.join(d, f"bench_{'data' if name == 'data' else 'step'}.json")))
+        else:  # the other rows still run: a short GPU session should not lose them to one failure
+            print(f"bench.py {' '.join(args)} failed:\n{err[-3000:]}", flush=True)
+        command = ' '.join(a if ' ' not in a else repr(a) for a in args)
+        if res[name] is None:
+            cells = ['failed'] + [''] * 4
+        elif name == 'data':
+            ours = res[name]['runs']['ours']
+            cells = [f"{ours['img_s_per_core']:.1f} img/s/core", '', '', '',
+                     f"{ours['vs_torchvision']:.2f}x torchvision"]
+        else:
+            o, unit = res[name]['runs']['ours'], res[name]['unit']
+            cells = [f"{o['samples_s']:.1f} {unit}/s", '' if o['mfu'] is None else f"{100 * o['mfu']:.1f}%",
+                     '' if o['peak_gb'] is None else f"{o['peak_gb']} GiB",
+                     '' if o['zero_projected_gb'] is None else f"{o['zero_projected_gb']:.1f} GiB",
+                     ', '.join(f"{v:.2f}x {k}" for k, v in o['vs'].items())]
+        with open(table, 'a') as f:
+            f.write(f"| {name} | `{command}` | {' | '.join(cells)} |\n")
+        with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
+            json.dump(res, f, indent=1)
+    print(open(table).read(), end='')
+    if mode == 'targets':
+        res['checks'] = targets(res)
     return res
 
 
+def targets(res):
+    """The performance targets from the rows that ran: each met, NOT met, or without a value (None: the row did not
+    run or failed, or a CPU has no GPU memory to measure)."""
+    def ours(row, f):
+        return f(res[row]['runs']['ours']) if res.get(row) else None
+    eager = ours('mim64', lambda o: o['samples_s'])
+    checks = [(f'{model_size} MIM step vs timm under DeepSpeed >= 1.25x', ours('mim64', lambda o: o['vs'].get('timm')),
+               1.25),
+              ('MFU >= 50%', ours('mim64', lambda o: o['mfu']), 0.5),
+              ('compiled blocks vs eager >= 1.0x', eager and ours('mim64_compiled', lambda o: o['samples_s'] / eager),
+               1.0),
+              ('checkpointed micro-batch 32, ZeRO-1 over 16: <= 20 GiB',
+               ours('mim32_ckpt', lambda o: o['zero_projected_gb']), 20.0),
+              ('input pipeline vs torchvision per core >= 1.5x',
+               res.get('data') and res['data']['runs']['ours']['vs_torchvision'], 1.5)]
+    slow = ours('mim32_ckpt', lambda o: o['vs'].get('no_checkpointing'))
+    if slow:
+        print(f"gradient checkpointing at micro-batch 32 runs at {slow:.2f}x the speed without it "
+              f"({res['mim32_ckpt']['runs']['no_checkpointing']['peak_gb']} GiB peak without)")
+    print("targets:")
+    for what, value, bound in checks:
+        said = 'no value' if value is None else 'met' if (value <= bound if 'GiB' in what else value >= bound) \
+            else 'NOT met'
+        print(f"  {said:8s} {what}" + ('' if value is None else f": {value:.3f}"))
+    return [dict(what=w, value=v, bound=b) for w, v, b in checks]
+
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
 os.makedirs(out_dir, exist_ok=True)
-result = {'data': data_mode, 'step': step_mode, 'targets': targets_mode}[mode]()
+result = {'data': data_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}[mode]()
 with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import EVA, eva_config
+from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,17 +51,26 @@ def test_timm_reference_is_the_same_model():
 def test_step_mode_runs_both_stages_and_reports(tmp_path):
     # bf16: a low-precision engine as on a GPU (DeepSpeed casts parameters, not buffers: timm's k_bias must follow)
     out = bench('--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--teacher_model=tiny', '--steps=3',
-                '--warmup=2', '--num_workers=0', '--dtype=bf16', '--profile=True', f'--out_dir={tmp_path}')
+                '--warmup=2', '--num_workers=0', '--dtype=bf16', '--profile=True', f'--out_dir={tmp_path}',
+                '--zero_config=contiguous_gradients=False,reduce_bucket_size=1000')
     res = json.load(open(tmp_path / 'bench_step.json'))
     ours = res['runs']['ours']
     assert list(res['runs']) == ['ours', 'timm', 'timm_our_engine'] and res['config']['dtype'] == 'bf16'
-    assert len(ours['img_s_all']) == 3 and sorted(ours['img_s_all'])[1] == ours['img_s']  # the median
+    assert len(ours['samples_s_all']) == 3 and sorted(ours['samples_s_all'])[1] == ours['samples_s']  # the median
     for ref in ('timm', 'timm_our_engine'):
-        assert ours['vs'][ref] == ours['img_s'] / res['runs'][ref]['img_s'] and f'x {ref}' in out
+        assert ours['vs'][ref] == ours['samples_s'] / res['runs'][ref]['samples_s'] and f'x {ref}' in out
     # MFU = img/s x (student fwd+bwd + teacher fwd FLOPs) / the measured matmul rate
-    assert ours['mfu'] == pytest.approx(ours['img_s'] * res['flops_per_image'] / (res['matmul_tflops'] * 1e12))
+    assert ours['mfu'] == pytest.approx(ours['samples_s'] * res['flops_per_sample'] / (res['matmul_tflops'] * 1e12))
     logs = [json.loads(line) for line in open(tmp_path / 'pretrain_ours' / 'log.jsonl')]
     assert [r['step'] for r in logs if 'img_s' in r] == [1, 2, 3, 4, 5]  # warm-up 2 + 3 timed, the real script
+    assert ours['samples_s_all'] == [r['img_s'] for r in logs if 'img_s' in r][2:]
+    # zero_config reaches DeepSpeed in every run (the engine's config as written by the run itself)
+    for run in ('ours', 'timm'):
+        zero = json.load(open(tmp_path / f'pretrain_{run}' / 'engine.json'))['deepspeed_config']['zero_optimization']
+        assert zero['contiguous_gradients'] is False and zero['reduce_bucket_size'] == 1000 and zero['stage'] == 1
+    width = CLIPTeacher('tiny', '', 32, 4).out_dim  # the student's lm_head predicts the teacher's features
+    student = EVA(eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=width))
+    assert ours['trained_params'] == res['params'] == sum(p.numel() for p in student.parameters())
     # --profile: ours marked, a trace of two steps with each phase labelled twice
     assert ours['profiled'] and not res['runs']['timm']['profiled']
     trace = json.load(open(tmp_path / 'pretrain_ours' / 'trace.json'))['traceEvents']
@@ -70,8 +80,67 @@ def test_step_mode_runs_both_stages_and_reports(tmp_path):
     bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2', '--warmup=1',
           '--num_workers=0', '--reference=', f'--out_dir={tmp_path}')
     res = json.load(open(tmp_path / 'bench_step.json'))
-    assert list(res['runs']) == ['ours'] and res['runs']['ours']['img_s'] > 0
+    assert list(res['runs']) == ['ours'] and res['runs']['ours']['samples_s'] > 0
     assert not (tmp_path / 'finetune_ours' / 'last.pt').exists()  # save_ckpt=False: no checkpoint writing timed
+
+
+def counted_flops(model, *inputs):
+    """3 x the forward's matmul FLOPs as torch's counter sees them (it does not see inside CPU SDPA: plain matmuls
+    instead; a mask changes no FLOP count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, attention
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(*inputs)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return 3 * fc.get_total_flops()
+
+
+@pytest.mark.parametrize('stage,config,more', [('clip', 'config/clip_tiny.py', ''),
+                                               ('video', 'config/finetune_video_tiny.py', ' --num_frames=2'),
+                                               ('det', 'config/det_tiny.py', ''),
+                                               ('seg', 'config/seg_tiny.py', ' --seg_head=upernet')])
+def test_every_stage_steps(tmp_path, stage, config, more):
+    """Each stage's real script, stopped once warm-up + timed steps are logged: bench's settings win over the stage
+    config given in stage_args (checkpointing is these stages' recipe), its --key=value last; the rate is the log's;
+    MFU from the stage's FLOPs (torch's counter on the same model) where there is a count."""
+    out = bench(f'--stage={stage}', f'--stage_args={config}{more}', '--model_size=eva_tiny', '--img_size=32',
+                '--micro_batch=4', '--steps=2', '--warmup=1', '--num_workers=0', f'--out_dir={tmp_path}',
+                *(['--reference=no_checkpointing'] if stage == 'seg' else []))
+    res = json.load(open(tmp_path / 'bench_step.json'))
+    ours = res['runs']['ours']
+    assert list(res['runs']) == (['ours', 'no_checkpointing'] if stage == 'seg' else ['ours'])  # auto: no timm here
+    rows = [json.loads(line) for line in open(tmp_path / f'{stage}_ours' / 'log.jsonl')]
+    c = rows[0]['config']
+    assert (c['model_size'], c['img_size'], c['micro_batch'], c['batch_size']) == ('eva_tiny', 32, 4, 4)
+    assert c['grad_checkpointing'] is True and ours['grad_checkpointing'] is True  # the tiny configs say False
+    key = 'samples_s' if stage in ('clip', 'video') else 'img_s'
+    assert ours['samples_s_all'] == [r[key] for r in rows if key in r][1:3]
+    assert ours['samples_s'] == pytest.approx(sum(ours['samples_s_all']) / 2)  # the median of two
+    if stage in ('clip', 'video'):
+        if stage == 'clip':
+            model = CLIP(eva_config('eva_tiny', pooling='cls', num_classes=c['embed_dim']), TEXT_SIZES['tiny'],
+                         c['embed_dim'])
+            flops = counted_flops(model, torch.randn(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long))
+            assert ours['trained_params'] == sum(p.numel() for p in model.parameters())
+        else:
+            assert c['num_frames'] == 2 and c['num_classes'] == 24 and res['unit'] == 'clip'
+            model = EVA(eva_config('eva_tiny', num_frames=2, num_classes=24))
+            flops = counted_flops(model, torch.randn(1, 3, 2, 32, 32))
+        assert res['flops_per_sample'] == flops
+        assert ours['mfu'] == pytest.approx(ours['samples_s'] * flops / (res['matmul_tflops'] * 1e12))
+    else:  # no FLOP count of the detection and segmentation heads: no MFU, said as such
+        assert res['flops_per_sample'] is None and ours['mfu'] is None and 'MFU     -' in out
+        assert c['task'] == stage and c['num_classes'] == 10 + (stage == 'seg') and c['max_iters'] == 3
+    if stage == 'seg':
+        assert c['seg_head'] == 'upernet'  # stage_args' --key=value reach the script
+        ref = res['runs']['no_checkpointing']
+        assert ref['grad_checkpointing'] is False
+        assert ours['vs']['no_checkpointing'] == ours['samples_s'] / ref['samples_s']
 
 
 def test_data_mode_compares_pipelines(tmp_path):
@@ -85,18 +154,40 @@ def test_data_mode_compares_pipelines(tmp_path):
                 assert abs(a - b) < 0.005, (name, key, a, b)
 
 
-def test_targets_mode_reports_every_check(tmp_path):
-    out = bench('--mode=targets', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--teacher_model=tiny',
-                '--steps=1', '--warmup=1', '--num_workers=0', '--data_images=8', '--data_passes=1',
-                f'--out_dir={tmp_path}')
+def test_targets_and_table_rows(tmp_path):
+    """targets mode runs its rows (here without the compiled one: minutes on a CPU) and any other row asked for, each
+    in its own folder, the table written row by row, every target said met, not met, or without a value."""
+    out = bench('--mode=targets', '--rows=mim64,mim32_ckpt,data,video8', '--model_size=eva_tiny', '--img_size=32',
+                '--teacher_model=tiny', '--steps=1', '--warmup=1', '--num_workers=0', '--data_images=8',
+                '--data_passes=1', f'--out_dir={tmp_path}')
     res = json.load(open(tmp_path / 'bench_targets.json'))
-    assert [c['bound'] for c in res['checks']] == [1.25, 0.5, 20.0, 1.5] and out.count('met ') == 4
-    step = res['step']['runs']['ours']
+    assert [c['bound'] for c in res['checks']] == [1.25, 0.5, 1.0, 20.0, 1.5]
+    step = res['mim64']['runs']['ours']
     assert res['checks'][0]['value'] == step['vs']['timm'] and res['checks'][1]['value'] == step['mfu']
-    assert res['checkpointed']['config']['grad_checkpointing'] is True
-    ckpt = res['checkpointed']['runs']
-    assert list(ckpt) == ['ours', 'no_checkpointing'] and 'runs at' in out  # the cost of checkpointing, stated
-    logged = [json.loads(line) for line in open(tmp_path / 'checkpointed' / 'pretrain_no_checkpointing' / 'log.jsonl')]
-    assert logged[0]['config']['grad_checkpointing'] is False
-    assert res['checkpointed']['config']['micro_batch'] == 32 and res['checkpointed']['config']['zero_ranks'] == 16
-    assert res['checks'][2]['value'] is None  # no GPU memory on a CPU: reported, never faked
+    assert res['mim64']['micro_batch'] == 64 and list(res['mim64']['runs']) == ['ours', 'timm', 'timm_our_engine']
+    assert res['checks'][2]['value'] is None  # the compiled row did not run: no value, never a guess
+    assert res['checks'][3]['value'] is None  # no GPU memory on a CPU: reported, never faked
+    assert out.count('no value') == 2 and out.count('met') == 3
+    ckpt = res['mim32_ckpt']
+    assert ckpt['grad_checkpointing'] is True and list(ckpt['runs']) == ['ours', 'no_checkpointing']
+    assert 'runs at' in out  # the cost of checkpointing, stated
+    logged = [json.loads(line) for line in open(tmp_path / 'mim32_ckpt' / 'pretrain_no_checkpointing' / 'log.jsonl')]
+    assert logged[0]['config']['grad_checkpointing'] is False and logged[0]['config']['micro_batch'] == 32
+    video = res['video8']
+    assert video['stage'] == 'video' and video['micro_batch'] == 2 and video['img_size'] == 32  # passed through
+    assert json.loads(open(tmp_path / 'video8' / 'video_ours' / 'log.jsonl').readline())['config']['num_frames'] == 8
+    table = open(tmp_path / 'table.md').read().splitlines()
+    assert [line.split(' | ')[0] for line in table[2:]] == ['| mim64', '| mim32_ckpt', '| data', '| video8']
+    assert f"{step['samples_s']:.1f} img/s" in table[2]
+    assert f"{video['runs']['ours']['samples_s']:.1f} clip/s" in table[5]
+
+
+def test_bad_settings_fail_clearly(tmp_path):
+    for args, message in ((['--stage=dett'], "stage must be one of"),
+                          (['--mode=table', '--rows=mim64,nope'], "unknown rows ['nope']"),
+                          (['--zero_config=overlap_comm'], "zero_config wants 'key=value,...'"),
+                          (['--stage=clip', '--compile_blocks=True'], "train_clip.py does not compile its blocks"),
+                          (['--stage=det', '--reference=timm'], "the timm references are for pretrain and finetune")):
+        r = subprocess.run([sys.executable, 'bench.py', *args, f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr + r.stdout, (args, r.stderr[-500:])
