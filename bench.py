@@ -263,10 +263,11 @@ def run_step(impl, num_masked, min_masked):
                  '--zeroshot_data=', '--text_init_from=']
     elif stage == 'video':  # (the synthetic videos have at most 24 classes: the head is 0.01% of the step)
         args += ['--data_path=synthetic', '--val_data_path=synthetic', f'--synthetic_dir={synthetic}',
-                 f'--synthetic_size={m * n}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']
+                 f'--synthetic_size={max(m * n, 8)}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']  # val: 1/4
     else:  # det / seg on the synthetic scenes (10 shape kinds: 10 classes, and the background for seg)
-        args += [f'--task={stage}', f'--synthetic_dir={synthetic}', f'--synthetic_size={m * n}', f'--max_iters={n}',
-                 '--eval_interval=0', f'--save_interval={n + 1}', f'--num_classes={10 + (stage == "seg")}']
+        args += [f'--task={stage}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
+                 f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}',
+                 f'--num_classes={10 + (stage == "seg")}']
         args += ['--train_json=synthetic', '--val_json=synthetic'] if stage == 'det' else \
             ['--train_labels=synthetic', '--val_labels=synthetic', '--label_map=']
     job = {'script': SCRIPT, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
@@ -499,7 +500,7 @@ def table_mode():
                      f"{ours['vs_torchvision']:.2f}x torchvision"]
         else:
             o, unit = res[name]['runs']['ours'], res[name]['unit']
-            cells = [f"{o['samples_s']:.1f} {unit}/s", '' if o['mfu'] is None else f"{100 * o['mfu']:.1f}%",
+            cells = [f"{o['samples_s']:.4g} {unit}/s", '' if o['mfu'] is None else f"{100 * o['mfu']:.1f}%",
                      '' if o['peak_gb'] is None else f"{o['peak_gb']} GiB",
                      '' if o['zero_projected_gb'] is None else f"{o['zero_projected_gb']:.1f} GiB",
                      ', '.join(f"{v:.2f}x {k}" for k, v in o['vs'].items())]
