@@ -446,6 +446,8 @@ ROWS = {'mim64': ['--stage=pretrain', '--micro_batch=64', '--reference=timm,timm
         'mim64_compiled': ['--stage=pretrain', '--micro_batch=64', '--compile_blocks=True', '--reference='],
         'mim64_no_overlap': ['--stage=pretrain', '--micro_batch=64', '--reference=',  # world size 1: nothing to overlap
                              '--zero_config=overlap_comm=False,contiguous_gradients=False'],
+        'mim64_teacher_stream': ['--stage=pretrain', '--micro_batch=64', '--reference=',
+                                 '--stage_args=--teacher_stream=True'],
         'mim32_ckpt': ['--stage=pretrain', '--micro_batch=32', '--grad_checkpointing=True',
                        '--reference=no_checkpointing'],
         'cls336': ['--stage=finetune', '--img_size=336', '--micro_batch=16', '--reference=timm'],

@@ -12,6 +12,7 @@ cosine similarity). A run resumes from the last checkpoint in out_dir by itself,
 Writes out_dir/log.jsonl, out_dir/ckpt/<tag>/ (DeepSpeed, all ranks) and out_dir/eva_mim.pt (the encoder with
 mask_token and lm_head, official key names: load_pretrained and timm read it).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,6 +59,9 @@ init_std = 0.015  # trunc-normal init std of the student (EVA-01's eva_g_patch14
 init_trunc = 1.0  # each init draw cut at +-init_trunc std (EVA-01's MIM model: trunc_normal_(a=-std, b=std))
 grad_checkpointing = False  # recompute blocks in backward: less memory (EVA-g on 24 GB GPUs), ~1/3 more compute
 compile_blocks = False  # torch.compile each block (fused kernels); the first steps compile
+teacher_stream = False  # the next micro-batch's copy and teacher forward queued between backward and the optimizer
+#   step, on a CUDA stream of their own: the GPU has work while the host runs DeepSpeed's step (bench.py row
+#   mim64_teacher_stream; not measured yet)
 init_from = ''  # start from an encoder checkpoint (anything load_pretrained reads); '' = random init
 teacher_model = 'ViT-L-14'  # open_clip model name; 'tiny' = small random tower of the same class (tests)
 teacher_pretrained = 'openai'  # open_clip tag, a local open_clip file, or our clip.pt (its EVA tower; teacher_model unused)
@@ -186,11 +190,36 @@ log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_ac
                          'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
 samples_file = open(os.path.join(out_dir, f'samples_rank{rank}.jsonl'), 'a') if log_samples else None
 
+side = torch.cuda.Stream() if teacher_stream and cuda else None  # teacher_stream's own CUDA stream
+
+
+def prepare(batch):
+    """A micro-batch on the device, normalised, and its teacher targets (no grad): queued on `side` if there is one
+    (it first waits for what the default stream has queued, the backward), else in order."""
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        x = normalize_batch(batch['image'].to(device, non_blocking=True))  # uint8 -> normalised float32
+        mask = batch['mask'].to(device, non_blocking=True)  # (B, N) bool
+        return batch, x, mask, teacher(x)  # (B, N, 768)
+
+
+def ready(prepared):
+    """prepare's tensors, usable on the default stream: it waits for `side` here, when they are used, not when
+    they were queued, and the allocator keeps their memory until the default stream is done with them."""
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+        for t in prepared[1:]:
+            t.record_stream(torch.cuda.current_stream())
+    return prepared
+
+
 # -----------------------------------------------------------------------------
 # training loop
 engine.train()
 data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+pending = None  # teacher_stream: the next micro-batch, prepared before this one's optimizer step
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
 while step < total_steps:
@@ -198,15 +227,13 @@ while step < total_steps:
     for group in optimizer.param_groups:
         group['lr'] = lr_now * group['lr_scale']
     for _ in range(grad_accum):
-        batch = next(data)
+        batch, x, mask, target = ready(pending if pending else prepare(next(data)))
         if samples_file:
             samples_file.write(json.dumps({'step': step, 'indices': batch['index'].tolist()}) + '\n')
-        x = normalize_batch(batch['image'].to(device, non_blocking=True))  # uint8 -> normalised float32
-        mask = batch['mask'].to(device, non_blocking=True)  # (B, N) bool
-        target = teacher(x)  # (B, N, 768), no grad
         pred = engine(x.to(model_dtype), mask)  # (M, 768) at the masked positions
         loss = mim_loss(pred, target, mask)
         engine.backward(loss)
+        pending = prepare(next(data)) if teacher_stream else None  # (the data are endless: one more at the end)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         loss_sum += loss.detach()
         bad += batch['skipped'].sum()

@@ -107,6 +107,17 @@ def test_resume_gives_the_same_losses(tmp_path, zero_stage=1):
     # on the CPU in fp32 the resumed run is the same computation: equal to float rounding of the log (1e-6)
     for s in range(1, 7):
         assert split[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, split[s], full[s])
+    # teacher_stream (each next micro-batch and its targets prepared before the optimizer step; on a GPU on a stream
+    # of its own), stopped and resumed: the same micro-batches in the same steps, the same losses
+    pretrain(tmp_path / 'stream', *args, '--teacher_stream=True', '--log_samples=True', '--stop_step=3')
+    pretrain(tmp_path / 'stream', *args, '--teacher_stream=True', '--log_samples=True')
+    pretrain(tmp_path / 'plain', *args, '--log_samples=True')
+    stream = losses(tmp_path / 'stream')
+    samples = [[json.loads(line) for line in open(tmp_path / run / 'samples_rank0.jsonl')]
+               for run in ('stream', 'plain')]
+    assert samples[0] == samples[1] and len(samples[0]) == 12  # 6 steps x 2 micro-batches
+    for s in range(1, 7):
+        assert stream[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, stream[s], full[s])
 
 
 def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path):
