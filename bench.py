@@ -227,7 +227,8 @@ img_size, micro_batch = img_size or _recipe[0], micro_batch or _recipe[1]
 grad_checkpointing = _recipe[2] if grad_checkpointing is None else grad_checkpointing
 if reference == 'auto':
     reference = 'timm,timm_our_engine' if stage in ('pretrain', 'finetune') else ''
-if compile_blocks and SCRIPT not in ('pretrain.py', 'finetune_cls.py', 'finetune_video.py'):
+COMPILES = SCRIPT in ('pretrain.py', 'finetune_cls.py', 'finetune_video.py')  # the scripts with compile_blocks
+if compile_blocks and not COMPILES:
     raise SystemExit(f"compile_blocks: {SCRIPT} does not compile its blocks")
 try:
     ZERO = {k: ast.literal_eval(v) for k, v in (kv.split('=', 1) for kv in zero_config.split(',') if kv)}
@@ -249,7 +250,7 @@ def run_step(impl, num_masked, min_masked):
     args = [*files, f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
             f'--micro_batch={m}', f'--batch_size={m}', f'--grad_checkpointing={ckpt}', f'--dtype={dtype}',
             f'--num_workers={num_workers}', '--log_interval=1']
-    args += [f'--compile_blocks={comp}'] * (SCRIPT != 'det_seg.py' and SCRIPT != 'train_clip.py')
+    args += [f'--compile_blocks={comp}'] * COMPILES
     synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
     if stage == 'pretrain':  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
         args += [f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0',

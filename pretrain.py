@@ -12,7 +12,6 @@ cosine similarity). A run resumes from the last checkpoint in out_dir by itself,
 Writes out_dir/log.jsonl, out_dir/ckpt/<tag>/ (DeepSpeed, all ranks) and out_dir/eva_mim.pt (the encoder with
 mask_token and lm_head, official key names: load_pretrained and timm read it).
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -198,7 +197,7 @@ def prepare(batch):
     (it first waits for what the default stream has queued, the backward), else in order."""
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+    with torch.cuda.stream(side):  # (None: a no-op)
         x = normalize_batch(batch['image'].to(device, non_blocking=True))  # uint8 -> normalised float32
         mask = batch['mask'].to(device, non_blocking=True)  # (B, N) bool
         return batch, x, mask, teacher(x)  # (B, N, 768)
