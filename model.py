@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -461,13 +462,13 @@ def unwrap_state_dict(ckpt):
     return sd, notes
 
 
-def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbose=True):
+def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbose=True, name=''):
     """Load an encoder checkpoint of any layout into `model` (an EVA). Resizes pos_embed and the patch kernel
     to the model's grid and patch size, drops what the model does not use (mask_token, lm_head, a final norm
     of the other pooling, a head of another class count), and fails on everything else: a key of another
-    shape names the key and both shapes; keys left missing must all start with `allowed_missing`.
-    Returns dict(missing=[...], dropped=[...], resized=[...])."""
-    src = path_or_state_dict if isinstance(path_or_state_dict, str) else 'state dict'
+    shape names the key and both shapes; keys left missing must all start with `allowed_missing`. A checkpoint
+    already read is named `name` in the messages. Returns dict(missing=[...], dropped=[...], resized=[...])."""
+    src = path_or_state_dict if isinstance(path_or_state_dict, str) else name or 'state dict'
     ckpt = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
     sd, notes = unwrap_state_dict(ckpt)
     target = model.state_dict()
@@ -522,30 +523,74 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
               (f"; newly initialised {', '.join(missing)}" if missing else ''))
     return dict(missing=missing, dropped=dropped, resized=resized)
 
+
+def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional=(), resizable=()):
+    """A whole task model (a detector, a segmenter: ours, or a released file of another framework) into `model`, every
+    tensor checked. What the task's files differ in comes as arguments (det_model.py and seg_model.py hold them):
+    renames: (regex, replacement) pairs from the framework's key names to ours; unused: key prefixes the file may have
+    and the model not (dropped); fresh: name parts of class-dependent layers, initialised afresh for another class
+    count; optional: key prefixes of the model that the file may lack (a mask head new to a boxes-only model);
+    resizable: key suffixes of relative-position tables (L, C), resized linearly to another L for another grid
+    (ViTDet's rule). Anything else that does not fit is one error naming the keys."""
+    target, sd, new, resized, bad = model.state_dict(), {}, [], [], []
+    for k, v in unwrap_state_dict(ckpt)[0].items():  # under 'model' (ours, detectron2's) or 'state_dict' (mmcv's)
+        for pattern, name in renames:
+            k = re.sub(pattern, name, k)
+        t = target.get(k)
+        if t is None and k.startswith(unused):
+            continue
+        if t is None:
+            bad.append(f"{k}: not in the model")
+        elif v.shape != t.shape and k.endswith(resizable) and v.shape[1:] == t.shape[1:]:
+            sd[k] = F.interpolate(v.float().T[None], size=t.shape[0], mode='linear')[0].T.to(v.dtype)
+            resized.append(k)
+        elif v.shape != t.shape and any(n in k for n in fresh):
+            new.append(k)
+        elif v.shape != t.shape:
+            bad.append(f"{k}: file {tuple(v.shape)}, model {tuple(t.shape)}")
+        else:
+            sd[k] = v
+    missing = [k for k in target if k not in sd and k not in new]
+    bad += [f"{k}: not in the file" for k in missing if not k.startswith(optional)]
+    if bad:
+        raise ValueError(f"{src} does not fit the {what} ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
+    model.load_state_dict(sd, strict=False)
+    print(f"load_whole: a whole {what}, {len(sd)} tensors from {src}" +
+          (f"; resized {len(resized)} relative-position tables" if resized else '') +
+          (f"; new for {model.config.num_classes} classes: {', '.join(new)}" if new else '') +
+          (f"; new: {len(missing)} tensors under {', '.join(optional)}" if missing else ''))
+
 # -----------------------------------------------------------------------------
 # optimizer parameter groups, shared by every stage
 
+EMBEDDINGS = ('cls_token', 'mask_token', 'pos_embed', 'patch_embed')  # an EVA's layer 0
 
-def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups for an EVA: no weight decay on 1-D parameters, biases, pos_embed and cls_token (BEiT's
-    get_parameter_groups; the mask_token is decayed there too); layer-wise lr scale
-    layer_decay ** (depth + 1 - layer_id), with the embeddings at layer 0, block i at i + 1, and the final norms
-    and heads at depth + 1. Each group carries 'lr_scale'; the training loop sets lr = lr * lr_scale per step."""
-    depth = model.config.depth
+
+def param_groups(model, weight_decay, layer_decay=1.0, blocks='blocks.', layer0=EMBEDDINGS,
+                 no_decay=('pos_embed', 'cls_token'), decay_all=False):
+    """AdamW groups with a layer-wise lr scale layer_decay ** (depth + 1 - layer id) in each group's 'lr_scale' (the
+    training loop sets lr = lr * lr_scale per step): names starting with `layer0` are layer 0, `blocks` + 'i.' is
+    block i at i + 1 (depth: the length of that module list), everything else (final norms, heads) depth + 1. No
+    weight decay on 1-D parameters, biases and names starting with `no_decay`, unless decay_all. BEiT's
+    get_parameter_groups for an EVA (the mask_token is decayed there too); the other stages' variants are arguments:
+    a task model's encoder under a prefix ('backbone.net.blocks.', with EVA-01's det config decaying everything),
+    EVA-01's seg layer-0 names, a CLIP text tower's blocks and embeddings. Parameters without a gradient are left out
+    (the patch embedding frozen in fine-tuning)."""
+    depth = len(model.get_submodule(blocks.rstrip('.')))
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:  # e.g. the patch embedding frozen in fine-tuning
+        if not p.requires_grad:
             continue
-        if name.startswith(('cls_token', 'mask_token', 'pos_embed', 'patch_embed')):
+        if name.startswith(layer0):
             layer_id = 0
-        elif name.startswith('blocks.'):
-            layer_id = int(name.split('.')[1]) + 1
+        elif name.startswith(blocks):
+            layer_id = int(name[len(blocks):].split('.')[0]) + 1
         else:
             layer_id = depth + 1
-        no_decay = p.ndim == 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
+        decay = decay_all or not (p.ndim <= 1 or name.endswith('.bias') or name.startswith(no_decay))
         # one group per distinct (lr scale, decay): without layer decay that is 2 groups, not 2 per layer, and
         # DeepSpeed keeps a flat buffer and a loop iteration per group
-        key = (layer_decay ** (depth + 1 - layer_id), 0.0 if no_decay else weight_decay)
+        key = (layer_decay ** (depth + 1 - layer_id), weight_decay if decay else 0.0)
         groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=key[0]))['params'].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -568,7 +613,7 @@ TEXT_SIZES = {
     'clip_b': dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),  # CLIP-B's (EVA02-CLIP-B)
     'tiny': dict(context_length=16, vocab_size=49408, width=64, heads=4, layers=2),  # CLIP's BPE vocabulary
 }
-CLIP_TEXT_KEYS = ('token_embedding.', 'positional_embedding', 'transformer.', 'ln_final.', 'text_projection')
+TEXT_EMBEDDINGS = ('token_embedding', 'positional_embedding')  # a text tower's layer 0, not decayed (train_clip.py)
 
 
 class CLIP(nn.Module):

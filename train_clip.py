@@ -32,8 +32,8 @@ from torchvision.transforms import v2
 from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSampler, Samples, SyntheticShapes,
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
-from model import CLIP, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained, load_text_tower, \
-    param_groups, read_checkpoint
+from model import (CLIP, TEXT_EMBEDDINGS, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained,
+                   load_text_tower, param_groups, read_checkpoint)
 
 # -----------------------------------------------------------------------------
 # config: EVA-CLIP g/14 (EVA paper sec. 2.3.5; the schedule is ours, see config/clip_eva_g.py)
@@ -229,7 +229,7 @@ def load_clip(path):
     sd = ckpt['model'] if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) else ckpt
     text_sd = {k[len('text.'):]: v for k, v in sd.items() if k.startswith('text.')}
     if not text_sd:
-        load_pretrained(model.visual, path)  # head (the projection) newly initialised
+        load_pretrained(model.visual, ckpt, name=path)  # head (the projection) newly initialised
         return False
     load_pretrained(model.visual, sd, allowed_missing=())
     model.text.load_state_dict(text_sd)  # strict: a text tower of another shape names its keys
@@ -321,24 +321,6 @@ def evaluate(net):
     return res
 
 
-def text_param_groups(text, weight_decay, layer_decay):
-    """AdamW groups of the text tower, as param_groups does for the image tower: the embeddings are layer 0,
-    block i is i + 1, ln_final and the projection depth + 1; no decay on 1-D parameters and embeddings."""
-    depth = len(text.transformer.resblocks)
-    groups = {}
-    for name, p in text.named_parameters():
-        if name.startswith(('token_embedding', 'positional_embedding')):
-            layer_id = 0
-        elif name.startswith('transformer.resblocks.'):
-            layer_id = int(name.split('.')[2]) + 1
-        else:
-            layer_id = depth + 1
-        no_decay = p.ndim == 1 or name.endswith('.bias') or 'embedding' in name
-        key = (layer_decay ** (depth + 1 - layer_id), 0.0 if no_decay else weight_decay)  # merged as param_groups
-        groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=key[0]))['params'].append(p)
-    return [groups[k] for k in sorted(groups)]
-
-
 def get_lr(step):
     """Factor of each group's peak lr: linear warmup from 0, then cosine to min_lr_ratio."""
     if step < warmup_steps:
@@ -365,8 +347,10 @@ engine = optimizer = log = None
 step = 0
 if not eval_only:
     groups = [dict(g, peak_lr=lr * g['lr_scale']) for g in param_groups(model.visual, weight_decay, layer_decay)]
-    groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_param_groups(model.text, text_weight_decay,
-                                                                                    text_layer_decay)]
+    # the text tower's own layer ids: its token and position embeddings at layer 0 (and not decayed), resblock i at i + 1
+    text_groups = param_groups(model.text, text_weight_decay, text_layer_decay, blocks='transformer.resblocks.',
+                               layer0=TEXT_EMBEDDINGS, no_decay=TEXT_EMBEDDINGS)
+    groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_groups]
     groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
     engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)

@@ -6,7 +6,7 @@ data/synthetic_scenes, shared with det_tiny), through mmseg's pipeline and its s
 
     python det_seg.py config/seg_tiny.py
 
-Expected: see README (mIoU measured on 2 CPU cores); tests/test_det.py holds a shortened run above a bar.
+Expected: see README (mIoU measured on 2 CPU cores); tests/test_seg.py holds a shortened run above a bar.
 """
 task = 'seg'
 out_dir = 'out/seg_tiny'

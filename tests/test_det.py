@@ -1,4 +1,4 @@
-"""det_model.py and det_seg.py: each piece against an independent computation (plain EVA blocks, windows cut by hand,
+"""det_model.py and det_seg.py task='det': each piece against an independent computation (plain EVA blocks, windows cut by hand,
 a per-pair relative position, torchvision's anchors, hand-made IoUs, a naive soft-NMS loop, COCOeval on the ground
 truth), LSJ's consistency, and the stage itself: the demo learns, a resume continues the same run, 2 ranks evaluate
 as 1."""
@@ -17,10 +17,10 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from data import CocoDetection, LargeScaleJitter, masks_to_box, write_synthetic_scenes
-from det_model import (Anchors, Backbone, CascadeMaskRCNN, DetConfig, RelPosAttention, ViTDet, fed_loss_classes,
-                       load_backbone, match, maskness, param_groups, rel_pos_table, soft_nms, window_partition,
+from det_model import (LAYER_DECAY, Anchors, Backbone, CascadeMaskRCNN, DetConfig, RelPosAttention, ViTDet,
+                       fed_loss_classes, load_detector, match, maskness, rel_pos_table, soft_nms, window_partition,
                        window_unpartition)
-from model import EVA, Block, eva_config
+from model import EVA, Block, eva_config, param_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -318,10 +318,10 @@ def test_backbone_loads_an_encoder_and_layer_decay_groups(tmp_path):
     eva = EVA(eva_config('eva_tiny', img_size=56, patch_size=14, depth=2, pooling='cls'))
     torch.save({'model': eva.state_dict()}, tmp_path / 'eva.pt')
     model = CascadeMaskRCNN(tiny())
-    info = load_backbone(model, str(tmp_path / 'eva.pt'))
+    info = load_detector(model, str(tmp_path / 'eva.pt'))
     assert sorted(info['missing']) == sorted(k for k in model.backbone.net.state_dict() if 'rel_pos' in k)
     assert 'cls_token' in info['dropped'] and 'patch_embed 14->16' in info['resized']
-    groups = param_groups(model, 0.1, 0.5)
+    groups = param_groups(model, 0.1, 0.5, **LAYER_DECAY)
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     assert all(g['weight_decay'] == 0.1 for g in groups)
     assert scale[id(model.backbone.net.pos_embed)] == 0.5 ** 3
@@ -459,10 +459,9 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     """A boxes-only detector of 3 classes trained at 64 px (Objects365's role) into a mask detector of 4 classes at
     128 px (COCO's): relative-position tables resized, cls_score and the mask head new, all else equal. The same file
     with detectron2's RPN-head names (EVA-01's releases) loads the same; a backbone of another width is refused."""
-    from det_model import load_whole
     from dataclasses import replace
     torch.manual_seed(0)
-    src = CascadeMaskRCNN(replace(tiny(img_size=64, mask=False), num_classes=3))
+    src = CascadeMaskRCNN(replace(tiny(img_size=64, masks=False), num_classes=3))
     randomise_rel_pos(src)
     sd = {k: v for k, v in src.state_dict().items()}
     d2 = {k.replace('proposal_generator.head.conv.0.0.', 'proposal_generator.rpn_head.conv.conv0.')
@@ -474,7 +473,7 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     for name, state in (('ours.pt', {'model': sd}), ('d2.pth', {'model': {**d2, 'pixel_mean': torch.zeros(3)}})):
         torch.save(state, tmp_path / name)
         dst = CascadeMaskRCNN(tiny(img_size=128))
-        load_whole(dst, str(tmp_path / name))
+        load_detector(dst, str(tmp_path / name))
         got = dst.state_dict()
         for k, v in sd.items():
             if '.cls_score.' in k:
@@ -487,7 +486,7 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
     wide = CascadeMaskRCNN(replace(tiny(), backbone=eva_config('eva_tiny', img_size=224, patch_size=16,
                                                                embed_dim=32)))
     with pytest.raises(ValueError, match='does not fit the detector'):
-        load_whole(wide, str(tmp_path / 'ours.pt'))
+        load_detector(wide, str(tmp_path / 'ours.pt'))
 
 
 def test_a_missing_image_is_skipped_and_a_class_count_mismatch_stops_the_run(tmp_path):

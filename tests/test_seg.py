@@ -1,4 +1,4 @@
-"""Semantic segmentation (det_seg.py task='seg', det_model.py's SegViT / UperNet / Mask2Former / sliding windows / mIoU,
+"""Semantic segmentation (det_seg.py task='seg', seg_model.py's SegViT / UperNet / Mask2Former / sliding windows / mIoU,
 data.py's SegFiles / SegAugment), each against an independent computation: the EVA blocks run by hand, deformable
 attention as a per-point bilinear loop, the Hungarian matcher against brute force, point-sampled losses against dense
 ones, a 1x1 conv slid and whole, windows and metrics counted by hand, label tables by hand; and the stage itself: the
@@ -16,18 +16,19 @@ import torch.nn as nn
 from PIL import Image
 
 from data import SegAugment, SegFiles, Samples, label_lut, seg_test_size
-from det_model import (BatchNorm2d, MSDeformAttn, Segmenter, SegConfig, SegViT, confusion, dice_loss, hungarian, load_backbone,
-                       load_whole, ms_deform_attn, param_groups, point_sample, seg_metrics, semantic_inference,
+from model import EVA, eva_config, param_groups
+from seg_model import (LAYER_DECAY, BatchNorm2d, MSDeformAttn, Segmenter, SegConfig, SegViT, confusion, dice_loss,
+                       hungarian, load_segmenter, ms_deform_attn, point_sample, seg_metrics, semantic_inference,
                        semantic_targets, slide_inference)
-from model import EVA, eva_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_seg(num_classes=5, crop=64, taps=(0, 1, 1, 2), depth=3, head='upernet', adapter=False):
     bb = eva_config('eva_tiny', img_size=crop, patch_size=16, depth=depth)
-    return SegConfig(backbone=bb, num_classes=num_classes, taps=taps, head=head, channels=32 if head != 'upernet' else 16,
-                     aux_channels=8, queries=6, dec_layers=4, enc_layers=2, heads=4, ffn=64, points=256,
+    channels = 32 if head != 'upernet' else 16
+    return SegConfig(backbone=bb, num_classes=num_classes, taps=taps, seg_head=head, seg_channels=channels,
+                     aux_channels=8, queries=6, dec_layers=4, enc_layers=2, attn_heads=4, ffn_dim=64, train_points=256,
                      adapter=adapter, adapter_inplanes=8, adapter_heads=4)
 
 
@@ -236,7 +237,7 @@ def mmseg_names(sd):
 def test_released_mmseg_names_load_through_the_key_map(tmp_path):
     """Our adapter + Mask2Former state dict renamed by hand to mmseg / mmdet 2.22's module names (ConvModule's .conv /
     .gn, BaseTransformerLayer's attentions / ffns.0.layers / norms, the adapter's DWConv), under 'state_dict' with the
-    unused conv_seg BaseDecodeHead makes: load_whole brings every tensor back."""
+    unused conv_seg BaseDecodeHead makes: load_segmenter brings every tensor back."""
     torch.manual_seed(0)
     src = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 3), depth=4, head='mask2former', adapter=True))
     official = mmseg_names(src.state_dict())
@@ -244,7 +245,7 @@ def test_released_mmseg_names_load_through_the_key_map(tmp_path):
     official['decode_head.conv_seg.weight'] = torch.zeros(5, 32, 1, 1)
     torch.save({'meta': {}, 'state_dict': official}, tmp_path / 'eva_sem_seg.pth')
     dst = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 3), depth=4, head='mask2former', adapter=True))
-    load_whole(dst, str(tmp_path / 'eva_sem_seg.pth'))
+    load_segmenter(dst, str(tmp_path / 'eva_sem_seg.pth'))
     for k, v in src.state_dict().items():
         torch.testing.assert_close(dst.state_dict()[k], v, msg=k)
 
@@ -353,14 +354,14 @@ def test_backbone_loading_and_layer_decay_groups(tmp_path):
     eva = EVA(eva_config('eva_tiny', img_size=224, patch_size=14, depth=3, num_classes=10))
     torch.save({'model': eva.state_dict()}, tmp_path / 'eva.pt')
     model = Segmenter(tiny_seg())
-    info = load_backbone(model, str(tmp_path / 'eva.pt'))
+    info = load_segmenter(model, str(tmp_path / 'eva.pt'))
     assert sorted(info['missing']) == sorted(k for k in model.backbone.state_dict() if k.startswith('fpn'))
     torch.testing.assert_close(model.backbone.blocks[2].mlp.fc1.weight, eva.blocks[2].mlp.fc1.weight)
     with_adapter = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 2), head='mask2former', adapter=True))
-    info = load_backbone(with_adapter, str(tmp_path / 'eva.pt'))  # the EVA-g recipe: an encoder under the adapter
+    info = load_segmenter(with_adapter, str(tmp_path / 'eva.pt'))  # the EVA-g recipe: an encoder under the adapter
     assert sorted(info['missing']) == sorted(k for k in with_adapter.backbone.state_dict() if not k.startswith(
         ('patch_embed.', 'pos_embed', 'cls_token', 'blocks.'))) and 'spm.fc1.weight' in info['missing']
-    groups = param_groups(model, 0.05, 0.5, prefix='backbone.', decay_all=False)
+    groups = param_groups(model, 0.05, 0.5, **LAYER_DECAY)
     where = {id(p): (g['lr_scale'], g['weight_decay']) for g in groups for p in g['params']}
     b = model.backbone
     assert where[id(b.pos_embed)] == (0.5 ** 4, 0.05) and where[id(b.cls_token)] == (0.5 ** 4, 0.05)
@@ -369,7 +370,7 @@ def test_backbone_loading_and_layer_decay_groups(tmp_path):
     # a whole segmenter of another class count (ADE20K from COCO-Stuff): all but the classifiers carried over
     other = Segmenter(tiny_seg(num_classes=7))
     torch.save({'model': model.state_dict()}, tmp_path / 'seg.pt')
-    load_whole(other, str(tmp_path / 'seg.pt'))
+    load_segmenter(other, str(tmp_path / 'seg.pt'))
     torch.testing.assert_close(other.decode_head.fpn_bottleneck.conv.weight, model.decode_head.fpn_bottleneck.conv.weight)
     assert other.decode_head.conv_seg.weight.shape[0] == 7
 
@@ -378,7 +379,7 @@ def test_mask2former_layer_decay_follows_eva01():
     """EVA-01's quirk: query, level and class embeddings and the mask MLP at layer 0 (with the patch embedding); the
     pixel decoder, the decoder layers and the adapter at the full rate."""
     model = Segmenter(tiny_seg(crop=128, taps=(0, 1, 2, 3), depth=4, head='mask2former', adapter=True))
-    where = {id(p): g['lr_scale'] for g in param_groups(model, 0.05, 0.5, prefix='backbone.', decay_all=False)
+    where = {id(p): g['lr_scale'] for g in param_groups(model, 0.05, 0.5, **LAYER_DECAY)
              for p in g['params']}
     h, b = model.decode_head, model.backbone
     for p in (h.query_feat.weight, h.query_embed.weight, h.level_embed.weight, h.cls_embed.weight,
