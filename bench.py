@@ -30,6 +30,10 @@ on a GPU, fp32 on a CPU). The projected per-GPU peak under ZeRO-1 over N ranks s
 master weights and Adam moments (12 bytes per trained parameter) that one rank holds whole here: an upper bound
 (gradient buckets and transient fp32 gradients are not subtracted).
 
+Importable (`import bench`: the command line is under __main__). The stages' own knowledge is one row each in
+STAGES (a Stage: script, recipe, synthetic-data arguments, FLOP count, whether timm's Eva can stand in). deepspeed
+and timm are imported where used: deepspeed for a fast --help, timm because only the references need it.
+
 Data mode writes JPEGs at ImageNet-like sizes (500x375 and 375x500, quality 90, ~100 kB) and times, in one
 process on one thread, in interleaved passes (median pass reported), data.py's MIM sample (read_rgb, uint8 crop +
 flip, block mask; normalised on the GPU later) against torchvision's ImageFolder + PIL RandomResizedCrop, flip,
@@ -46,9 +50,21 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
+import common  # first: it sets OpenMP's wait policy, which torch's import fixes
+import model
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
+from torch.utils.checkpoint import checkpoint
+from torchvision import datasets
+from torchvision import transforms as T
+
+from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, SyntheticShapes, mim_transform,
+                  normalize_batch, sample_seeds, seeded)
+from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config, vit_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,9 +73,6 @@ def timm_eva_class():
     """timm's Eva behind our EVA's constructor and interface (EVA(config), forward(x, mask) for MIM, .config,
     flops_per_image): the reference student. Same key names, so param_groups and checkpoints treat it alike."""
     import timm.models.eva as timm_eva
-    from torch.utils.checkpoint import checkpoint
-
-    import model as ours
 
     class TimmEVA(timm_eva.Eva):
         def __init__(self, cfg):
@@ -95,7 +108,7 @@ def timm_eva_class():
                     x = blk(x, rope=rope)
             return self.lm_head(self.norm(x)[:, 1:][mask])
 
-        flops_per_image = ours.EVA.flops_per_image
+        flops_per_image = EVA.flops_per_image
 
     return TimmEVA
 
@@ -105,8 +118,6 @@ def worker(job):
     class for the reference), as `python script ARGS` would."""
     import deepspeed
 
-    import common
-    import model
     # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo would go on
     # in eager silently (bernoulli_'s per-rate graphs once left 32 of EVA-g's 40 blocks uncompiled); fail instead
     torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -129,27 +140,27 @@ def worker(job):
         return
     # a trace of two steps after the warm-up: the profiler steps with each call of the engine's step()
     from deepspeed.runtime.engine import DeepSpeedEngine
-    from torch.profiler import ProfilerActivity, profile, record_function, schedule
     cuda = torch.cuda.is_available()
 
     def write(prof):
         prof.export_chrome_trace(os.path.join(job['profile'], 'trace.json'))
         with open(os.path.join(job['profile'], 'profile.txt'), 'w') as f:
             f.write(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=60))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kinds = torch.profiler.ProfilerActivity
+    activities = [kinds.CPU, kinds.CUDA] if cuda else [kinds.CPU]
 
     def named(cls, method, label, then=None):  # the step's phases as labelled ranges in the trace
         inner = getattr(cls, method)
 
         def wrapped(*a, **k):
-            with record_function(label):
+            with torch.profiler.record_function(label):
                 out = inner(*a, **k)
             if then:
                 then()
             return out
         setattr(cls, method, wrapped)
-    with profile(activities=activities, schedule=schedule(wait=job['wait'], warmup=1, active=2),
-                 on_trace_ready=write) as prof:
+    steps = torch.profiler.schedule(wait=job['wait'], warmup=1, active=2)
+    with torch.profiler.profile(activities=activities, schedule=steps, on_trace_ready=write) as prof:
         named(DeepSpeedEngine, 'forward', 'student_forward')
         named(DeepSpeedEngine, 'backward', 'student_backward')
         named(DeepSpeedEngine, 'step', 'optimizer_step', then=prof.step)
@@ -176,16 +187,12 @@ def matmul_tflops():
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
-if __name__ == '__main__' and 'BENCH_JOB' in os.environ:
-    worker(json.loads(os.environ['BENCH_JOB']))
-    raise SystemExit(0)
-
 # -----------------------------------------------------------------------------
-# config
+# config (the command line reads it under __main__, at the end)
 mode = 'step'  # 'step': a stage's training step, ours vs references; 'data': input pipeline vs torchvision's; 'table':
 #   the benchmark table's rows (ROWS) in order, each saved as it ends; 'targets': the rows the targets need, and checks
 stage = 'pretrain'  # step mode: 'pretrain' (MIM with the CLIP teacher), 'finetune' (finetune_cls.py), 'clip'
-#   (train_clip.py), 'video' (finetune_video.py), 'det' or 'seg' (det_seg.py's two tasks)
+#   (train_clip.py), 'video' (finetune_video.py), 'det' or 'seg' (det_seg.py's two tasks): STAGES
 model_size = 'eva_g'  # a key of model.SIZES
 img_size = 0  # resolution; 0: the stage's recipe (pretrain, clip, video 224; finetune 336; det 1280; seg 896)
 micro_batch = 0  # images (pairs, clips) per step on one GPU, no accumulation; 0: the stage's (see STAGES)
@@ -195,7 +202,7 @@ profile = False  # step mode: also write a torch.profiler trace of two steps of 
 reference = 'auto'  # runs to compare with, comma-separated: 'timm' (timm's Eva, eager, under DeepSpeed as it ships:
 #   what a user would otherwise run), 'timm_our_engine' (timm's Eva, eager, with our engine changes: the model's own
 #   share), 'no_checkpointing' (ours without gradient checkpointing); '': ours only; 'auto': 'timm,timm_our_engine'
-#   for pretrain and finetune, '' for the others
+#   for the stages timm's Eva can stand in for (pretrain, finetune), '' for the others
 stage_args = ''  # more arguments for the stage script, space-separated: a config file there replaces the stage's base
 #   config (bench's own settings still override it), --key=value come last: e.g. '--num_frames=16'
 zero_config = ''  # DeepSpeed zero_optimization settings merged in for every run: 'key=value,...' (overlap_comm=False)
@@ -209,34 +216,104 @@ out_dir = 'out/bench'  # logs of the runs and bench_<mode>.json (table mode: a f
 rows = ''  # table mode: the ROWS to run, comma-separated, in this order; '': all of them
 data_images = 256  # data mode: JPEGs written
 data_passes = 5  # data mode: timed passes over them per pipeline, interleaved; the median pass is reported
-exec(open(os.path.join(ROOT, 'configurator.py')).read())
-config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
-# step mode's stages: script, base config, the log's rate key, one sample, and the recipe's resolution, micro-batch
-# per GPU and gradient checkpointing (pretrain: 64, the MIM target's micro-batch; the recipe runs 32)
-STAGES = {'pretrain': ('pretrain.py', '', 'img_s', 'img', 224, 64, False),
-          'finetune': ('finetune_cls.py', '', 'img_s', 'img', 336, 16, False),
-          'clip': ('train_clip.py', '', 'samples_s', 'pair', 224, 160, True),  # A100-40GB: 160 (the paper)
-          'video': ('finetune_video.py', '', 'samples_s', 'clip', 224, 2, True),
-          'det': ('det_seg.py', '', 'img_s', 'img', 1280, 1, True),
-          'seg': ('det_seg.py', 'config/seg_ade20k_eva_g.py', 'img_s', 'img', 896, 1, True)}
-if stage not in STAGES:
-    raise SystemExit(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-SCRIPT, BASE_CONFIG, RATE_KEY, UNIT, *_recipe = STAGES[stage]
-img_size, micro_batch = img_size or _recipe[0], micro_batch or _recipe[1]
-grad_checkpointing = _recipe[2] if grad_checkpointing is None else grad_checkpointing
-if reference == 'auto':
-    reference = 'timm,timm_our_engine' if stage in ('pretrain', 'finetune') else ''
-COMPILES = SCRIPT in ('pretrain.py', 'finetune_cls.py', 'finetune_video.py')  # the scripts with compile_blocks
-if compile_blocks and not COMPILES:
-    raise SystemExit(f"compile_blocks: {SCRIPT} does not compile its blocks")
-try:
-    ZERO = {k: ast.literal_eval(v) for k, v in (kv.split('=', 1) for kv in zero_config.split(',') if kv)}
-except (ValueError, SyntaxError):
-    raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
+# step mode's stages: one row each (STAGES) with everything bench.py knows of it
 
 
-def run_step(impl, num_masked, min_masked):
+def masked_patches(img_size, model_size):
+    """The paper's 105 of 256 patches masked at any grid, and the smallest block (16; 4 on a toy grid)."""
+    grid = img_size // eva_config(model_size).patch_size
+    return round(105 / 256 * grid * grid), 16 if grid >= 14 else 4
+
+
+def pretrain_args(m, n, synthetic):  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
+    num_masked, min_masked = masked_patches(img_size, model_size)
+    return [f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0',
+            '--val_data_path=', f'--teacher_model={teacher_model}', '--teacher_pretrained=',
+            f'--num_mask_patches={num_masked}', f'--min_mask_patches={min_masked}']
+
+
+def finetune_args(m, n, synthetic):
+    return [f'--synthetic_size={m * n}', '--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
+            f'--val_size={m}']
+
+
+def clip_args(m, n, synthetic):  # a random text tower: its cost, not OpenAI's weights
+    return ['--train_data=synthetic', f'--synthetic_size={m * n}', f'--samples_seen={m * n}', '--warmup_steps=1',
+            '--zeroshot_data=', '--text_init_from=']
+
+
+def video_args(m, n, synthetic):  # (the synthetic videos have at most 24 classes: the head is 0.01% of the step)
+    return ['--data_path=synthetic', '--val_data_path=synthetic', f'--synthetic_dir={synthetic}',
+            f'--synthetic_size={max(m * n, 8)}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']  # val: 1/4
+
+
+def scenes_args(task, m, n, synthetic):  # det / seg on the synthetic scenes (10 shape kinds; seg: and the background)
+    return [f'--task={task}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
+            f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}', f'--num_classes={10 + (task == "seg")}']
+
+
+def det_args(m, n, synthetic):
+    return scenes_args('det', m, n, synthetic) + ['--train_json=synthetic', '--val_json=synthetic']
+
+
+def seg_args(m, n, synthetic):
+    return scenes_args('seg', m, n, synthetic) + ['--train_labels=synthetic', '--val_labels=synthetic', '--label_map=']
+
+
+def pretrain_flops(c):
+    """The student's forward + backward and the teacher's forward (matmul FLOPs), from the run's logged settings c."""
+    student = EVA(eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', use_mask_token=True, mim_dim=768))
+    flops = student.flops_per_image(num_masked=masked_patches(c['img_size'], c['model_size'])[0])
+    if c['teacher_model'] == 'tiny':
+        return flops + CLIPTeacher('tiny', '', c['img_size'], student.config.patch_size).flops_per_image
+    import open_clip  # an open_clip tower: its forward from its config, without building it (open_clip: optional)
+    mc = open_clip.get_model_config(c['teacher_model'])
+    v = mc['vision_cfg']
+    grid = v['image_size'] // v['patch_size']
+    flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], int(v['width'] * v.get('mlp_ratio', 4.0)))
+    return flops + 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
+
+
+def clip_flops(c):
+    """Both towers, as train_clip.py counts them for its MFU."""
+    vision = eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', num_classes=c['embed_dim'])
+    return CLIP(vision, TEXT_SIZES[c['text_size']], c['embed_dim']).flops_per_pair()
+
+
+def eva_flops(c):
+    """An EVA classifier on images or clips, as finetune_cls.py and finetune_video.py count it."""
+    cfg = eva_config(c['model_size'], img_size=c['img_size'], num_classes=c['num_classes'],
+                     num_frames=c.get('num_frames', 1))
+    return EVA(cfg).flops_per_image()
+
+
+@dataclass(frozen=True)
+class Stage:
+    script: str  # the stage script
+    base_config: str  # its config file for the runs ('': the script's own defaults, the EVA-g recipe)
+    rate_key: str  # the rate in its log
+    unit: str  # one sample
+    img_size: int  # the recipe's resolution ...
+    micro_batch: int  # ... micro-batch per GPU ...
+    grad_checkpointing: bool  # ... and gradient checkpointing
+    timm: bool  # timm's Eva can stand in for its model (the timm references: 'auto' runs them, others refuse them)
+    compiles: bool  # the script has compile_blocks
+    args: object  # (micro-batch, steps, synthetic data folder) -> its arguments for synthetic data and a short run
+    flops: object = None  # (its logged config) -> matmul FLOPs of one trained sample; None: no count (det, seg heads)
+
+
+STAGES = {  # pretrain at micro-batch 64, the MIM target's (the recipe runs 32); clip: 160 on an A100-40GB (the paper)
+    'pretrain': Stage('pretrain.py', '', 'img_s', 'img', 224, 64, False, True, True, pretrain_args, pretrain_flops),
+    'finetune': Stage('finetune_cls.py', '', 'img_s', 'img', 336, 16, False, True, True, finetune_args, eva_flops),
+    'clip': Stage('train_clip.py', '', 'samples_s', 'pair', 224, 160, True, False, False, clip_args, clip_flops),
+    'video': Stage('finetune_video.py', '', 'samples_s', 'clip', 224, 2, True, False, True, video_args, eva_flops),
+    'det': Stage('det_seg.py', '', 'img_s', 'img', 1280, 1, True, False, False, det_args),
+    'seg': Stage('det_seg.py', 'config/seg_ade20k_eva_g.py', 'img_s', 'img', 896, 1, True, False, False, seg_args),
+}
+
+
+def run_step(impl):
     """One stage run of warmup + steps steps, stopped once they are logged (a stage's end-of-run evaluation and
     checkpoint are not the step, and cost minutes at EVA-g); -> per-step rates (timed steps), peak GiB, wall s."""
     run_dir = os.path.join(out_dir, f'{stage}_{impl}')
@@ -246,32 +323,14 @@ def run_step(impl, num_masked, min_masked):
     n, m = warmup + steps, micro_batch
     ckpt, comp = grad_checkpointing and impl != 'no_checkpointing', compile_blocks and not impl.startswith('timm')
     extra = stage_args.split()
-    files = [a for a in extra if not a.startswith('--')] or [BASE_CONFIG] * bool(BASE_CONFIG)
+    files = [a for a in extra if not a.startswith('--')] or [S.base_config] * bool(S.base_config)
     args = [*files, f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
             f'--micro_batch={m}', f'--batch_size={m}', f'--grad_checkpointing={ckpt}', f'--dtype={dtype}',
             f'--num_workers={num_workers}', '--log_interval=1']
-    args += [f'--compile_blocks={comp}'] * COMPILES
+    args += [f'--compile_blocks={comp}'] * S.compiles
     synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
-    if stage == 'pretrain':  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
-        args += [f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0',
-                 '--val_data_path=', f'--teacher_model={teacher_model}', '--teacher_pretrained=',
-                 f'--num_mask_patches={num_masked}', f'--min_mask_patches={min_masked}']
-    elif stage == 'finetune':
-        args += [f'--synthetic_size={m * n}', '--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
-                 f'--val_size={m}']
-    elif stage == 'clip':  # a random text tower: its cost, not OpenAI's weights
-        args += ['--train_data=synthetic', f'--synthetic_size={m * n}', f'--samples_seen={m * n}', '--warmup_steps=1',
-                 '--zeroshot_data=', '--text_init_from=']
-    elif stage == 'video':  # (the synthetic videos have at most 24 classes: the head is 0.01% of the step)
-        args += ['--data_path=synthetic', '--val_data_path=synthetic', f'--synthetic_dir={synthetic}',
-                 f'--synthetic_size={max(m * n, 8)}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']  # val: 1/4
-    else:  # det / seg on the synthetic scenes (10 shape kinds: 10 classes, and the background for seg)
-        args += [f'--task={stage}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
-                 f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}',
-                 f'--num_classes={10 + (stage == "seg")}']
-        args += ['--train_json=synthetic', '--val_json=synthetic'] if stage == 'det' else \
-            ['--train_labels=synthetic', '--val_labels=synthetic', '--label_map=']
-    job = {'script': SCRIPT, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
+    args += S.args(m, n, synthetic)
+    job = {'script': S.script, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
            'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO}
     if profile and impl == 'ours':  # profiled steps are slower: this run's rates are marked 'profiled'
         job.update(profile=os.path.abspath(run_dir), wait=max(warmup - 1, 0))
@@ -285,7 +344,7 @@ def run_step(impl, num_masked, min_masked):
                 time.sleep(0.2)
                 lines = open(log_path).readlines() if os.path.exists(log_path) else []
                 logged = [r for r in map(json.loads, lines[:-1] if lines and not lines[-1].endswith('\n') else lines)
-                          if RATE_KEY in r]
+                          if S.rate_key in r]
         finally:  # also on Ctrl-C or SIGTERM: a run in its own session would outlive bench.py on the GPU
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -293,55 +352,27 @@ def run_step(impl, num_masked, min_masked):
     wall = time.time() - t
     if len(logged) < n:
         tail = open(os.path.join(run_dir, 'output.txt')).read()[-4000:]
-        raise RuntimeError(f"{SCRIPT} with {impl} ended (exit status {proc.returncode}) after {len(logged)} of {n} "
+        raise RuntimeError(f"{S.script} with {impl} ended (exit status {proc.returncode}) after {len(logged)} of {n} "
                            f"steps; its output ({run_dir}/output.txt) ends:\n{tail}")
     mem = max((row['mem_gb'] or 0) for row in logged[:n]) or None
-    return [row[RATE_KEY] for row in logged[warmup:n]], mem, wall
-
-
-def stage_flops(c, num_masked):
-    """Matmul FLOPs of one trained sample, forward + backward (and the MIM teacher's forward), from the run's own
-    logged settings c, as the stage counts them for its MFU; None for det / seg (no count of the heads' FLOPs)."""
-    from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config, vit_flops
-    with torch.device('meta'):
-        if stage == 'pretrain':
-            student = EVA(eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', use_mask_token=True,
-                                     mim_dim=768))
-            flops = student.flops_per_image(num_masked=num_masked)
-            if c['teacher_model'] == 'tiny':
-                return flops + CLIPTeacher('tiny', '', c['img_size'], student.config.patch_size).flops_per_image
-            import open_clip  # an open_clip tower: its forward from its config, without building it
-            mc = open_clip.get_model_config(c['teacher_model'])
-            v, grid = mc['vision_cfg'], mc['vision_cfg']['image_size'] // mc['vision_cfg']['patch_size']
-            flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'],
-                               int(v['width'] * v.get('mlp_ratio', 4.0)))
-            return flops + 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
-        if stage == 'clip':
-            vision = eva_config(c['model_size'], img_size=c['img_size'], pooling='cls', num_classes=c['embed_dim'])
-            return CLIP(vision, TEXT_SIZES[c['text_size']], c['embed_dim']).flops_per_pair()
-        if stage in ('finetune', 'video'):
-            return EVA(eva_config(c['model_size'], img_size=c['img_size'], num_classes=c['num_classes'],
-                                  num_frames=c.get('num_frames', 1))).flops_per_image()
-    return None
+    return [row[S.rate_key] for row in logged[warmup:n]], mem, wall
 
 
 def step_mode():
-    from model import eva_config
     cuda = torch.cuda.is_available()
     rate = matmul_tflops()
-    grid = img_size // eva_config(model_size).patch_size
-    num_masked = round(105 / 256 * grid * grid)  # the paper's 105 of 256 at any grid
-    results = {'config': config, 'stage': stage, 'unit': UNIT, 'script': SCRIPT, 'img_size': img_size,
+    results = {'config': config, 'stage': stage, 'unit': S.unit, 'script': S.script, 'img_size': img_size,
                'micro_batch': micro_batch, 'grad_checkpointing': grad_checkpointing, 'reference': reference,
                'device': torch.cuda.get_device_name() if cuda else 'cpu', 'matmul_tflops': rate, 'runs': {}}
     references = [r for r in reference.split(',') if r]
     unknown = set(references) - {'timm', 'timm_our_engine', 'no_checkpointing'}
     assert not unknown, f"unknown reference {unknown}: 'timm', 'timm_our_engine' or 'no_checkpointing'"
-    assert stage in ('pretrain', 'finetune') or not {'timm', 'timm_our_engine'} & set(references), \
-        f"the timm references are for pretrain and finetune (timm's Eva as MIM or classification model), not {stage}"
+    timm_stages = ' and '.join(k for k, v in STAGES.items() if v.timm)
+    assert S.timm or not {'timm', 'timm_our_engine'} & set(references), \
+        f"the timm references are for {timm_stages} (timm's Eva as MIM or classification model), not {stage}"
     for impl in ['ours'] + references:
         try:
-            rates, mem, wall = run_step(impl, num_masked, 16 if grid >= 14 else 4)
+            rates, mem, wall = run_step(impl)
         except RuntimeError as e:  # a reference that fails (out of memory without checkpointing) is a finding
             if impl == 'ours':
                 raise
@@ -352,7 +383,9 @@ def step_mode():
         logged = json.loads(open(os.path.join(run_dir, 'log.jsonl')).readline())['config']  # the stage's settings
         engine = json.load(open(os.path.join(run_dir, 'engine.json')))
         if impl == 'ours':
-            results.update(flops_per_sample=stage_flops(logged, num_masked), params=engine['trained_params'])
+            with torch.device('meta'):  # the FLOP counts build their models without weights
+                flops = S.flops(logged) if S.flops else None
+            results.update(flops_per_sample=flops, params=engine['trained_params'])
         med, flops = statistics.median(rates), results['flops_per_sample']
         optimizer_gb = 12 * engine['trained_params'] / 2**30
         results['runs'][impl] = {
@@ -366,7 +399,7 @@ def step_mode():
     ours['vs'] = {ref: ours['samples_s'] / results['runs'][ref]['samples_s'] for ref in references
                   if 'samples_s' in results['runs'][ref]}
     precision = dtype if cuda or dtype != 'fp16' else 'fp32 (CPU)'  # the stages' CPU fallback for fp16
-    print(f"{stage} step ({SCRIPT}), {model_size} at {img_size}, micro-batch {micro_batch}, {precision}, grad "
+    print(f"{stage} step ({S.script}), {model_size} at {img_size}, micro-batch {micro_batch}, {precision}, grad "
           f"checkpointing {grad_checkpointing}, compile {compile_blocks}" + (f", zero {ZERO}" if ZERO else '') +
           f" on {results['device']} (matmul {rate:.1f} TFLOP/s measured):")
     for impl, r in results['runs'].items():
@@ -375,7 +408,7 @@ def step_mode():
             continue
         projected = r['zero_projected_gb'] and round(r['zero_projected_gb'], 2)
         mfu = f"{100 * r['mfu']:5.1f}%" if r['mfu'] is not None else '    -'
-        print(f"  {impl:16s} {r['samples_s']:6.1f} {UNIT}/s (median of {steps}) | MFU {mfu} | peak "
+        print(f"  {impl:16s} {r['samples_s']:6.1f} {S.unit}/s (median of {steps}) | MFU {mfu} | peak "
               f"{r['peak_gb']} GiB | ZeRO-1 over {zero_ranks}: <= {projected} GiB"
               + ''.join(f" | {v:.2f}x {ref}" for ref, v in r.get('vs', {}).items())
               + (' | profiled: slower, trace in ' + os.path.join(out_dir, f'{stage}_{impl}') if r['profiled'] else ''))
@@ -384,10 +417,6 @@ def step_mode():
 
 def write_jpegs(folder, n):
     """n JPEGs at ImageNet-like sizes and detail: synthetic shapes scaled to 500x375 / 375x500 with noise."""
-    import numpy as np
-    from PIL import Image
-
-    from data import SyntheticShapes
     os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
     src, rng = SyntheticShapes(n, 256, seed=11), np.random.default_rng(0)
     for i in range(n):
@@ -398,11 +427,6 @@ def write_jpegs(folder, n):
 
 
 def data_mode():
-    from torchvision import datasets
-    from torchvision import transforms as T
-
-    from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, mim_transform, normalize_batch,
-                      sample_seeds, seeded)
     torch.set_num_threads(1)  # one core: the rate a DataLoader worker gets
     folder = os.path.join(out_dir, 'jpegs')
     if not os.path.isdir(folder) or len(os.listdir(os.path.join(folder, 'images'))) != data_images:
@@ -544,8 +568,28 @@ def targets(res):
     return [dict(what=w, value=v, bound=b) for w, v, b in checks]
 
 
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
-os.makedirs(out_dir, exist_ok=True)
-result = {'data': data_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}[mode]()
-with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+if __name__ == '__main__':
+    if 'BENCH_JOB' in os.environ:  # a run's own subprocess (run_step): the stage script
+        worker(json.loads(os.environ['BENCH_JOB']))
+        raise SystemExit(0)
+    exec(open(os.path.join(ROOT, 'configurator.py')).read())
+    config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
+    if stage not in STAGES:
+        raise SystemExit(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    S = STAGES[stage]
+    img_size = img_size or S.img_size
+    micro_batch = micro_batch or S.micro_batch
+    grad_checkpointing = S.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
+    if reference == 'auto':
+        reference = 'timm,timm_our_engine' if S.timm else ''
+    if compile_blocks and not S.compiles:
+        raise SystemExit(f"compile_blocks: {S.script} does not compile its blocks")
+    try:
+        ZERO = {k: ast.literal_eval(v) for k, v in (kv.split('=', 1) for kv in zero_config.split(',') if kv)}
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
+    os.makedirs(out_dir, exist_ok=True)
+    result = {'data': data_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}[mode]()
+    with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
+        json.dump(result, f, indent=1)

@@ -946,7 +946,7 @@ def build_kinetics_lists(root, out, check=False):
         for split in ('train', 'val'):
             d = os.path.join(root, s, split)
             if not os.path.isdir(d):
-                raise FileNotFoundError(f"{d} not found: build_lists reads ROOT/k400|k600|k700/train|val/<class>/<video>")
+                raise FileNotFoundError(f"{d} not found: the lists are built from ROOT/k400|k600|k700/train|val/<class>/<video>")
             rows[s, split] = [(f"{s}/{split}/{c}/{f}", KINETICS_ALIASES.get(c, c), f[:11]) for c in sorted(os.listdir(d))
                               if os.path.isdir(os.path.join(d, c)) for f in sorted(os.listdir(os.path.join(d, c)))
                               if len(f) >= 2 and not f.startswith('.') and not f.endswith('.tar.gz')]
@@ -1393,3 +1393,15 @@ def seg_test_size(h, w, scale=(3584, 896), ratio=1.0, divisor=32):
     to a multiple of divisor)."""
     f = min(int(scale[0] * ratio) / max(h, w), int(scale[1] * ratio) / min(h, w))
     return tuple(math.ceil(int(s * f + 0.5) / divisor) * divisor for s in (h, w))
+
+# -----------------------------------------------------------------------------
+# command line: python data.py build_kinetics_lists ROOT OUT [--check=True]
+
+if __name__ == '__main__':
+    args = [a for a in sys.argv[2:] if not a.startswith('--')]
+    options = set(sys.argv[2:]) - set(args)
+    if sys.argv[1:2] != ['build_kinetics_lists'] or len(args) != 2 or options - {'--check=True', '--check=False'}:
+        sys.exit("usage: python data.py build_kinetics_lists ROOT OUT [--check=True]\n"
+                 "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos")
+    counts = build_kinetics_lists(*args, check='--check=True' in options)
+    print('\n'.join(f"{args[1]}/{name}.txt: {n:,} videos" for name, n in counts.items()))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
@@ -100,6 +101,8 @@ eval_only = eval_only or bool(predict)  # predict is an evaluation of a few file
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
+if eval_only and not init_from:
+    config_error("eval_only and predict need --init_from=CHECKPOINT")
 require_files(init_from=init_from, objectnet_mapping=objectnet_mapping)
 if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
     print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path")
@@ -107,39 +110,12 @@ dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
-# data (eval_only: the validation set and init_from; no training data, no optimizer, no steps)
-train_tf = [v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip()]
-if rand_augment:
-    train_tf.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=v2.InterpolationMode.BICUBIC))
-train_tf += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+# validation data (the training data follows the eval_only exit)
 classes = imagenet_classes(class_list) if class_list else None
 val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1, classes),
                   eval_transform(img_size, crop_pct), seed)
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
-train_set, steps_per_epoch, total_steps, warmup_steps = None, 1, 0, 0
-if not eval_only:
-    train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
-    steps_per_epoch = len(train_set) // batch_size
-    if steps_per_epoch == 0:
-        config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
-    found = max((lab for _, lab in getattr(train_set.source, 'items', [])), default=-1) + 1 or \
-        getattr(train_set.source, 'num_classes', 0)  # class folders (or list labels), or the synthetic classes
-    if found > num_classes:
-        config_error(f"data_path {data_path} has {found} classes, more than the head's num_classes={num_classes}")
-    if found < num_classes and not class_list:
-        print0(f"warning: data_path {data_path} has {found} classes, the head num_classes={num_classes}")
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-    print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
-           f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch:,} steps/epoch, "
-           f"{total_steps:,} steps, warmup {warmup_steps:,}; dtype {dtype}, ZeRO-{zero_stage}")
-mix = None
-if mixup > 0 or cutmix > 0:  # timm's Mixup: one of the two per batch when both are on
-    mix = v2.RandomChoice([m for m in (v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None,
-                                       v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None)
-                           if m is not None])
 
 # -----------------------------------------------------------------------------
 # model
@@ -148,8 +124,9 @@ cfg = eva_config(model_size, img_size=img_size, num_classes=num_classes, pooling
                  grad_checkpointing=grad_checkpointing)
 with torch.device(device):
     model = EVA(cfg)
+init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
 if init_from:
-    load_pretrained(model, init_from)
+    load_pretrained(model, init_ckpt, name=init_from)
 # EVA-01 detaches the patch embedding's output (stop_grad_conv1) and leaves its parameters in the layer-0 optimizer
 # groups. DeepSpeed gives a parameter without a gradient a zero one, so there AdamW's moments stay 0 and only the
 # decoupled weight decay acts: the kernel shrinks by (1 - lr_0 * wd) a step (the bias has no decay), ~0.23% over the
@@ -159,16 +136,16 @@ if freeze_patch_embed:
     model.patch_embed.requires_grad_(False)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
-if eval_only and not init_from:
-    config_error("eval_only needs --init_from=CHECKPOINT")
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
-ema_sd = read_checkpoint(init_from).get('model_ema') if eval_only else None
+ema_sd = init_ckpt.get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
-        load_pretrained(ema_model, {'model': ema_sd})
+        load_pretrained(ema_model, {'model': ema_sd}, name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
+del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g
+nets = {'model': model, **({'model_ema': ema_model} if ema_model is not None else {})}  # the engine trains model itself
 
 
 @torch.no_grad()
@@ -241,6 +218,67 @@ def evaluate_all(nets, robust=False):
     return results
 
 
+def predict_files(net, paths):
+    """Each image's top-5 classes under net: ImageNet's names for 1000 classes, else those of the val set (class
+    folders, the synthetic shapes), else the class indices."""
+    from open_clip import IMAGENET_CLASSNAMES  # optional (the opening says why)
+    names = (IMAGENET_CLASSNAMES if num_classes == 1000 else getattr(val_set.source, 'classes', None) or
+             getattr(val_set.source, 'SHAPES', None) or [str(c) for c in range(num_classes)])
+    net.eval()
+    for path in paths:
+        x = eval_transform(img_size, crop_pct)(load_rgb(path))[None].to(device)
+        with torch.no_grad():
+            p = net(x).float().softmax(-1)[0]
+        top = p.topk(min(5, num_classes)).indices.tolist()
+        print0(f"{path}: " + ', '.join(f"{names[i]} {p[i]:.1%}" for i in top))
+
+
+# -----------------------------------------------------------------------------
+# eval_only: init_from (and the EMA weights its file holds) on the val set and the robustness sets, or predict, then
+# exit (no training data, no engine)
+if eval_only:
+    if predict:
+        predict_files(nets.get('model_ema', model), predict.split(','))
+    else:
+        results = evaluate_all(nets, robust=True)
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+                json.dump({'init_from': init_from, **results}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# training data: RandomResizedCrop, flip, RandAugment; mixup / cutmix on the batch
+train_tf = [v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip()]
+if rand_augment:
+    train_tf.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=v2.InterpolationMode.BICUBIC))
+train_tf += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
+steps_per_epoch = len(train_set) // batch_size
+if steps_per_epoch == 0:
+    config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
+labels = (lab for _, lab in getattr(train_set.source, 'items', []))  # class folders or list labels
+found = max(labels, default=-1) + 1 or getattr(train_set.source, 'num_classes', 0)  # or the synthetic classes
+if found > num_classes:
+    config_error(f"data_path {data_path} has {found} classes, more than the head's num_classes={num_classes}")
+if found < num_classes and not class_list:
+    print0(f"warning: data_path {data_path} has {found} classes, the head num_classes={num_classes}")
+total_steps = epochs * steps_per_epoch
+warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
+print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
+       f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch:,} steps/epoch, "
+       f"{total_steps:,} steps, warmup {warmup_steps:,}; dtype {dtype}, ZeRO-{zero_stage}")
+mixes = []  # timm's Mixup: one of the two per batch when both are on
+if mixup > 0:
+    mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+if cutmix > 0:
+    mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+mix = v2.RandomChoice(mixes) if mixes else None
+
+
 def soft_cross_entropy(logits, target):
     """Cross-entropy against soft targets (mixed and/or smoothed), in float32."""
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -255,29 +293,22 @@ def get_lr(step):
 
 
 # -----------------------------------------------------------------------------
-# engine, resume, log (training only)
-engine = optimizer = log = None
-step, best = 0, {'top1': -1.0}
-if not eval_only:
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2),
-                                  eps=eps, **({'fused': True} if cuda else {}))
-    engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
-    step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
-    if step:
-        best = client['best']
-        if ema_model is not None:
-            ema_model.load_state_dict(client['ema'])
-    log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                             'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps},
-                   wandb_project, wandb_run_name)
-nets = {'model': engine.module if engine is not None else model.eval(),
-        **({'model_ema': ema_model} if ema_model is not None else {})}
+# engine, resume, log
+optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps,
+                              **({'fused': True} if cuda else {}))
+engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+best = client['best'] if step else {'top1': -1.0}
+if step and ema_model is not None:
+    ema_model.load_state_dict(client['ema'])
+log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                         'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
 flops_per_image = model.flops_per_image()
 
 # -----------------------------------------------------------------------------
 # training loop: evaluate and checkpoint at the end of every epoch
-data = None if eval_only else train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed),
-                                            micro_batch, grad_accum, steps_per_epoch, step, num_workers, cuda)
+data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed), micro_batch, grad_accum,
+                     steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
@@ -336,24 +367,7 @@ while step < total_steps:
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
-if predict:  # class names: ImageNet's for 1000 classes, else those of the val set (folders, synthetic shapes)
-    from open_clip import IMAGENET_CLASSNAMES
-    names = (IMAGENET_CLASSNAMES if num_classes == 1000 else getattr(val_set.source, 'classes', None) or
-             getattr(val_set.source, 'SHAPES', None) or [str(c) for c in range(num_classes)])
-    net = nets.get('model_ema', model).eval()
-    for path in predict.split(','):
-        x = eval_transform(img_size, crop_pct)(load_rgb(path))[None].to(device)
-        with torch.no_grad():
-            p = net(x).float().softmax(-1)[0]
-        print0(f"{path}: " + ', '.join(f"{names[i]} {p[i]:.1%}" for i in p.topk(min(5, num_classes)).indices.tolist()))
-elif eval_only:  # init_from, and the EMA weights its file holds, on the val set and the robustness sets
-    results = evaluate_all(nets, robust=True)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, **results}, f, indent=1)
-else:
-    print0(f"best top-1 {best['top1']:.3f} at step {best.get('step')}")
+print0(f"best top-1 {best['top1']:.3f} at step {best.get('step')}")
 if step > start_step:
     print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {total_steps})")
 dist.barrier()

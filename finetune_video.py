@@ -7,7 +7,7 @@ mean of the patch tokens -> fc_norm -> head; TSN frame sampling, multi-scale cro
 4 clips x 3 crops, the softmax of the 12 views summed.
 
     python finetune_video.py config/finetune_video_tiny.py                                       # CPU demo
-    python finetune_video.py build_lists /data/kinetics lists [--check=True]     # K722 / K400 / K600 / K700 lists
+    python data.py build_kinetics_lists /data/kinetics lists [--check=True]      # K722 / K400 / K600 / K700 lists
     torchrun --nproc_per_node 8 finetune_video.py config/finetune_k722.py --init_from=out/pretrain_eva_g/eva_mim.pt
     torchrun --nproc_per_node 8 finetune_video.py config/finetune_k400.py --init_from=out/finetune_k722/best.pt
     python finetune_video.py config/finetune_k400.py --eval_only=True --init_from=CHECKPOINT     # 4 x 3 views only
@@ -33,18 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, ResumableSampler, Samples, VideoClips, VideoFiles, build_kinetics_lists,
-                  make_loader, normalize_batch, topk_hits, train_batches, write_synthetic_videos)
+from data import (IMAGENET_MEAN, IMAGENET_STD, ResumableSampler, Samples, VideoClips, VideoFiles, make_loader,
+                  normalize_batch, topk_hits, train_batches, write_synthetic_videos)
 from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args
-
-if sys.argv[1:2] == ['build_lists']:  # python finetune_video.py build_lists ROOT OUT [--check=True]
-    args = [a for a in sys.argv[2:] if not a.startswith('--')]
-    if len(args) != 2 or set(sys.argv[2:]) - set(args) - {'--check=True', '--check=False'}:
-        sys.exit("usage: python finetune_video.py build_lists ROOT OUT [--check=True]\n"
-                 "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos")
-    counts = build_kinetics_lists(*args, check='--check=True' in sys.argv)
-    print('\n'.join(f"{args[1]}/{name}.txt: {n:,} videos" for name, n in counts.items()))
-    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the Kinetics-722 intermediate fine-tuning (EVA-01 video, kinetics722_intermediate_ft.yaml)
@@ -61,7 +52,7 @@ wandb_run_name = 'eva-video'  # wandb run name
 data_path = 'synthetic'  # training videos: Kinetics lists 'path label' (',' joins several), class folders, 'synthetic'
 val_data_path = 'synthetic'  # validation videos, the same formats ('synthetic': the synthetic set's val list)
 data_root = ''  # folder the lists' relative paths are under (EVA-01's DATA.ROOT); '' = each list's own folder
-class_names = ''  # file of class names in label order (build_lists writes kXXX_classes.txt): for the head's rows
+class_names = ''  # class names in label order, a file (build_kinetics_lists writes kXXX_classes.txt): the head's rows
 synthetic_dir = 'data/synthetic_video'  # data_path 'synthetic': its mp4 files and lists, written there once
 synthetic_size = 1024  # synthetic training videos (and a quarter as many for validation)
 num_classes = 722  # classifier outputs
@@ -110,17 +101,18 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
-require_files(init_from=init_from, head_mapping=head_mapping, class_names=class_names)
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
+require_files(init_from=init_from, head_mapping=head_mapping, class_names=class_names)
 if test_crops not in (1, 3):
     config_error(f"test_crops must be 1 or 3, got {test_crops}")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
-# data: decord decodes in the DataLoader workers; clips arrive as uint8 and are normalised on the device with
-# ImageNet's mean / std (EVA-01 video's img_norm_cfg, not the CLIP normalisation of the image stages)
+# validation data (the training data follows the eval_only exit): decord decodes in the DataLoader workers; clips
+# arrive as uint8 and are normalised on the device with ImageNet's mean / std (EVA-01 video's img_norm_cfg, not the
+# CLIP normalisation of the image stages)
 if val_data_path == 'synthetic' or (data_path == 'synthetic' and not eval_only):
     if rank == 0:
         print0(f"synthetic videos in {synthetic_dir} (written once: ~20 s per 1,000 on 2 cores)")
@@ -133,9 +125,12 @@ def video_files(path, split):
 
 
 val_src = video_files(val_data_path, 'val')
-names = ([c.rstrip('\n') for c in open(class_names)] if class_names else  # the head's class names, stored in last.pt
-         [c.rstrip('\n') for c in open(os.path.join(synthetic_dir, 'classes.txt'))] if val_data_path == 'synthetic'
-         else getattr(val_src, 'classes', None))
+if class_names:  # the head's class names, stored in last.pt
+    names = [c.rstrip('\n') for c in open(class_names)]
+elif val_data_path == 'synthetic':
+    names = [c.rstrip('\n') for c in open(os.path.join(synthetic_dir, 'classes.txt'))]
+else:
+    names = getattr(val_src, 'classes', None)  # class folders, or None (a list)
 if names is not None and len(names) != num_classes:
     config_error(f"{len(names)} class names (class_names or the val folders) for num_classes={num_classes}")
 found = max(label for _, label in val_src.items) + 1
@@ -146,24 +141,6 @@ val_views = Samples(val_src, VideoClips(num_frames, img_size, train=False, clips
                                         random_clips=random_clips), seed)
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
-train_set, steps_per_epoch, total_steps, warmup_steps = None, 1, 0, 0
-if not eval_only:
-    train_tf = VideoClips(num_frames, img_size, color_jitter=color_jitter, grayscale=grayscale, multiscale=multiscale_crop)
-    train_set = Samples(video_files(data_path, 'train'), train_tf, seed)
-    steps_per_epoch = len(train_set) // batch_size
-    if steps_per_epoch == 0:
-        config_error(f"{len(train_set)} training videos are fewer than one batch of {batch_size}")
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-    print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
-           f"{len(train_set):,} train / {len(val_src):,} val videos, {num_frames} frames x {img_size} px, "
-           f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, warmup {warmup_steps:,}; dtype {dtype}, "
-           f"ZeRO-{zero_stage}")
-mix = None
-if mixup > 0 or cutmix > 0:  # one of the two per batch (EVA-01's CutmixMixupBlending, switch prob 0.5)
-    mix = v2.RandomChoice([m for m in (v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None,
-                                       v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None)
-                           if m is not None])
 
 # -----------------------------------------------------------------------------
 # model
@@ -199,7 +176,7 @@ def head_rows(ckpt):
 
 init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
 if init_from:  # an image checkpoint's pos_embed is repeated over the frames, a video's interpolated in time
-    load_pretrained(model, head_rows(init_ckpt))
+    load_pretrained(model, head_rows(init_ckpt), name=init_from)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
@@ -207,10 +184,12 @@ ema_sd = init_ckpt.get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
-        load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': init_ckpt.get('classes')}))
+        load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': init_ckpt.get('classes')}),
+                        name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
-del init_ckpt  # not kept for the run: GBs of host memory for EVA-g
+del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g
+nets = {'model': model, **({'model_ema': ema_model} if ema_model is not None else {})}  # the engine trains model itself
 
 
 @torch.no_grad()
@@ -247,6 +226,45 @@ def evaluate_all(nets, dataset):
     return results
 
 
+def evaluate_views(step):
+    """The paper's protocol: every view (test_clips x test_crops) of every video -> out_dir/eval.json."""
+    results = evaluate_all(nets, val_views)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results}, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
+# eval_only: init_from (and the EMA weights its file holds) on every view of the val set, then exit (no training
+# data, no engine)
+if eval_only:
+    evaluate_views(0)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# training data: TSN clips, multi-scale crops, colour jitter, grayscale; mixup / cutmix on the batch
+train_tf = VideoClips(num_frames, img_size, color_jitter=color_jitter, grayscale=grayscale, multiscale=multiscale_crop)
+train_set = Samples(video_files(data_path, 'train'), train_tf, seed)
+steps_per_epoch = len(train_set) // batch_size
+if steps_per_epoch == 0:
+    config_error(f"{len(train_set)} training videos are fewer than one batch of {batch_size}")
+total_steps = epochs * steps_per_epoch
+warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
+print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
+       f"{len(train_set):,} train / {len(val_src):,} val videos, {num_frames} frames x {img_size} px, "
+       f"{steps_per_epoch:,} steps/epoch, {total_steps:,} steps, warmup {warmup_steps:,}; dtype {dtype}, "
+       f"ZeRO-{zero_stage}")
+mixes = []  # one of the two per batch (EVA-01's CutmixMixupBlending, switch prob 0.5)
+if mixup > 0:
+    mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+if cutmix > 0:
+    mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+mix = v2.RandomChoice(mixes) if mixes else None
+
+
 def soft_cross_entropy(logits, target):
     """Cross-entropy against soft targets (mixed and/or smoothed), in float32."""
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -261,29 +279,22 @@ def get_lr(step):
 
 
 # -----------------------------------------------------------------------------
-# engine, resume, log (training only)
-engine = optimizer = log = None
-step, best = 0, {'top1': -1.0}
-if not eval_only:
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2),
-                                  eps=eps, **({'fused': True} if cuda else {}))
-    engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
-    step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
-    if step:
-        best = client['best']
-        if ema_model is not None:
-            ema_model.load_state_dict(client['ema'])
-    log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                             'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps},
-                   wandb_project, wandb_run_name)
-nets = {'model': engine.module if engine is not None else model.eval(),
-        **({'model_ema': ema_model} if ema_model is not None else {})}
+# engine, resume, log
+optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps,
+                              **({'fused': True} if cuda else {}))
+engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+best = client['best'] if step else {'top1': -1.0}
+if step and ema_model is not None:
+    ema_model.load_state_dict(client['ema'])
+log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                         'steps_per_epoch': steps_per_epoch, 'total_steps': total_steps}, wandb_project, wandb_run_name)
 flops_per_clip = model.flops_per_image()
 
 # -----------------------------------------------------------------------------
 # training loop: a single-view evaluation and a checkpoint at the end of every epoch, all the views at the end
-data = None if eval_only else train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed), micro_batch,
-                                            grad_accum, steps_per_epoch, step, num_workers, cuda, loader_timeout)
+data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, seed), micro_batch, grad_accum,
+                     steps_per_epoch, step, num_workers, cuda, loader_timeout)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
@@ -344,14 +355,9 @@ while step < total_steps:
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
-if eval_only or (step == total_steps and step > start_step):  # the paper's protocol: all views of every video
-    results = evaluate_all(nets, val_views)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results}, f, indent=1)
-if not eval_only:
-    print0(f"best single-view top-1 {best['top1']:.3f} at step {best.get('step')}")
+if step == total_steps and step > start_step:
+    evaluate_views(step)
+print0(f"best single-view top-1 {best['top1']:.3f} at step {best.get('step')}")
 if step > start_step:
     print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {total_steps})")
 dist.barrier()

@@ -19,6 +19,7 @@ open_clip loads (README: EVA-CLIP; `python model.py open_clip CLIP.pt DIR` expor
 import json
 import math
 import os
+import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
@@ -100,6 +101,8 @@ import open_clip  # noqa: E402 (after the configurator, so that --help is instan
 
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
+if eval_only and not init_from:
+    config_error("eval_only needs --init_from=CHECKPOINT (a clip.pt or an open_clip EVA-CLIP file)")
 require_files(init_from=init_from)
 if zeroshot_data.startswith('synthetic') and not train_data.startswith('synthetic'):
     print0(f"warning: training on {train_data} but zero-shot evaluation on synthetic images: set zeroshot_data")
@@ -121,31 +124,6 @@ def tokenize(caption):
 eval_tf = eval_transform(img_size, 1.0)
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
-train_set, streamed, steps_per_epoch, total_steps = None, False, 0, 0  # eval_only: no training data, no steps
-if not eval_only:
-    if grad_accum != 1:  # accumulation would split the contrastive batch into smaller ones: a different loss
-        print0(f"note: gradient accumulation {grad_accum}: each micro-batch of {micro_batch * world} pairs is its "
-               f"own contrastive batch (the paper's is the whole {batch_size})")
-    train_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
-                           v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
-    streamed = not (train_data.startswith('synthetic') or train_data.endswith(('.csv', '.tsv')))
-    if streamed:
-        train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer)
-        data_desc = f"{len(train_set.shards):,} tar shards"
-    else:
-        train_set = Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
-                                           csv_separator), train_tf, seed, text_transform=tokenize)
-        steps_per_epoch = len(train_set) // batch_size
-        if steps_per_epoch == 0:
-            config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
-        data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
-    total_steps = samples_seen // batch_size
-    warmup_steps = min(warmup_steps, total_steps)
-    print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
-           f"{data_desc}; {total_steps:,} steps = {total_steps * batch_size:,} samples seen, warmup {warmup_steps:,}; "
-           f"dtype {dtype}, ZeRO-{zero_stage}")
-
-
 def synthetic_templates():
     """Prompts in the synthetic captions' grammar, every size, colour and texture: the ensemble that plays the
     part of CLIP's 80 ImageNet prompts for the demo data."""
@@ -246,7 +224,8 @@ if not whole and text_init_from and not eval_only:
     if local_rank == 0:
         dist.barrier()
 if eval_only and not whole:
-    raise ValueError(f"eval_only needs a whole CLIP checkpoint (clip.pt) as init_from, got {init_from!r}")
+    config_error(f"eval_only needs a whole CLIP checkpoint (clip.pt, an open_clip EVA-CLIP file); {init_from} is an "
+                 f"image tower")
 
 
 @torch.no_grad()
@@ -321,6 +300,45 @@ def evaluate(net):
     return res
 
 
+# -----------------------------------------------------------------------------
+# eval_only: init_from (a whole CLIP) on zero-shot classification and retrieval, then exit (no training data, no engine)
+if eval_only:
+    model.to(model_dtype if cuda else torch.float32)
+    results = evaluate(model)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'init_from': init_from, **results}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# training data: image-text pairs (synthetic, a .csv / .tsv, or tar shards streamed), RandomResizedCrop, CLIP's BPE
+if grad_accum != 1:  # accumulation would split the contrastive batch into smaller ones: a different loss
+    print0(f"note: gradient accumulation {grad_accum}: each micro-batch of {micro_batch * world} pairs is its "
+           f"own contrastive batch (the paper's is the whole {batch_size})")
+train_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+streamed = not (train_data.startswith('synthetic') or train_data.endswith(('.csv', '.tsv')))
+if streamed:
+    train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer)
+    steps_per_epoch = 0  # a stream has no epochs
+    data_desc = f"{len(train_set.shards):,} tar shards"
+else:
+    train_set = Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
+                                       csv_separator), train_tf, seed, text_transform=tokenize)
+    steps_per_epoch = len(train_set) // batch_size
+    if steps_per_epoch == 0:
+        config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
+    data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
+total_steps = samples_seen // batch_size
+warmup_steps = min(warmup_steps, total_steps)
+print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
+       f"{data_desc}; {total_steps:,} steps = {total_steps * batch_size:,} samples seen, warmup {warmup_steps:,}; "
+       f"dtype {dtype}, ZeRO-{zero_stage}")
+
+
 def get_lr(step):
     """Factor of each group's peak lr: linear warmup from 0, then cosine to min_lr_ratio."""
     if step < warmup_steps:
@@ -341,24 +359,19 @@ def micro_batches():
 
 
 # -----------------------------------------------------------------------------
-# engine, resume, log (training only): image tower, text tower and temperature each with their own lr, decay and
-# layer decay (EVA-CLIP)
-engine = optimizer = log = None
-step = 0
-if not eval_only:
-    groups = [dict(g, peak_lr=lr * g['lr_scale']) for g in param_groups(model.visual, weight_decay, layer_decay)]
-    # the text tower's own layer ids: its token and position embeddings at layer 0 (and not decayed), resblock i at i + 1
-    text_groups = param_groups(model.text, text_weight_decay, text_layer_decay, blocks='transformer.resblocks.',
-                               layer0=TEXT_EMBEDDINGS, no_decay=TEXT_EMBEDDINGS)
-    groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_groups]
-    groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
-    engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
-    step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
-    log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                             'total_steps': total_steps}, wandb_project, wandb_run_name)
-else:
-    model.to(model_dtype if cuda else torch.float32)
+# engine, resume, log: image tower, text tower and temperature each with their own lr, decay and layer decay
+# (EVA-CLIP)
+groups = [dict(g, peak_lr=lr * g['lr_scale']) for g in param_groups(model.visual, weight_decay, layer_decay)]
+# the text tower's own layer ids: its token and position embeddings at layer 0 (and not decayed), resblock i at i + 1
+text_groups = param_groups(model.text, text_weight_decay, text_layer_decay, blocks='transformer.resblocks.',
+                           layer0=TEXT_EMBEDDINGS, no_decay=TEXT_EMBEDDINGS)
+groups += [dict(g, peak_lr=text_lr * g['lr_scale']) for g in text_groups]
+groups.append(dict(params=[model.logit_scale], weight_decay=0.0, peak_lr=lr))
+optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({'fused': True} if cuda else {}))
+engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
+step, _ = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
+log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
+                         'total_steps': total_steps}, wandb_project, wandb_run_name)
 flops_per_pair = model.flops_per_pair()
 
 
@@ -370,7 +383,7 @@ def clip_file(step):
 
 # -----------------------------------------------------------------------------
 # training loop
-data = micro_batches() if not eval_only else None
+data = micro_batches()
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step, state = time.time(), 0, time.time(), step, None
 stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
@@ -411,13 +424,7 @@ while step < total_steps:
     if step == stop_step or stopping:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
-if eval_only:  # init_from: zero-shot classification and retrieval
-    results = evaluate(model)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, **results}, f, indent=1)
-elif step == total_steps and rank == 0:
+if step == total_steps and rank == 0:
     state = state or torch.load(os.path.join(out_dir, 'clip.pt'), weights_only=False)
     export_open_clip(state, os.path.join(out_dir, 'open_clip'))
     print0(f"open_clip export: {out_dir}/open_clip (open_clip.create_model_and_transforms('local-dir:...'))")

@@ -7,7 +7,7 @@ kinetics400_ft.yaml): a constant lr of 1e-6 with layer decay 0.95, drop path 0.2
     python finetune_video.py config/finetune_k400.py --eval_only=True --init_from=out/finetune_k400/best.pt
 
 The K722 head's rows are picked for the 400 classes by name (class_names; or head_mapping= EVA-01's
-k722_to_k400_mapping.npy, which build_lists also writes); pos_embed goes from 8 to 16 frames by trilinear
+k722_to_k400_mapping.npy, which build_kinetics_lists also writes); pos_embed goes from 8 to 16 frames by trilinear
 interpolation on load. Global batch 256 = 128 GPUs x 2 or 256 x 1 (EVA-01's logs: micro-batch 1, 2 accumulation steps).
 Expected: 89.7 top-1 / 98.3 top-5 on the 19,760 K400 val videos, 16 frames x 4 clips x 3 crops;
 the 4 clips are random TSN draws as EVA-01's test (seeded here), so reruns of the official protocol differ by ~0.2.

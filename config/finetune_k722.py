@@ -2,7 +2,7 @@
 EVA-g intermediate video fine-tuning on Kinetics-722 at 8 frames, from the MIM model (EVA paper section 2.3.2 and
 Table 5; EVA-01 video's kinetics722_intermediate_ft.yaml).
 
-    python finetune_video.py build_lists /data/kinetics lists      # K722 / K400 / K600 / K700 lists, once
+    python data.py build_kinetics_lists /data/kinetics lists     # K722 / K400 / K600 / K700 lists, once
     torchrun --nnodes 16 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 finetune_video.py \
         config/finetune_k722.py --init_from=out/pretrain_eva_g/eva_mim.pt
 

@@ -1,37 +1,24 @@
 """bench.py on the CPU with the tiny size: correctness of what it measures and reports, never a speed threshold.
 The timm reference it swaps in must be the same model as ours (same keys, same MIM outputs)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import timm_eva_class
+from conftest import log_rows, run_stage
 from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench(*args):
-    r = subprocess.run([sys.executable, 'bench.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-def bench_module():
-    """bench.py's definitions (above its config section), without running it."""
-    src = open(os.path.join(ROOT, 'bench.py')).read()
-    ns = {'__name__': 'bench', '__file__': os.path.join(ROOT, 'bench.py')}
-    exec(compile(src[:src.index('# config\n')], 'bench.py', 'exec'), ns)
-    return ns
+    return run_stage('bench.py', *args, timeout=600).stdout
 
 
 def test_timm_reference_is_the_same_model():
     """The reference student: timm's Eva behind our interface. With our weights it gives our MIM predictions and
     our logits, so the benchmark compares implementations of one model, not two models."""
-    TimmEVA = bench_module()['timm_eva_class']()
+    TimmEVA = timm_eva_class()
     torch.manual_seed(0)
     for cfg in (eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=768),
                 eva_config('eva_tiny', num_classes=10)):
@@ -61,7 +48,7 @@ def test_step_mode_runs_both_stages_and_reports(tmp_path):
         assert ours['vs'][ref] == ours['samples_s'] / res['runs'][ref]['samples_s'] and f'x {ref}' in out
     # MFU = img/s x (student fwd+bwd + teacher fwd FLOPs) / the measured matmul rate
     assert ours['mfu'] == pytest.approx(ours['samples_s'] * res['flops_per_sample'] / (res['matmul_tflops'] * 1e12))
-    logs = [json.loads(line) for line in open(tmp_path / 'pretrain_ours' / 'log.jsonl')]
+    logs = log_rows(tmp_path / 'pretrain_ours')
     assert [r['step'] for r in logs if 'img_s' in r] == [1, 2, 3, 4, 5]  # warm-up 2 + 3 timed, the real script
     assert ours['samples_s_all'] == [r['img_s'] for r in logs if 'img_s' in r][2:]
     # zero_config reaches DeepSpeed in every run (the engine's config as written by the run itself)
@@ -114,7 +101,7 @@ def test_every_stage_steps(tmp_path, stage, config, more):
     res = json.load(open(tmp_path / 'bench_step.json'))
     ours = res['runs']['ours']
     assert list(res['runs']) == (['ours', 'no_checkpointing'] if stage == 'seg' else ['ours'])  # auto: no timm here
-    rows = [json.loads(line) for line in open(tmp_path / f'{stage}_ours' / 'log.jsonl')]
+    rows = log_rows(tmp_path / f'{stage}_ours')
     c = rows[0]['config']
     assert (c['model_size'], c['img_size'], c['micro_batch'], c['batch_size']) == ('eva_tiny', 32, 4, 4)
     assert c['grad_checkpointing'] is True and ours['grad_checkpointing'] is True  # the tiny configs say False
@@ -171,7 +158,7 @@ def test_targets_and_table_rows(tmp_path):
     ckpt = res['mim32_ckpt']
     assert ckpt['grad_checkpointing'] is True and list(ckpt['runs']) == ['ours', 'no_checkpointing']
     assert 'runs at' in out  # the cost of checkpointing, stated
-    logged = [json.loads(line) for line in open(tmp_path / 'mim32_ckpt' / 'pretrain_no_checkpointing' / 'log.jsonl')]
+    logged = log_rows(tmp_path / 'mim32_ckpt' / 'pretrain_no_checkpointing')
     assert logged[0]['config']['grad_checkpointing'] is False and logged[0]['config']['micro_batch'] == 32
     video = res['video8']
     assert video['stage'] == 'video' and video['micro_batch'] == 2 and video['img_size'] == 32  # passed through
@@ -188,6 +175,5 @@ def test_bad_settings_fail_clearly(tmp_path):
                           (['--zero_config=overlap_comm'], "zero_config wants 'key=value,...'"),
                           (['--stage=clip', '--compile_blocks=True'], "train_clip.py does not compile its blocks"),
                           (['--stage=det', '--reference=timm'], "the timm references are for pretrain and finetune")):
-        r = subprocess.run([sys.executable, 'bench.py', *args, f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+        r = run_stage('bench.py', *args, f'--out_dir={tmp_path}', timeout=120, check=False)
         assert r.returncode != 0 and message in r.stderr + r.stdout, (args, r.stderr[-500:])

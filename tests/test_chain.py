@@ -2,10 +2,7 @@
 head by hand, the chain on shortened runs (its table read back from every run's log, its pictures, a second start
 that redoes nothing), the curves of a log with a half-written last line."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +12,9 @@ from PIL import Image
 
 import plot
 from common import open_log
+from conftest import log_rows, run_stage
 from model import CLIP, TEXT_SIZES, CLIPTeacher, eva_config, read_clip_file, resize_pos_embed, timm_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_clip_file(path, seed=0):
@@ -66,10 +63,7 @@ SHORT = ['--seeds=2', '--jobs=2',
 
 
 def chain(out, *args):
-    r = subprocess.run([sys.executable, 'chain.py', f'--out_dir={out}', *SHORT, *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_stage('chain.py', f'--out_dir={out}', *SHORT, *args).stdout
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +73,7 @@ def ran(tmp_path_factory):
 
 
 def last(out, name, key):
-    rows = [json.loads(line) for line in open(out / name / 'log.jsonl')]
+    rows = log_rows(out / name)
     return [r for r in rows if key in r][-1]
 
 
@@ -164,5 +158,5 @@ def test_curves_of_every_stage_and_a_half_written_line(ran, tmp_path):
         lines = open(run / 'log.jsonl').read().splitlines()
         assert all(json.loads(line).get('step', 0) <= 10 for line in lines)
     # the command line: a folder without a log is named
-    r = subprocess.run([sys.executable, 'plot.py', str(tmp_path / 'nothing')], cwd=ROOT, capture_output=True, text=True)
+    r = run_stage('plot.py', tmp_path / 'nothing', check=False)
     assert r.returncode != 0 and 'has no log.jsonl' in r.stderr

@@ -4,8 +4,6 @@ export against open_clip itself, image-text data with bad rows, members and shar
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,24 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from common import ROW_FORMAT
+from conftest import log_rows, run_stage
 from data import CaptionFiles, Samples, SyntheticCaptions, TarShards, eval_transform, expand_shards, recall_at_k
 from model import (CLIP, TEXT_SIZES, clip_loss, eva_config, load_text_tower, open_clip_state_dict,
                    register_timm_eva, uses_quick_gelu)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_clip(out_dir, *args, nproc=1, config='config/clip_tiny.py'):
-    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launch + ['train_clip.py', config, f'--out_dir={out_dir}', *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_stage('train_clip.py', config, f'--out_dir={out_dir}', *args, nproc=nproc, timeout=600)
     return r.stdout + r.stderr
-
-
-def log_rows(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
 
 
 def write_pairs(folder, n, seed=5, captions=None):

@@ -3,14 +3,12 @@ before 'latest' that leaves the previous checkpoint the one resumed, the newest 
 check, and DeepSpeed's treatment of a parameter that gets no gradient (EVA-01's detached patch embedding); run
 over 2 ranks with torchrun, as a stage runs."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 from common import batch_split, format_row
+from conftest import ROOT, run_stage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r'''
 import os, sys
@@ -141,9 +139,7 @@ torch.distributed.destroy_process_group()  # an orderly end: gloo's threads torn
 def test_checkpoints_resume_exactly_over_zero_stages_and_survive_a_cut_save(tmp_path):
     script = tmp_path / 'common_check.py'
     script.write_text(SCRIPT.replace('ROOT', repr(ROOT), 1))
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script), str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_stage(script, tmp_path / 'out', nproc=2, timeout=600)
     done = sorted(f for f in os.listdir(tmp_path / 'out') if f.endswith(('_0', '_1')))  # each rank reached the end
     assert done == ['decay_ok_0', 'decay_ok_1'] + [f'resume_ok_{s}_{r}' for s in (0, 1, 2) for r in (0, 1)], done
 

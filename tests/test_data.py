@@ -2,18 +2,16 @@
 the synthetic dataset, config overrides."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT, run_stage
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, ResumableSampler, Samples, SyntheticShapes,
                   load_rgb, mim_transform, normalize_batch, read_rgb)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def components(mask):
@@ -169,7 +167,7 @@ def run_config(tmp_path, *args):
         "# a section header\n"
         f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
         "print(json.dumps({k: globals()[k] for k in _keys}))\n")
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path)
+    return run_stage(script, *args, cwd=tmp_path, check=False)
 
 
 def test_configurator_overrides_and_types(tmp_path):

@@ -5,8 +5,6 @@ as 1."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,13 +14,13 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
+from conftest import log_rows, run_stage
 from data import CocoDetection, LargeScaleJitter, masks_to_box, write_synthetic_scenes
 from det_model import (LAYER_DECAY, Anchors, Backbone, CascadeMaskRCNN, DetConfig, RelPosAttention, ViTDet,
                        fed_loss_classes, load_detector, match, maskness, rel_pos_table, soft_nms, window_partition,
                        window_unpartition)
 from model import EVA, Block, eva_config, param_groups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(img_size=128, window=4, global_blocks=(1,), depth=2, **kw):
@@ -331,16 +329,8 @@ def test_backbone_loads_an_encoder_and_layer_decay_groups(tmp_path):
 
 
 def run(args, env_extra=None, nproc=1):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')}
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-           if nproc > 1 else [sys.executable]) + ['det_seg.py', 'config/det_tiny.py'] + args
-    r = subprocess.run(cmd, cwd=ROOT, env={**env, **(env_extra or {})}, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-def rows(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    threads = {'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')}
+    return run_stage('det_seg.py', 'config/det_tiny.py', *args, nproc=nproc, env={**threads, **(env_extra or {})}).stdout
 
 
 @pytest.fixture(scope='module')
@@ -360,7 +350,7 @@ def test_demo_learns(demo, check_curves):
     # measured at 120 steps (2026-11-28): box AP50 8.2 / mask AP50 3.9 (an untrained detector: 0.0); the full demo's
     # 300 steps reach 40.5 / 38.2 (README)
     assert ev['bbox']['AP50'] > 4 and ev['segm']['AP50'] > 1.5, ev
-    rpn = [r['loss_rpn_cls'] for r in rows(d / 'run') if 'loss' in r]  # the total rises as proposals find objects
+    rpn = [r['loss_rpn_cls'] for r in log_rows(d / 'run') if 'loss' in r]  # the total rises as proposals find objects
     assert rpn[-1] < 0.3 * rpn[0]
     check_curves(d / 'run', 'eval: bbox', 'eval: segm')
 
@@ -385,8 +375,8 @@ def test_resume_gives_the_same_losses(demo):
     (d / 'resumed' / 'ckpt' / 'latest').write_text('step100')
     run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--max_iters=120', '--lr_steps=(100,)',
          '--warmup_iters=20', '--synthetic_size=256', '--log_interval=10', '--save_interval=100'])
-    a = {r['step']: r['loss'] for r in rows(d / 'run') if 'loss' in r and r['step'] > 100}
-    b = {r['step']: r['loss'] for r in rows(d / 'resumed') if 'loss' in r and r['step'] > 100}
+    a = {r['step']: r['loss'] for r in log_rows(d / 'run') if 'loss' in r and r['step'] > 100}
+    b = {r['step']: r['loss'] for r in log_rows(d / 'resumed') if 'loss' in r and r['step'] > 100}
     assert a.keys() == b.keys() and len(a) == 2
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), s
@@ -498,9 +488,8 @@ def test_a_missing_image_is_skipped_and_a_class_count_mismatch_stops_the_run(tmp
     i = next(i for i in range(len(src)) if src.path(i).endswith('00003.png'))
     assert ds[i]['skipped'] == 1 and ds[i - 1]['skipped'] == 0
     js = os.path.join(folder, 'instances_train.json')
-    r = subprocess.run([sys.executable, 'det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}',
-                        f'--train_images={folder}', f'--val_images={folder}', '--num_classes=5',
-                        f'--out_dir={tmp_path}/out'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_stage('det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}', f'--train_images={folder}',
+                  f'--val_images={folder}', '--num_classes=5', f'--out_dir={tmp_path}/out', timeout=300, check=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {js} has 4 categories, num_classes=5"
 

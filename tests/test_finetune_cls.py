@@ -2,8 +2,6 @@
 and the ImageNet label spaces of the robustness sets."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,28 +9,23 @@ import torch
 from PIL import Image
 
 from common import ROW_FORMAT
+from conftest import ROOT, log_rows, run_stage
 from data import (ImageFiles, Samples, SyntheticShapes, eval_transform, imagenet_classes, imagenet_real_labels,
                   imagenet_subset, topk_hits)
 from model import EVA, eva_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEARNED = 25.0  # top-1 (%) the tiny config must reach on held-out synthetic images; chance is 10 (it gets ~33)
 
 
 def finetune(out_dir, *args, nproc=1):
-    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launch + ['finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={out_dir}', *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={out_dir}', *args, nproc=nproc).stdout
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp('cls')
     finetune(out)
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    rows = log_rows(out)
     return out, [r for r in rows if 'eval' in r]
 
 
@@ -90,7 +83,7 @@ def test_resume_is_exact_with_mixup_cutmix_randaugment_ema(tmp_path, zero_stage=
     finetune(tmp_path / 'full', *args)
     assert 'stopped at step 5 (stop_step)' in finetune(tmp_path / 'split', *args, '--stop_step=5')
     assert 'resumed from' in finetune(tmp_path / 'split', *args)
-    rows = {d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('full', 'split')}
+    rows = {d: log_rows(tmp_path / d) for d in ('full', 'split')}
     losses = {d: {r['step']: r['loss'] for r in rows[d] if 'loss' in r} for d in rows}
     assert sorted(losses['split']) == list(range(1, 9)) and losses['split'] == losses['full']  # CPU fp32: equal
     train_rows = [r for r in rows['split'] if 'loss' in r]

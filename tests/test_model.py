@@ -1,9 +1,6 @@
 """model.py against independent references: timm's Eva, hand-written attention and interpolation, the official
 release's key list, torch's FLOP counter."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,9 +9,9 @@ import timm.models.eva as timm_eva
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
+from conftest import run_stage
 from model import EVA, eva_config, load_pretrained, param_groups, resize_patch_embed, resize_pos_embed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randomize_(module, seed=0):
@@ -141,8 +138,7 @@ def test_psz14to16_cli_equals_bicubic_kernel(tmp_path):
     src = EVA(eva_config('eva_tiny', img_size=28, patch_size=14))
     sd = src.state_dict()
     torch.save({'model': sd}, tmp_path / 'in.pt')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'model.py'), 'psz14to16', str(tmp_path / 'in.pt'),
-                    str(tmp_path / 'out.pt'), '--image_size=32'], check=True, cwd=ROOT)
+    run_stage('model.py', 'psz14to16', tmp_path / 'in.pt', tmp_path / 'out.pt', '--image_size=32')
     out = torch.load(tmp_path / 'out.pt')['model']
     w = sd['patch_embed.proj.weight']
     expected = F.interpolate(w, size=(16, 16), mode='bicubic', align_corners=False)
@@ -163,8 +159,7 @@ def test_psz14to16_of_an_fp16_file_is_bit_for_bit_the_official_script(tmp_path):
     (1, D, H, W), bicubic, permute back, flatten) in fp16, the file's own dtype. Here those steps by hand."""
     sd = {k: v.half() for k, v in EVA(eva_config('eva_tiny', img_size=56, patch_size=14)).state_dict().items()}
     torch.save({'model': sd, 'epoch': 7}, tmp_path / 'in.pt')
-    subprocess.run([sys.executable, os.path.join(ROOT, 'model.py'), 'psz14to16', str(tmp_path / 'in.pt'),
-                    str(tmp_path / 'out.pt'), '--image_size=48'], check=True, cwd=ROOT, capture_output=True)
+    run_stage('model.py', 'psz14to16', tmp_path / 'in.pt', tmp_path / 'out.pt', '--image_size=48')
     out = torch.load(tmp_path / 'out.pt')
     kernel = F.interpolate(sd['patch_embed.proj.weight'].float(), size=(16, 16), mode='bicubic', align_corners=False)
     grid = sd['pos_embed'][:, 1:].reshape(-1, 4, 4, 64).permute(0, 3, 1, 2)  # 56/14 = 4 -> 48/16 = 3

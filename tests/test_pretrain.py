@@ -12,25 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from common import ROW_FORMAT
+from conftest import ROOT, log_rows, run_stage
 from data import MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, eval_transform, mim_transform
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['config/pretrain_tiny.py', '--eval_interval=0', '--ckpt_interval=0', '--log_interval=1']
 
 
 def pretrain(out_dir, *args, nproc=1):
-    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launch + ['pretrain.py', *TINY, f'--out_dir={out_dir}', *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_stage('pretrain.py', *TINY, f'--out_dir={out_dir}', *args, nproc=nproc, timeout=300).stdout
 
 
 def losses(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
-    return {r['step']: r['loss'] for r in rows if 'loss' in r}
+    return {r['step']: r['loss'] for r in log_rows(out_dir) if 'loss' in r}
 
 
 def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path, run_readme):
@@ -41,7 +35,7 @@ def test_loss_falls_on_a_tiny_batch_and_checkpoint_loads(tmp_path, run_readme):
     assert 'training in fp32 instead' in log  # said once, on the CPU
     loss = losses(out)
     assert len(loss) == 40 and loss[1] > -0.1 and loss[40] < loss[1] - 0.3, loss
-    val = [json.loads(line)['val_loss'] for line in open(out / 'log.jsonl') if 'val_loss' in line]
+    val = [r['val_loss'] for r in log_rows(out) if 'val_loss' in r]
     assert len(val) == 1 and val[0] < -0.3
     # the encoder file: official keys, our loader and timm read it
     ckpt = torch.load(out / 'eva_mim.pt', weights_only=False)
@@ -84,7 +78,7 @@ def test_official_init_and_validation_loss(tmp_path):
     mask = mask.flatten(1)
     with torch.no_grad():
         cos = F.cosine_similarity(student(x, mask), teacher(x)[mask], dim=-1).view(10, 32)
-    val_loss = [json.loads(line)['val_loss'] for line in open(out / 'log.jsonl') if 'val_loss' in line]
+    val_loss = [r['val_loss'] for r in log_rows(out) if 'val_loss' in r]
     assert val_loss == [pytest.approx(-cos.mean().item(), abs=1e-6)]
 
 
@@ -98,7 +92,7 @@ def test_resume_gives_the_same_losses(tmp_path, zero_stage=1):
     assert 'resumed from' in out and 'at step 3' in out
     full, split = losses(tmp_path / 'full'), losses(tmp_path / 'split')
     assert sorted(split) == list(range(1, 7))
-    row = [json.loads(line) for line in open(tmp_path / 'split' / 'log.jsonl') if '"loss"' in line][-1]
+    row = [r for r in log_rows(tmp_path / 'split') if 'loss' in r][-1]
     assert set(ROW_FORMAT) - {'samples_s'} <= set(row), row  # the row every stage logs
     assert row['eta_h'] == 0 and row['bad_samples'] == 0
     assert row['grad_norm'] > 0
@@ -137,7 +131,7 @@ def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path):
     out = pretrain(tmp_path, '--synthetic_size=256', '--max_steps=2000', '--batch_size=16', '--micro_batch=8',
                    f'--stop_step={step + 2}')
     assert f'resumed from {tmp_path}/ckpt/step{step} at step {step}' in out
-    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    rows = log_rows(tmp_path)
     assert [r['step'] for r in rows if 'loss' in r] == list(range(1, step + 3))  # each step once
     assert sum('config' in r for r in rows) == 2 and json.load(open(tmp_path / 'config.json'))['max_steps'] == 2000
 
@@ -182,22 +176,19 @@ def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
 
 
 def test_bad_inputs_are_named(tmp_path):
-    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--data_path=/no/such/folder'], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = run_stage('pretrain.py', *TINY, '--data_path=/no/such/folder', check=False)
     assert r.returncode != 0 and '/no/such/folder' in r.stderr
-    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--lrr=1e-3'], cwd=ROOT, capture_output=True, text=True)
+    r = run_stage('pretrain.py', *TINY, '--lrr=1e-3', check=False)
     assert r.returncode != 0 and "unknown config key 'lrr'" in r.stderr and 'lr' in r.stderr
-    r = subprocess.run([sys.executable, 'pretrain.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    r = run_stage('pretrain.py', '--help', check=False)
     assert r.returncode == 0 and 'global batch (16 nodes x 8 GPUs x 32)' in r.stdout
-    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, '--micro_batch=0'], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = run_stage('pretrain.py', *TINY, '--micro_batch=0', check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith('error: batch_size 32 does not split')
     # resuming an out_dir: changed settings are named; a checkpoint of another model is one clear error
     pretrain(tmp_path, '--max_steps=4', '--stop_step=2')
     assert 'settings changed since: lr 0.002 -> 0.001' in pretrain(tmp_path, '--max_steps=4', '--stop_step=3',
                                                                     '--lr=1e-3')
-    r = subprocess.run([sys.executable, 'pretrain.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=4',
-                        '--img_size=48'], cwd=ROOT, capture_output=True, text=True)
+    r = run_stage('pretrain.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=4', '--img_size=48', check=False)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert last.startswith(f'error: {tmp_path}/ckpt/step3 holds another model') and 'img_size 32 -> 48' in last

@@ -6,8 +6,6 @@ demo learns with either head, 2 ranks evaluate as 1, a resume continues the same
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,13 +13,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from conftest import log_rows, run_stage
 from data import SegAugment, SegFiles, Samples, label_lut, seg_test_size
 from model import EVA, eva_config, param_groups
 from seg_model import (LAYER_DECAY, BatchNorm2d, MSDeformAttn, Segmenter, SegConfig, SegViT, confusion, dice_loss,
                        hungarian, load_segmenter, ms_deform_attn, point_sample, seg_metrics, semantic_inference,
                        semantic_targets, slide_inference)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_seg(num_classes=5, crop=64, taps=(0, 1, 1, 2), depth=3, head='upernet', adapter=False):
@@ -396,16 +394,8 @@ def test_mask2former_layer_decay_follows_eva01():
 
 
 def run(args, nproc=1):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')}
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-           if nproc > 1 else [sys.executable]) + ['det_seg.py', 'config/seg_tiny.py'] + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-def rows(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    threads = {'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')}
+    return run_stage('det_seg.py', 'config/seg_tiny.py', *args, nproc=nproc, env=threads).stdout
 
 
 @pytest.fixture(scope='module')
@@ -436,7 +426,7 @@ def test_demo_learns_with_upernet(demo):
          '--seg_head=upernet', '--adapter=False', '--save_interval=1000'])
     ev = json.load(open(d / 'upernet' / 'eval.json'))
     assert ev['images'] == 32 and ev['mIoU'] > BAR, ev
-    assert {'loss_ce', 'loss_aux'} <= set(rows(d / 'upernet')[1])
+    assert {'loss_ce', 'loss_aux'} <= set(log_rows(d / 'upernet')[1])
 
 
 def test_plain_mask2former_run_trains_and_evaluates(demo):
@@ -444,7 +434,7 @@ def test_plain_mask2former_run_trains_and_evaluates(demo):
     d, _ = demo
     run([f'--out_dir={d}/plain', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=20',
          '--adapter=False', '--save_interval=1000'])
-    losses = [r['loss'] for r in rows(d / 'plain') if 'loss' in r]
+    losses = [r['loss'] for r in log_rows(d / 'plain') if 'loss' in r]
     ev = json.load(open(d / 'plain' / 'eval.json'))
     assert losses[-1] < losses[0] and ev['images'] == 32 and ev['mIoU'] > 0, (losses, ev)
     sd = torch.load(d / 'plain' / 'last.pt')['model']
@@ -481,8 +471,8 @@ def test_resume_gives_the_same_losses(demo):
     (d / 'resumed' / 'ckpt' / 'latest').write_text('step80')
     run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=100',
          '--save_interval=80'])
-    a = {r['step']: r['loss'] for r in rows(d / 'run') if 'loss' in r and r['step'] > 80}
-    b = {r['step']: r['loss'] for r in rows(d / 'resumed') if 'loss' in r and r['step'] > 80}
+    a = {r['step']: r['loss'] for r in log_rows(d / 'run') if 'loss' in r and r['step'] > 80}
+    b = {r['step']: r['loss'] for r in log_rows(d / 'resumed') if 'loss' in r and r['step'] > 80}
     assert a.keys() == b.keys() and len(a) == 2
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), s
@@ -490,8 +480,8 @@ def test_resume_gives_the_same_losses(demo):
 
 def test_a_wrong_label_set_is_one_error(tmp_path):
     img, ann = write_set(str(tmp_path))
-    r = subprocess.run([sys.executable, 'det_seg.py', 'config/seg_tiny.py', f'--train_images={img}',
-                        f'--train_labels={ann}', f'--val_images={img}', f'--val_labels={ann}', '--num_classes=2',
-                        f'--out_dir={tmp_path}/out'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_stage('det_seg.py', 'config/seg_tiny.py', f'--train_images={img}', f'--train_labels={ann}',
+                  f'--val_images={img}', f'--val_labels={ann}', '--num_classes=2', f'--out_dir={tmp_path}/out',
+                  timeout=300, check=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith('error: none of 6 samples loads: label ')

@@ -5,20 +5,18 @@ motion)."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT, log_rows, run_stage
 from data import (IMAGENET_MEAN, IMAGENET_STD, Samples, VideoClips, VideoFiles, build_kinetics_lists,
                   multiscale_crop_box, normalize_batch, read_frames, three_crop_offsets, tsn_indices,
                   write_synthetic_videos)
 from model import EVA, eva_config, load_pretrained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEARNED = 75.0  # top-1 (%) the shortened demo must reach on 128 val videos (measured 100; blind to motion: <= 50)
 
 
@@ -200,13 +198,8 @@ def test_k722_lists_by_hand(tmp_path):
 # ---- finetune_video.py -------------------------------------------------------------------------------------------
 
 def finetune_video(out_dir, synthetic_dir, *args, nproc=1):
-    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launch + ['finetune_video.py', 'config/finetune_video_tiny.py', f'--out_dir={out_dir}',
-                                 f'--synthetic_dir={synthetic_dir}', *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    return run_stage('finetune_video.py', 'config/finetune_video_tiny.py', f'--out_dir={out_dir}',
+                     f'--synthetic_dir={synthetic_dir}', *args, nproc=nproc).stdout
 
 
 SHORT = ['--synthetic_size=64', '--batch_size=16', '--micro_batch=8', '--epochs=2', '--log_interval=1',
@@ -221,7 +214,7 @@ def test_resume_is_exact_with_mixup_cutmix_and_jitter(tmp_path, zero_stage=1):
     finetune_video(tmp_path / 'full', data, *args)
     assert 'stopped at step 3 (stop_step)' in finetune_video(tmp_path / 'split', data, *args, '--stop_step=3')
     assert 'resumed from' in finetune_video(tmp_path / 'split', data, *args)
-    rows = {d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('full', 'split')}
+    rows = {d: log_rows(tmp_path / d) for d in ('full', 'split')}
     losses = {d: {r['step']: r['loss'] for r in rows[d] if 'loss' in r} for d in rows}
     assert sorted(losses['split']) == list(range(1, 9)) and losses['split'] == losses['full']  # CPU fp32: equal
     evals = {d: [r['eval'] for r in rows[d] if 'eval' in r] for d in rows}
@@ -242,7 +235,7 @@ def trained(tmp_path_factory):
 
 def test_tiny_demo_learns_motion(trained, check_curves):
     """Colour x direction: one frame tells the colour, so a model blind to motion tops out at 50% top-1."""
-    evals = [json.loads(line)['eval']['model'] for line in open(trained / 'run' / 'log.jsonl') if '"eval"' in line]
+    evals = [r['eval']['model'] for r in log_rows(trained / 'run') if 'eval' in r]
     final = json.load(open(trained / 'run' / 'eval.json'))['model']
     assert final['videos'] == evals[-1]['videos'] == 128
     assert final['top1'] > LEARNED and evals[-1]['top1'] > LEARNED and evals[0]['top1'] < LEARNED, (evals, final)
@@ -302,15 +295,14 @@ def test_recipe_configs_follow_the_official_yamls():
             (k, 16, 1e-6, 1e-6, 0.0, epochs, 0.95, 0.2, 0.0, 0.0, 0.1, 256), k
 
 
-def test_build_lists_command_checks_every_video(tmp_path):
-    """`python finetune_video.py build_lists ROOT OUT --check=True`: unreadable videos (here all: empty files) are
+def test_build_kinetics_lists_command_checks_every_video(tmp_path):
+    """`python data.py build_kinetics_lists ROOT OUT --check=True`: unreadable videos (here all: empty files) are
     left out of the lists and named in <list>_error.txt."""
     for folder in ('k400/train/a', 'k400/val/a', 'k600/train/a', 'k600/val/a', 'k700/train/a', 'k700/val/a'):
         os.makedirs(tmp_path / 'kinetics' / folder)
         (tmp_path / 'kinetics' / folder / f"{folder.split('/')[0]}{folder.split('/')[1]}_xx.mp4").write_bytes(b'')
-    r = subprocess.run([sys.executable, 'finetune_video.py', 'build_lists', str(tmp_path / 'kinetics'),
-                        str(tmp_path / 'lists'), '--check=True'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and f"{tmp_path / 'lists'}/k722_train.txt: 0 videos" in r.stdout, r.stdout + r.stderr
+    r = run_stage('data.py', 'build_kinetics_lists', tmp_path / 'kinetics', tmp_path / 'lists', '--check=True')
+    assert f"{tmp_path / 'lists'}/k722_train.txt: 0 videos" in r.stdout, r.stdout + r.stderr
     assert open(tmp_path / 'lists' / 'k722_train.txt').read() == ''
     errors = open(tmp_path / 'lists' / 'k722_train_error.txt').read().splitlines()
     assert [e.split('\t')[0] for e in errors] == ['k400/train/a/k400train_xx.mp4', 'k600/train/a/k600train_xx.mp4',

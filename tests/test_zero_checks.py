@@ -1,11 +1,8 @@
 """common.fuse_zero_grad_checks: DeepSpeed's ZeRO-1 optimizer with its per-tensor inf/NaN test and gradient norm
 replaced by multi-tensor ones must decide, clip and step exactly as DeepSpeed's own code does, over 2 ranks (each
 owning a padded partition), while launching far fewer operations per step."""
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_stage
 
 SCRIPT = r'''
 import os, sys, torch
@@ -92,6 +89,5 @@ torch.distributed.destroy_process_group()  # an orderly end: gloo's threads torn
 def test_fused_checks_match_deepspeed_over_two_ranks(tmp_path):
     script = tmp_path / 'zero_checks.py'
     script.write_text(SCRIPT.replace('ROOT', repr(ROOT), 1))
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and 'ok 0' in r.stdout and 'ok 1' in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+    r = run_stage(script, nproc=2, timeout=600)
+    assert 'ok 0' in r.stdout and 'ok 1' in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
