@@ -118,8 +118,8 @@ def worker(job):
     class for the reference), as `python script ARGS` would."""
     import deepspeed
 
-    # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo would go on
-    # in eager silently (bernoulli_'s per-rate graphs once left 32 of EVA-g's 40 blocks uncompiled); fail instead
+    # a compiled run must not time a half-compiled model: past 8 recompilations of Block.forward dynamo goes on in
+    # eager silently (a graph per drop-path rate would leave most of EVA-g's 40 blocks uncompiled); fail instead
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     if job['impl'].startswith('timm'):
         model.EVA = timm_eva_class()
@@ -250,7 +250,8 @@ def video_args(m, n, synthetic):  # (the synthetic videos have at most 24 classe
 
 def scenes_args(task, m, n, synthetic):  # det / seg on the synthetic scenes (10 shape kinds; seg: and the background)
     return [f'--task={task}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
-            f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}', f'--num_classes={10 + (task == "seg")}']
+            f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}',
+            f'--num_classes={10 + (task == "seg")}']
 
 
 def det_args(m, n, synthetic):
@@ -271,7 +272,8 @@ def pretrain_flops(c):
     mc = open_clip.get_model_config(c['teacher_model'])
     v = mc['vision_cfg']
     grid = v['image_size'] // v['patch_size']
-    flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], int(v['width'] * v.get('mlp_ratio', 4.0)))
+    mlp = int(v['width'] * v.get('mlp_ratio', 4.0))
+    flops += vit_flops(v['image_size'], v['patch_size'], v['width'], v['layers'], mlp)
     return flops + 2 * grid * grid * v['width'] * mc['embed_dim']  # proj
 
 
@@ -434,9 +436,10 @@ def data_mode():
     kb = sum(e.stat().st_size for e in os.scandir(os.path.join(folder, 'images'))) / data_images / 1e3
     grid = img_size // 14
     masks = MaskingGenerator(grid, round(105 / 256 * grid * grid))
-    ref_set = datasets.ImageFolder(folder, transform=T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]))
+    crop = T.RandomResizedCrop(img_size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                               interpolation=T.InterpolationMode.BICUBIC)
+    ref_tf = T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    ref_set = datasets.ImageFolder(folder, transform=ref_tf)
     ours_set = Samples(ImageFiles(folder, tensors=True), mim_transform(img_size, uint8=True), 0, masks)
     pipelines = {
         'torchvision': lambda i: (ref_set[i][0], masks())[0],
@@ -461,8 +464,10 @@ def data_mode():
     print(f"MIM input pipeline, {data_images} JPEGs of ~{kb:.0f} kB (500x375), crop {img_size}, one core:")
     for name, r in results['runs'].items():
         r['vs_torchvision'] = r['img_s_per_core'] / ref
-        print(f"  {name:15s} {r['img_s_per_core']:7.1f} img/s/core | {r['vs_torchvision']:.2f}x | output mean "
-              f"{', '.join(f'{v:+.3f}' for v in r['channel_mean'])} std {', '.join(f'{v:.3f}' for v in r['channel_std'])}")
+        mean = ', '.join(f'{v:+.3f}' for v in r['channel_mean'])
+        std = ', '.join(f'{v:.3f}' for v in r['channel_std'])
+        print(f"  {name:15s} {r['img_s_per_core']:7.1f} img/s/core | {r['vs_torchvision']:.2f}x | output mean {mean} "
+              f"std {std}")
     return results
 
 
@@ -527,9 +532,10 @@ def table_mode():
                      f"{ours['vs_torchvision']:.2f}x torchvision"]
         else:
             o, unit = res[name]['runs']['ours'], res[name]['unit']
-            cells = [f"{o['samples_s']:.4g} {unit}/s", '' if o['mfu'] is None else f"{100 * o['mfu']:.1f}%",
-                     '' if o['peak_gb'] is None else f"{o['peak_gb']} GiB",
-                     '' if o['zero_projected_gb'] is None else f"{o['zero_projected_gb']:.1f} GiB",
+            mfu = '' if o['mfu'] is None else f"{100 * o['mfu']:.1f}%"
+            peak = '' if o['peak_gb'] is None else f"{o['peak_gb']} GiB"
+            projected = '' if o['zero_projected_gb'] is None else f"{o['zero_projected_gb']:.1f} GiB"
+            cells = [f"{o['samples_s']:.4g} {unit}/s", mfu, peak, projected,
                      ', '.join(f"{v:.2f}x {k}" for k, v in o['vs'].items())]
         with open(table, 'a') as f:
             f.write(f"| {name} | `{command}` | {' | '.join(cells)} |\n")
@@ -562,9 +568,11 @@ def targets(res):
               f"({res['mim32_ckpt']['runs']['no_checkpointing']['peak_gb']} GiB peak without)")
     print("targets:")
     for what, value, bound in checks:
-        said = 'no value' if value is None else 'met' if (value <= bound if 'GiB' in what else value >= bound) \
-            else 'NOT met'
-        print(f"  {said:8s} {what}" + ('' if value is None else f": {value:.3f}"))
+        if value is None:
+            print(f"  {'no value':8s} {what}")
+            continue
+        met = value <= bound if 'GiB' in what else value >= bound  # memory: at most; the rest: at least
+        print(f"  {'met' if met else 'NOT met':8s} {what}: {value:.3f}")
     return [dict(what=w, value=v, bound=b) for w, v, b in checks]
 
 

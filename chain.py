@@ -62,8 +62,9 @@ def config_path(path):
 def runs():
     """-> [(name, command, dependencies)], in the order they may start."""
     def stage(script, config, name, extra, *more):
-        return [sys.executable, os.path.join(ROOT, script), config_path(config), f'--out_dir={os.path.join(out_dir, name)}',
-                *more, *shlex.split(extra)]
+        run_dir = os.path.join(out_dir, name)
+        return [sys.executable, os.path.join(ROOT, script), config_path(config), f'--out_dir={run_dir}', *more,
+                *shlex.split(extra)]
     teacher = os.path.join(out_dir, 'teacher', 'clip.pt')
     out = [('teacher', stage('train_clip.py', clip_config, 'teacher', teacher_args, f'--seed={teacher_seed}'), [])]
     # the runs that wait on others first, so that the chain's longest path starts as soon as it can; the scratch

@@ -162,8 +162,12 @@ def engine_stats(engine):
 
 def atomic_save(obj, path):
     """torch.save (a str: the text) under a temporary name, then a rename: a crash never leaves half a file."""
-    with open(path + '.tmp', 'w' if isinstance(obj, str) else 'wb') as f:
-        f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+    if isinstance(obj, str):
+        with open(path + '.tmp', 'w') as f:
+            f.write(obj)
+    else:
+        with open(path + '.tmp', 'wb') as f:
+            torch.save(obj, f)
     os.replace(path + '.tmp', path)
 
 
@@ -178,8 +182,9 @@ def full_state_dict(engine):
         sd[name] = (full if full is not None else p.detach()).float().cpu().clone() if rank0 else None
     if rank0:
         persistent = engine.module.state_dict().keys()
-        sd.update({n: (b.float() if b.is_floating_point() else b).cpu().clone() for n, b in engine.module.named_buffers()
-                   if n in persistent})
+        for n, b in engine.module.named_buffers():
+            if n in persistent:
+                sd[n] = (b.float() if b.is_floating_point() else b).cpu().clone()
     return sd if rank0 else None
 
 

@@ -1,7 +1,24 @@
 """
-Data shared by every stage: image sources (folder trees, path lists, several roots merged, the procedural
-synthetic dataset), a per-sample-seeded dataset wrapper that skips bad files, BEiT's block-wise mask generator,
-a resumable distributed sampler, and the transforms.
+Every stage's data, in sections by who uses them:
+
+- image decoding (every stage): load_rgb, read_rgb
+- sources (pretrain, finetune_cls, train_clip; plot, bench): ImageFiles (folder trees, path lists, roots merged),
+  SyntheticShapes / SyntheticCaptions (the procedural demo data), CaptionFiles, image_source, caption_source,
+  recall_at_k
+- ImageNet label spaces (finetune_cls, train_clip): imagenet_classes, imagenet_subset, imagenet_real_labels, topk_hits
+- masking (pretrain): MaskingGenerator, BEiT's block-wise masks
+- the dataset wrapper and sampler (every stage): Samples (per-sample seeds, bad files skipped and counted),
+  ResumableSampler (with LVIS's repeat factors), make_loader, train_batches
+- image-text tar shards (train_clip): expand_shards, TarShards
+- transforms (pretrain, finetune_cls, train_clip): mim_transform, MIMCrop, eval_transform, normalize_batch
+- videos (finetune_video): VideoFiles, TSN sampling, crops, decord decoding, VideoClips, write_synthetic_videos,
+  build_kinetics_lists (also `python data.py build_kinetics_lists ROOT OUT`)
+- detection (det_seg task='det'): CocoDetection (COCO, LVIS, Objects365), LargeScaleJitter, collate_detection,
+  write_synthetic_scenes (also the segmentation demo's label PNGs)
+- semantic segmentation (det_seg task='seg'): label_lut, SegFiles, SegAugment, photometric_distortion, seg_test_size
+
+decord (videos), av (writing the synthetic videos) and timm (ImageNet's class lists) are imported where they are
+used: the stages that do not need them do not pay their import.
 
 A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad file) and `name(i)`. `Samples`
 turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
@@ -23,8 +40,12 @@ import warnings
 
 import numpy as np
 import torch
+from faster_coco_eval.core import mask as mask_util
 from PIL import Image, ImageDraw
 from torchvision import transforms as T, tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from model import CLIP_MEAN, CLIP_STD  # OpenAI CLIP's normalisation: the MIM student sees what its CLIP teacher sees
 
@@ -59,7 +80,6 @@ def read_rgb(path):
     """An image file as a uint8 RGB tensor (3, H, W). JPEG and PNG go straight from libjpeg-turbo / libpng into a
     tensor (torchvision.io: no PIL image in between, the same pixels as PIL's decoder); whatever torchvision does
     not take to 8-bit RGB (other formats, 16-bit PNG, odd JPEGs) goes through load_rgb."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
     if path.lower().endswith(('.jpg', '.jpeg', '.png')):
         try:
             x = decode_image(read_file(path), mode=ImageReadMode.RGB)
@@ -580,8 +600,8 @@ class TarShards(torch.utils.data.IterableDataset):
     `passes` > 0. Raw bytes go through a shuffle buffer and are decoded after it (webdataset's order), each sample
     with its own seed. Samples without image or caption, undecodable images, empty captions and broken shards are
     skipped, named on stderr and counted in the next sample's `skipped`. Yields {'image', 'text' (token ids),
-    'index' (sample number), 'skipped'} like Samples. A resume sets `start_step`: a new order, not the old one's continuation (as
-    open_clip's resampled webdataset)."""
+    'index' (sample number), 'skipped'} like Samples. A resume sets `start_step`: a new order, not the old one's
+    continuation (as open_clip's resampled webdataset)."""
 
     IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 
@@ -709,7 +729,6 @@ class MIMCrop:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, img):
-        from torchvision.transforms.v2 import functional as TF
         # get_params reads only the shape: an uninitialised 1-channel stand-in of the image's size
         top, left, h, w = T.RandomResizedCrop.get_params(
             torch.empty((1, *img.shape[-2:]), dtype=torch.uint8), self.scale, self.ratio)
@@ -759,10 +778,11 @@ class VideoFiles(ImageFiles):
 
 
 def tsn_indices(n, num_frames, train=True, clip=0, clips=1):
-    """One clip's frame indices, mmaction's SampleFrames(clip_len=1, num_clips=num_frames) as EVA-01 video samples: the
-    n frames cut into num_frames equal segments. train: one random frame per segment (torch's generator) or, in a video
-    shorter than the clip, round(k n / T) half to even (frames repeat). Else the segments' centres, int((k + 1/2) n / T)
-    (its test mode); with clips > 1, clip `clip` at offset (clip + 1/2) / clips of each segment. -> (T,) int64, mod n."""
+    """One clip's frame indices, mmaction's SampleFrames(clip_len=1, num_clips=num_frames) as EVA-01 video samples:
+    the n frames cut into num_frames equal segments. train: one random frame per segment (torch's generator) or, in a
+    video shorter than the clip, round(k n / T) half to even (frames repeat). Else the segments' centres,
+    int((k + 1/2) n / T) (its test mode); with clips > 1, clip `clip` at offset (clip + 1/2) / clips of each segment.
+    -> (T,) int64, mod n."""
     if n < 1:
         raise ValueError("the video has no frames")
     k = np.arange(num_frames)
@@ -799,7 +819,6 @@ def three_crop_offsets(h, w, size):
 def resize_short(frames, short):
     """(K, 3, H, W) uint8 -> the short side `short`: bilinear without antialiasing (mmcv's cv2 INTER_LINEAR), the
     sizes rounded half up (mmcv.rescale_size)."""
-    from torchvision.transforms.v2 import functional as TF
     h, w = frames.shape[-2:]
     s = short / min(h, w)
     return TF.resize(frames, [int(h * s + 0.5), int(w * s + 0.5)], T.InterpolationMode.BILINEAR, antialias=False)
@@ -846,7 +865,6 @@ class VideoClips:
             idx = [tsn_indices(n, self.num_frames, train=False, clip=c, clips=clips) for c in range(clips)]
         x = read_frames(vr, torch.cat(idx))  # (clips x T, 3, H, W)
         if self.train:
-            from torchvision.transforms.v2 import functional as TF
             x = resize_short(x, int(256 / 224 * S))
             H, W = x.shape[-2:]
             top, left, h, w = multiscale_crop_box(H, W, S) if self.multiscale else ((H - S) // 2, (W - S) // 2, S, S)
@@ -882,7 +900,8 @@ def write_synthetic_videos(folder, train_size=1024, val_size=256, num_classes=8,
         raise ValueError(f"the synthetic videos have 2 x 1..12 colours: num_classes {num_classes} is not one of them")
     wheel = ('red', 'orange', 'yellow', 'chartreuse', 'green', 'spring green', 'cyan', 'azure', 'blue', 'violet',
              'magenta', 'rose')  # hues 0, 1/12, ...: num_classes / 2 of them evenly spaced, as far apart as can be
-    colours = [(wheel[round(12 * k / (num_classes // 2)) % 12], k / (num_classes // 2)) for k in range(num_classes // 2)]
+    hues = num_classes // 2
+    colours = [(wheel[round(12 * k / hues) % 12], k / hues) for k in range(hues)]
     classes = sorted(f"{c} moving {d}" for c, _ in colours for d in ('up', 'down'))
     W, H = size
     shapes, tmp = SyntheticShapes(1, img_size=W), folder.rstrip('/') + f'.tmp{os.getpid()}'
@@ -946,10 +965,13 @@ def build_kinetics_lists(root, out, check=False):
         for split in ('train', 'val'):
             d = os.path.join(root, s, split)
             if not os.path.isdir(d):
-                raise FileNotFoundError(f"{d} not found: the lists are built from ROOT/k400|k600|k700/train|val/<class>/<video>")
-            rows[s, split] = [(f"{s}/{split}/{c}/{f}", KINETICS_ALIASES.get(c, c), f[:11]) for c in sorted(os.listdir(d))
-                              if os.path.isdir(os.path.join(d, c)) for f in sorted(os.listdir(os.path.join(d, c)))
-                              if len(f) >= 2 and not f.startswith('.') and not f.endswith('.tar.gz')]
+                raise FileNotFoundError(f"{d} not found: the lists are built from ROOT/k400|k600|k700/train|val/"
+                                        f"<class>/<video>")
+            rows[s, split] = []  # (path under root, class name, YouTube id)
+            for c in sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c))):
+                videos = [f for f in sorted(os.listdir(os.path.join(d, c)))
+                          if len(f) >= 2 and not f.startswith('.') and not f.endswith('.tar.gz')]
+                rows[s, split] += [(f"{s}/{split}/{c}/{f}", KINETICS_ALIASES.get(c, c), f[:11]) for f in videos]
     classes = {s: sorted({c for _, c, _ in rows[s, 'val']}) for s in sets}
     for s in sets:
         extra = {c for _, c, _ in rows[s, 'train']} - set(classes[s])
@@ -957,9 +979,13 @@ def build_kinetics_lists(root, out, check=False):
             raise ValueError(f"{root}/{s}/train has classes its val set lacks: {', '.join(sorted(extra)[:5])}")
     classes['k722'] = sorted(set().union(*(classes[s] for s in sets)))
 
-    def dedup(items, drop=()):
-        seen = set(drop)
-        return [r for r in items if not (r[2] in seen or seen.add(r[2]))]
+    def dedup(items, drop=()):  # the first row of each YouTube id, none of those in drop
+        seen, kept = set(drop), []
+        for r in items:
+            if r[2] not in seen:
+                seen.add(r[2])
+                kept.append(r)
+        return kept
     val_ids = {s: {r[2] for r in rows[s, 'val']} for s in sets}
     lists = {'k722_train': dedup([r for s in sets for r in rows[s, 'train']], set().union(*val_ids.values())),
              'k722_val': dedup([r for s in sets for r in rows[s, 'val']])}
@@ -987,7 +1013,8 @@ def build_kinetics_lists(root, out, check=False):
         with open(os.path.join(out, f'{s}_classes.txt'), 'w') as f:
             f.writelines(c + '\n' for c in classes[s])
         if s != 'k722':
-            np.save(os.path.join(out, f'k722_to_{s}_mapping.npy'), np.array([classes['k722'].index(c) for c in classes[s]]))
+            rows = np.array([classes['k722'].index(c) for c in classes[s]])  # each class's K722 index
+            np.save(os.path.join(out, f'k722_to_{s}_mapping.npy'), rows)
     return counts
 
 # -----------------------------------------------------------------------------
@@ -997,7 +1024,6 @@ def build_kinetics_lists(root, out, check=False):
 def coco_rle(segm, h, w):
     """A COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE (faster-coco-eval's mask
     API, pycocotools's); a polygon of fewer than 3 points, or nothing left, is an error."""
-    from faster_coco_eval.core import mask as mask_util
     if isinstance(segm, list):
         polys = [p for p in segm if len(p) >= 6]
         if not polys:
@@ -1061,7 +1087,6 @@ class CocoDetection:
                 if a['category_id'] not in self.cat_index:
                     raise ValueError(f"category {a['category_id']} is not in the json's categories")
                 if self.masks:
-                    from faster_coco_eval.core import mask as mask_util
                     m = mask_util.decode(coco_rle(a['segmentation'], h, w))
                     if m.shape != (h, w) or not m.any():
                         raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
@@ -1102,18 +1127,17 @@ class CocoDetection:
 
 class LargeScaleJitter:
     """(uint8 image (3, H, W), target) -> the same, as EVA-01's det pipeline (detectron2's LSJ, coco_loader_lsj.py):
-    flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear, masks nearest;
-    FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both axes (detectron2's
-    quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped), empty instances
-    dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size, max_size=size)); target gets
-    'scale' to map predictions back. Padding to size x size happens when batching (collate_detection). Masks are
-    bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons instead)."""
+    flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear, masks
+    nearest; FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both axes
+    (detectron2's quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped), empty
+    instances dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size, max_size=size));
+    target gets 'scale' to map predictions back. Padding to size x size happens when batching (collate_detection).
+    Masks are bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons instead)."""
 
     def __init__(self, size=1024, scale=(0.1, 2.0), train=True):
         self.size, self.scale, self.train = size, scale, train
 
     def __call__(self, sample):
-        from torchvision.transforms.v2 import InterpolationMode, functional as TF
         img, t = sample
         H, W = img.shape[1:]
         masks = t.get('masks')
@@ -1182,7 +1206,6 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
     background; later shapes occlude earlier ones, whose mask and box keep only the visible pixels (an instance with
     under a quarter of itself left is dropped; the label map keeps every visible pixel). Skipped when folder/meta.json
     says it holds this set. -> folder."""
-    from faster_coco_eval.core import mask as mask_util
     meta = dict(train_size=train_size, val_size=val_size, img_size=img_size, num_classes=num_classes, seed=seed,
                 labels=True)
     if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
@@ -1275,7 +1298,8 @@ class SegFiles:
         for d in (img_dir, ann_dir):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"segmentation folder not found: {d}")
-        imgs = {os.path.splitext(k)[0]: v for k, v in scan(img_dir, lambda f: f.lower().endswith(IMAGE_EXTENSIONS)).items()}
+        images = scan(img_dir, lambda f: f.lower().endswith(IMAGE_EXTENSIONS))
+        imgs = {os.path.splitext(k)[0]: v for k, v in images.items()}
         anns = {k[:-len(ann_suffix)]: v for k, v in scan(ann_dir, lambda f: f.endswith(ann_suffix)).items()}
         self.names = sorted(imgs.keys() & anns.keys())
         if not self.names:
@@ -1325,14 +1349,14 @@ class SegAugment:
     0.20). Resize: r ~ U(ratio), the image scaled by min(scale[0] r / long side, scale[1] r / short side) (mmcv's
     keep-ratio rescale), bilinear without antialiasing (cv2's), labels nearest; RandomCrop: offsets uniform, redrawn up
     to 10 times while one class covers >= cat_max_ratio of the crop's labelled pixels (or it shows a single class);
-    flip (p 0.5); PhotoMetricDistortion; padding to crop x crop (image: the mean colour, label 255). The colour steps round to uint8
-    after each, as mmseg; saturation is torchvision's blend with the grey image where mmseg scales S in HSV."""
+    flip (p 0.5); PhotoMetricDistortion; padding to crop x crop (image: the mean colour, label 255). The colour steps
+    round to uint8 after each, as mmseg; saturation is torchvision's blend with the grey image where mmseg scales S in
+    HSV."""
 
     def __init__(self, crop=896, scale=(3584, 896), ratio=(0.5, 2.0), cat_max_ratio=0.75):
         self.crop, self.scale, self.ratio, self.cat_max_ratio = crop, scale, ratio, cat_max_ratio
 
     def __call__(self, sample):
-        from torchvision.transforms.v2 import InterpolationMode, functional as TF
         img, label = sample
         H, W = img.shape[1:]
         r = self.ratio[0] + (self.ratio[1] - self.ratio[0]) * torch.rand(()).item()
@@ -1354,9 +1378,11 @@ class SegAugment:
             img, label = img.flip(-1), label.flip(-1)
         img = photometric_distortion(img)
         # mmseg pads after Normalize with 0, i.e. the mean colour: the uint8 mean here (normalised: 0 within 1/255)
-        out_img = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)[:, None, None].repeat(1, c, c)
+        mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+        out_img = mean[:, None, None].repeat(1, c, c)
         out_label = torch.full((c, c), 255, dtype=torch.uint8)
-        out_img[:, :img.shape[1], :img.shape[2]], out_label[:label.shape[0], :label.shape[1]] = img, label
+        out_img[:, :img.shape[1], :img.shape[2]] = img
+        out_label[:label.shape[0], :label.shape[1]] = label
         return out_img, out_label
 
 
@@ -1364,7 +1390,6 @@ def photometric_distortion(img):
     """mmseg's PhotoMetricDistortion on a uint8 (3, H, W) image, each step with p 0.5: brightness + U(-32, 32); contrast
     x U(0.5, 1.5) (before or after the next two, p 0.5); saturation x U(0.5, 1.5); hue + U{-18 ... 17} of OpenCV's
     180-step circle."""
-    from torchvision.transforms.v2 import functional as TF
 
     def coin():
         return torch.rand(()) < 0.5

@@ -150,8 +150,9 @@ class ViTDet(nn.Module):
     def __init__(self, cfg, det):
         super().__init__()
         if cfg.patch_size != 16 or det.img_size % 32:
-            raise ValueError(f"ViTDet's pyramid (strides 4 ... 64) needs patch 16 (got {cfg.patch_size}; load_pretrained "
-                             f"resizes a patch-14 kernel) and an image side divisible by 32 (got {det.img_size})")
+            raise ValueError(f"ViTDet's pyramid (strides 4 ... 64) needs patch 16 (got {cfg.patch_size}; "
+                             f"load_pretrained resizes a patch-14 kernel) and an image side divisible by 32 (got "
+                             f"{det.img_size})")
         self.config = cfg  # load_pretrained reads it
         self.patch_embed = PatchEmbed(cfg).requires_grad_(False)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid ** 2, cfg.embed_dim))  # cls entry kept, unused
@@ -195,7 +196,8 @@ class ConvNorm(nn.Conv2d):
 
     def __init__(self, cin, cout, k, relu=False):
         super().__init__(cin, cout, k, padding=k // 2, bias=False)
-        self.norm, self.relu = LayerNorm2d(cout, eps=1e-6), relu
+        self.norm = LayerNorm2d(cout, eps=1e-6)
+        self.relu = relu
         nn.init.kaiming_normal_(self.weight, mode='fan_out', nonlinearity='relu')
 
     def forward(self, x):
@@ -213,7 +215,8 @@ class SimpleFeaturePyramid(nn.Module):
         self.simfp_2 = nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
                                      nn.ConvTranspose2d(D // 2, D // 4, 2, 2), ConvNorm(D // 4, dim, 1),
                                      ConvNorm(dim, dim, 3))
-        self.simfp_3 = nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), ConvNorm(D // 2, dim, 1), ConvNorm(dim, dim, 3))
+        self.simfp_3 = nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), ConvNorm(D // 2, dim, 1),
+                                     ConvNorm(dim, dim, 3))
         self.simfp_4 = nn.Sequential(ConvNorm(D, dim, 1), ConvNorm(dim, dim, 3))
         self.simfp_5 = nn.Sequential(nn.MaxPool2d(2, 2), ConvNorm(D, dim, 1), ConvNorm(dim, dim, 3))
 
@@ -260,8 +263,8 @@ class FloatRPNHead(RPNHead):
 
 class RPN(RegionProposalNetwork):
     """torchvision's RPN (matching 0.7 / 0.3 with low-quality matches, 256 anchors at half positive, per-level top-k,
-    NMS 0.7, top-k per image) with detectron2's loss: BCE summed over the sampled anchors and L1 (not smooth-L1) over the
-    positives, both divided by batch x images (rpn.py's losses)."""
+    NMS 0.7, top-k per image) with detectron2's loss: BCE summed over the sampled anchors and L1 (not smooth-L1) over
+    the positives, both divided by batch x images (rpn.py's losses)."""
 
     def __init__(self, det):
         anchors = Anchors(tuple((s,) for s in det.anchor_sizes), ((0.5, 1.0, 2.0),) * len(det.anchor_sizes))
@@ -305,7 +308,9 @@ class BoxHead(nn.Sequential):
         super().__init__()
         for i in range(1, 5):
             self.add_module(f'conv{i}', ConvNorm(cin if i == 1 else dim, dim, 3, relu=True))
-        self.flatten, self.fc1, self.fc_relu1 = nn.Flatten(), nn.Linear(dim * pool * pool, fc), nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(dim * pool * pool, fc)
+        self.fc_relu1 = nn.ReLU()
         nn.init.kaiming_uniform_(self.fc1.weight, a=1)  # c2_xavier_fill
         nn.init.zeros_(self.fc1.bias)
 
@@ -315,7 +320,8 @@ class BoxPredictor(nn.Module):
 
     def __init__(self, fc, num_classes):
         super().__init__()
-        self.cls_score, self.bbox_pred = nn.Linear(fc, num_classes + 1), nn.Linear(fc, 4)
+        self.cls_score = nn.Linear(fc, num_classes + 1)
+        self.bbox_pred = nn.Linear(fc, 4)
         for m, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):
             nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
@@ -332,7 +338,8 @@ class MaskHead(nn.Module):
         super().__init__()
         for i in range(1, 5):
             setattr(self, f'mask_fcn{i}', ConvNorm(cin if i == 1 else dim, dim, 3, relu=True))
-        self.deconv, self.predictor = nn.ConvTranspose2d(dim, dim, 2, 2), nn.Conv2d(dim, num_classes, 1)
+        self.deconv = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.predictor = nn.Conv2d(dim, num_classes, 1)
         nn.init.kaiming_normal_(self.deconv.weight, mode='fan_out', nonlinearity='relu')
         nn.init.zeros_(self.deconv.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
@@ -352,13 +359,28 @@ def scale_grad(x, s):
 
 def match(boxes, target, iou, background):
     """boxes (R, 4) against target['boxes'] (G, 4) at one IoU threshold, no low-quality matches (Cascade R-CNN's
-    stages) -> (labels (R,): the matched box's class or `background`, matched boxes (R, 4), matched index (R,) or -1)."""
+    stages) -> (labels (R,): the matched box's class or `background`, matched boxes (R, 4), matched index (R,) or
+    -1)."""
     if len(target['boxes']) == 0:
         return (torch.full((len(boxes),), background, device=boxes.device), torch.zeros_like(boxes),
                 torch.full((len(boxes),), -1, device=boxes.device))
     idx = Matcher(iou, iou, False)(box_iou(target['boxes'], boxes))  # -1: below iou
     fg, safe = idx >= 0, idx.clamp(min=0)
     return torch.where(fg, target['labels'][safe], background), target['boxes'][safe], torch.where(fg, idx, -1)
+
+
+def matched_targets(matched, targets, background):
+    """Each image's matched indices (R_i,) (-1: none) -> the ground truth of all images' boxes: labels (sum R_i,) (the
+    class, or `background`) and boxes (sum R_i, 4) (zeros where none)."""
+    labels, boxes = [], []
+    for m, t in zip(matched, targets):
+        if len(t['labels']):
+            labels.append(torch.where(m >= 0, t['labels'][m.clamp(min=0)], background))
+            boxes.append(t['boxes'][m.clamp(min=0)])
+        else:
+            labels.append(torch.full_like(m, background))
+            boxes.append(torch.zeros(len(m), 4, device=m.device))
+    return torch.cat(labels), torch.cat(boxes)
 
 
 def fed_loss_classes(gt_classes, num, num_classes, weight):
@@ -416,16 +438,13 @@ class CascadeMaskRCNN(nn.Module):
         first = (boxes, matched)
         for k, (head, predictor, coder) in enumerate(zip(self.roi_heads.box_head, self.roi_heads.box_predictor,
                                                          self.box_coders)):
-            if k:  # the previous stage's boxes, clipped, empty ones dropped, re-matched at this stage's IoU (no sampling)
+            if k:  # the previous stage's boxes (clipped, empty ones dropped), re-matched at this stage's IoU
                 boxes = [clip_boxes_to_image(b.detach(), s) for b, s in zip(boxes, sizes)]
                 boxes = [b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])] for b in boxes]
                 matched = [match(b, t, self.config.stage_ious[k], K)[2] for b, t in zip(boxes, targets)]
             x = scale_grad(pool_rois(features, boxes, 7, self.config.canonical_box), 1 / len(self.box_coders))
             logits, deltas = predictor(head(x.to(head.conv1.weight.dtype)))
-            labels = torch.cat([torch.where(m >= 0, t['labels'][m.clamp(min=0)], K) if len(t['labels'])
-                                else torch.full_like(m, K) for m, t in zip(matched, targets)])
-            gt = torch.cat([t['boxes'][m.clamp(min=0)] if len(t['boxes']) else torch.zeros(len(m), 4, device=m.device)
-                            for m, t in zip(matched, targets)])
+            labels, gt = matched_targets(matched, targets, K)
             cat = torch.cat(boxes)
             losses[f'loss_cls_stage{k}'] = self.classification_loss(logits, labels)
             fg = labels < K  # class-agnostic L1 over the foreground, divided by all sampled boxes (detectron2)

@@ -302,8 +302,8 @@ def coco_eval(results):
 
 
 if task == 'det':
-    require_files(val_json='' if val_json == 'synthetic' else val_json,  # '' is not checked
-                  train_json='' if eval_only or train_json == 'synthetic' else train_json)
+    jsons = {'val_json': val_json} if eval_only else {'val_json': val_json, 'train_json': train_json}
+    require_files(**{k: v for k, v in jsons.items() if v != 'synthetic'})  # the demo's scenes are written below
     if 'synthetic' in (train_json, val_json):
         synthetic_scenes(num_classes)
     val_src = coco_source(val_json, val_images, train=False)

@@ -11,7 +11,8 @@ frozen patch embedding, RandAugment, mixup / cutmix, label smoothing, an EMA of 
 
 Expected (EVA paper, Table 3): 89.6 top-1 at 336 px and 89.7 at 560 px on IN-1K val, EMA weights.
 Writes out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/last.pt and out_dir/best.pt
-({'model': fp32 weights, 'model_ema': EMA weights, ...}; load_pretrained reads them).
+({'model': fp32 weights, 'model_ema': EMA weights, ...}; load_pretrained reads them). open_clip (ImageNet's class
+names for --predict) is imported where it is used: it takes seconds to import.
 """
 import dataclasses
 import json
@@ -163,8 +164,12 @@ def evaluate(net, dataset, classes=None, correct=None):
             logits = net(batch['image'].to(device, dt, non_blocking=True)).float().cpu()
         targets = torch.zeros_like(logits, dtype=torch.bool)
         for row, (i, label, bad) in enumerate(zip(*(batch[k].tolist() for k in ('index', 'label', 'skipped')))):
-            if not bad:  # a row without a correct class is not scored
-                targets[row, correct(i) if correct is not None else [label] if label >= 0 else []] = True
+            if bad:  # an unreadable image's stand-in is not scored
+                continue
+            if correct is not None:
+                targets[row, correct(i)] = True
+            elif label >= 0:  # a row without a correct class is not scored
+                targets[row, label] = True
         stats += torch.tensor([*topk_hits(logits, targets, 5, classes), (batch['skipped'] > 0).sum()],
                               dtype=torch.float64)
     stats = stats.to(device)
@@ -211,17 +216,22 @@ def evaluate_all(nets, robust=False):
         extra = [s for s in res if s != 'val']
         if extra:
             res['avg_drop'] = sum(res['val']['top1'] - res[s]['top1'] for s in extra) / len(extra)
-        print0(f"{n}: " + '  '.join(f"{s} {r['top1']:.2f}/{r['top5']:.2f} ({r['images']:,}" +
-                                    (f", {r['unreadable']} unreadable)" if r['unreadable'] else ')')
-                                    for s, r in res.items() if s != 'avg_drop') +
-               (f"  | average drop from val {res['avg_drop']:.2f}" if extra else '') + "  [top-1/top-5 (images)]")
+        cells = []
+        for s, r in res.items():
+            if s == 'avg_drop':
+                continue
+            unreadable = f", {r['unreadable']} unreadable" if r['unreadable'] else ''
+            cells.append(f"{s} {r['top1']:.2f}/{r['top5']:.2f} ({r['images']:,}{unreadable})")
+        if extra:
+            cells.append(f"| average drop from val {res['avg_drop']:.2f}")
+        print0(f"{n}: " + '  '.join(cells) + "  [top-1/top-5 (images)]")
     return results
 
 
 def predict_files(net, paths):
     """Each image's top-5 classes under net: ImageNet's names for 1000 classes, else those of the val set (class
     folders, the synthetic shapes), else the class indices."""
-    from open_clip import IMAGENET_CLASSNAMES  # optional (the opening says why)
+    from open_clip import IMAGENET_CLASSNAMES
     names = (IMAGENET_CLASSNAMES if num_classes == 1000 else getattr(val_set.source, 'classes', None) or
              getattr(val_set.source, 'SHAPES', None) or [str(c) for c in range(num_classes)])
     net.eval()

@@ -220,9 +220,11 @@ def evaluate_all(nets, dataset):
     """{name: net} -> {name: result}, printed on one line."""
     views = f"{dataset.transform.clips} clip(s) x {dataset.transform.crops} crop(s)"
     results = {n: evaluate(net, dataset) for n, net in nets.items()}
-    print0(f"{views}: " + '  '.join(f"{n} {r['top1']:.2f}/{r['top5']:.2f} ({r['videos']:,} videos" +
-                                    (f", {r['unreadable']} unreadable)" if r['unreadable'] else ')')
-                                    for n, r in results.items()) + "  [top-1/top-5]")
+    cells = []
+    for n, r in results.items():
+        unreadable = f", {r['unreadable']} unreadable" if r['unreadable'] else ''
+        cells.append(f"{n} {r['top1']:.2f}/{r['top5']:.2f} ({r['videos']:,} videos{unreadable})")
+    print0(f"{views}: " + '  '.join(cells) + "  [top-1/top-5]")
     return results
 
 

@@ -1,14 +1,25 @@
 """
-The EVA encoder: a plain ViT with BEiT-style attention biases, in one file.
+The EVA encoder (a plain ViT with BEiT-style attention biases) and what every stage does with it, in one file:
+
+- sizes: SIZES (eva_g, eva_l, eva_b, eva_tiny, eva_mini), EVAConfig, eva_config; CLIP's mean / std (every stage)
+- the modules: DropPath, PatchEmbed, Attention, Mlp, Block, EVA (images; videos with num_frames), their FLOP counts
+- MIM (pretrain.py, plot.py): mim_loss, CLIPTeacher (an OpenAI / open_clip CLIP tower, or our clip.pt's)
+- resizing as the official code does it: resize_pos_embed (and over frames), resize_patch_embed
+- checkpoints: read_checkpoint, unwrap_state_dict, load_pretrained (an encoder of any layout; every stage),
+  load_whole (a whole detector / segmenter: det_model.py's and seg_model.py's loaders)
+- optimizer groups: param_groups (layer decay; every stage, with det / seg / the text tower's rules as arguments),
+  ema_update_ (finetune_cls.py, finetune_video.py)
+- EVA-CLIP (train_clip.py): TEXT_SIZES, CLIP, clip_loss, load_text_tower; the timm and open_clip exports
+- the command line: `python model.py psz14to16 IN.pt OUT.pt` (a patch-14 checkpoint at patch 16, as the official
+  interpolate_patch_14to16.py: detection and segmentation start from it), `python model.py open_clip CLIP.pt DIR`
 
     EVA(config).forward_features(x, mask=None) -> all tokens (B, 1+N, D)
     EVA(config).forward(x)                     -> logits (B, num_classes), or pooled features
     EVA(config).forward_mim(x, mask)           -> lm_head outputs at the masked positions (M, mim_dim)
 
 State-dict keys are those of the official EVA-01 release (github.com/baaivision/EVA, EVA-01) and of timm's
-`Eva` (timm/models/eva.py), so checkpoints move freely between the three. `load_pretrained` reads all of their
-file layouts; `python model.py psz14to16 IN.pt OUT.pt` converts a patch-14 checkpoint to patch 16 the way the
-official `interpolate_patch_14to16.py` does (used by detection and segmentation).
+`Eva` (timm/models/eva.py), so checkpoints move freely between the three. open_clip and timm are imported where they
+are used: only the teacher, CLIP and the exports need them, and they take seconds to import.
 """
 import dataclasses
 import inspect
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn import all_gather  # differentiable, unlike torch.distributed.all_gather
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -48,13 +60,13 @@ class EVAConfig:
     img_size: int = 224          # square input resolution
     patch_size: int = 14         # Conv2d kernel = stride
     in_chans: int = 3
-    num_frames: int = 1          # video clips: frames, each patch-embedded alone (a time kernel of 1), tokens frame-major
+    num_frames: int = 1          # video clips: frames, each patch-embedded alone (time kernel 1), tokens frame-major
     embed_dim: int = 1408
     depth: int = 40
     num_heads: int = 16
     mlp_dim: int = 6144
     num_classes: int = 0         # 0: forward() returns pooled features, no head
-    pooling: str = 'mean'        # 'mean': mean of patch tokens -> fc_norm -> head; 'cls': all tokens -> norm, cls -> head
+    pooling: str = 'mean'        # 'mean': patch tokens' mean -> fc_norm -> head; 'cls': all tokens -> norm, cls -> head
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear from 0)
     grad_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less activation memory
     use_mask_token: bool = False  # MIM pretraining: masked patch embeddings are replaced by a learned token
@@ -313,7 +325,8 @@ class CLIPTeacher(nn.Module):
         ckpt = read_clip_file(pretrained)
         self.eva = self.visual = None
         if ckpt is not None:
-            cfg = EVAConfig(**{**ckpt['vision_cfg'], 'img_size': img_size, 'drop_path': 0.0, 'grad_checkpointing': False})
+            frozen = {'img_size': img_size, 'drop_path': 0.0, 'grad_checkpointing': False}
+            cfg = EVAConfig(**{**ckpt['vision_cfg'], **frozen})
             self.eva = EVA(cfg)
             load_pretrained(self.eva, {k[len('visual.'):]: v for k, v in ckpt['model'].items()
                                        if k.startswith('visual.')}, allowed_missing=())
@@ -477,8 +490,9 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
     n = sd['pos_embed'].shape[1] - 1 if 'pos_embed' in sd else 0
     frames = (ckpt.get('model_config') or {}).get('num_frames')  # our exports store it; else the layout tells:
     if frames is None:  # a clip on the model's grid if the model is a video one, EVA-01 video's 5-D kernel or no square
-        kernel = sd.get('patch_embed.proj.weight')
-        clip = cfg.num_frames > 1 and n % cfg.grid ** 2 == 0 or math.isqrt(n) ** 2 != n or getattr(kernel, 'ndim', 4) == 5
+        on_grid = cfg.num_frames > 1 and n % cfg.grid ** 2 == 0
+        video_kernel = getattr(sd.get('patch_embed.proj.weight'), 'ndim', 4) == 5
+        clip = on_grid or math.isqrt(n) ** 2 != n or video_kernel
         frames = max(n // cfg.grid ** 2, 1) if clip else 1
     for k, v in sd.items():
         if k == 'patch_embed.proj.weight' and v.ndim == 5 and v.shape[2] == 1:  # EVA-01 video's Conv3d (D, C, 1, p, p)
@@ -517,10 +531,14 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
                          f"{', '.join(not_allowed[:5])}")
     model.load_state_dict(out, strict=False)
     if verbose:
-        print(f"load_pretrained: {len(out)} tensors from {src}" + ''.join(f"; {n}" for n in notes) +
-              (f"; resized {', '.join(resized)}" if resized else '') +
-              (f"; dropped {', '.join(dropped)}" if dropped else '') +
-              (f"; newly initialised {', '.join(missing)}" if missing else ''))
+        said = [f"load_pretrained: {len(out)} tensors from {src}", *notes]
+        if resized:
+            said.append(f"resized {', '.join(resized)}")
+        if dropped:
+            said.append(f"dropped {', '.join(dropped)}")
+        if missing:
+            said.append(f"newly initialised {', '.join(missing)}")
+        print('; '.join(said))
     return dict(missing=missing, dropped=dropped, resized=resized)
 
 
@@ -555,10 +573,14 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
     if bad:
         raise ValueError(f"{src} does not fit the {what} ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
     model.load_state_dict(sd, strict=False)
-    print(f"load_whole: a whole {what}, {len(sd)} tensors from {src}" +
-          (f"; resized {len(resized)} relative-position tables" if resized else '') +
-          (f"; new for {model.config.num_classes} classes: {', '.join(new)}" if new else '') +
-          (f"; new: {len(missing)} tensors under {', '.join(optional)}" if missing else ''))
+    said = [f"load_whole: a whole {what}, {len(sd)} tensors from {src}"]
+    if resized:
+        said.append(f"resized {len(resized)} relative-position tables")
+    if new:
+        said.append(f"new for {model.config.num_classes} classes: {', '.join(new)}")
+    if missing:
+        said.append(f"new: {len(missing)} tensors under {', '.join(optional)}")
+    print('; '.join(said))
 
 # -----------------------------------------------------------------------------
 # optimizer parameter groups, shared by every stage
@@ -627,7 +649,10 @@ class CLIP(nn.Module):
         from open_clip.transformer import QuickGELU, TextTransformer
         assert vision_cfg.pooling == 'cls' and vision_cfg.num_classes == embed_dim, \
             f"the image tower needs pooling='cls' and num_classes={embed_dim} (its head is the projection)"
-        self.vision_cfg, self.text_cfg, self.embed_dim, self.quick_gelu = vision_cfg, dict(text_cfg), embed_dim, quick_gelu
+        self.vision_cfg = vision_cfg
+        self.text_cfg = dict(text_cfg)
+        self.embed_dim = embed_dim
+        self.quick_gelu = quick_gelu
         self.visual = EVA(vision_cfg)
         # nn.GELU, not OpenAI's QuickGELU: the released EVA01-CLIP-g trained its OpenAI-initialised text tower with
         # nn.GELU (EVA-CLIP's _build_text_tower with a timm/EVA image tower; open_clip's EVA01-g-14.json)
@@ -674,7 +699,6 @@ def clip_loss(image_features, text_features, logit_scale, rank=0, world=1):
     image_features, text_features = image_features.float(), text_features.float()  # logits and softmax in fp32
     all_image, all_text = image_features, text_features
     if world > 1:
-        from torch.distributed.nn import all_gather  # differentiable, unlike torch.distributed.all_gather
         all_image = torch.cat(all_gather(image_features))
         all_text = torch.cat(all_gather(text_features))
     logits_per_image = logit_scale * image_features @ all_text.T  # (B, world * B)
@@ -710,7 +734,8 @@ def load_text_tower(text, model_name='ViT-L-14', pretrained='openai'):
 def timm_eva_name(cfg):
     """The timm model that builds this image tower: timm's own for EVA-g at 224/336/560; any other shape is
     registered in timm under a name of its own (register_timm_eva), so open_clip's TimmModel can build it."""
-    if (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.mlp_dim) == (1408, 40, 14, 6144) and cfg.img_size in (224, 336, 560):
+    eva_g = (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.mlp_dim) == (1408, 40, 14, 6144)
+    if eva_g and cfg.img_size in (224, 336, 560):
         return f'eva_giant_patch14_{cfg.img_size}'
     return f'eva_{cfg.embed_dim}x{cfg.depth}_patch{cfg.patch_size}_{cfg.img_size}'
 

@@ -20,6 +20,11 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from data import CLIP_MEAN, CLIP_STD, MaskingGenerator, Samples, eval_transform, image_source  # noqa: E402
+from model import EVA, CLIPTeacher, EVAConfig, load_pretrained  # noqa: E402
 
 # log fields that are bookkeeping, not curves
 SKIP = ('epoch', 'skipped', 'loss_scale', 'mem_gb', 'img_s', 'samples_s', 'mfu', 'bad_samples', 'eta_h', 'samples',
@@ -78,7 +83,8 @@ def plot_curves(run_dir, out=None):
     rows, bad = read_log(os.path.join(run_dir, 'log.jsonl'))
     series = curves(rows)
     if not series:
-        raise ValueError(f"{run_dir}/log.jsonl has no step rows to plot" + (f" ({bad} unreadable lines)" if bad else ''))
+        unreadable = f" ({bad} unreadable lines)" if bad else ''
+        raise ValueError(f"{run_dir}/log.jsonl has no step rows to plot{unreadable}")
     order = sorted(series, key=lambda p: (p != 'training loss', p.startswith('eval'), p))
     cols = min(3, len(order))
     nrows = math.ceil(len(order) / cols)
@@ -111,10 +117,6 @@ def plot_mim(run_dir, n_images=4, out=None):
     initialisation, after training). The student at initialisation is rebuilt from the run's seed as pretrain.py
     draws it; the teacher from the run's teacher settings; the images are the first validation images, the masks
     drawn by the training masking generator (numpy seed 0). -> the file written."""
-    import torch
-    import torch.nn.functional as F
-    from data import CLIP_MEAN, CLIP_STD, MaskingGenerator, Samples, eval_transform, image_source
-    from model import EVA, CLIPTeacher, EVAConfig, load_pretrained
     ckpt = torch.load(os.path.join(run_dir, 'eva_mim.pt'), map_location='cpu', weights_only=False)
     c, cfg = ckpt['config'], EVAConfig(**ckpt['model_config'])
     torch.manual_seed(c['seed'])
@@ -152,7 +154,8 @@ def plot_mim(run_dir, n_images=4, out=None):
             grid = np.full((g, g), np.nan)
             grid[m] = v[start:start + int(m.sum())].numpy()
             panels.append((grid, f'{name}\nmean cos {np.nanmean(grid):.2f}'))
-        panels[-1] = (panels[-1][0], panels[-1][1] + f"\n(average feature: {average[start:start + int(m.sum())].mean():.2f})")
+        mean_cos = average[start:start + int(m.sum())].mean()
+        panels[-1] = (panels[-1][0], panels[-1][1] + f"\n(average feature: {mean_cos:.2f})")
         start += int(m.sum())
         for ax, (img, title) in zip(axes[i], panels):
             if img.ndim == 2:

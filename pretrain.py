@@ -63,7 +63,8 @@ teacher_stream = False  # the next micro-batch's copy and teacher forward queued
 #   mim64_teacher_stream; not measured yet)
 init_from = ''  # start from an encoder checkpoint (anything load_pretrained reads); '' = random init
 teacher_model = 'ViT-L-14'  # open_clip model name; 'tiny' = small random tower of the same class (tests)
-teacher_pretrained = 'openai'  # open_clip tag, a local open_clip file, or our clip.pt (its EVA tower; teacher_model unused)
+teacher_pretrained = 'openai'  # open_clip tag, a local open_clip file, or our clip.pt (its EVA tower; then
+#   teacher_model is unused)
 # optimization
 batch_size = 4096  # global batch (16 nodes x 8 GPUs x 32)
 micro_batch = 32  # per GPU per forward; gradient accumulation fills the rest of batch_size

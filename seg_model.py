@@ -41,7 +41,7 @@ from model import EMBEDDINGS, EVA, DropPath, EVAConfig, load_pretrained, load_wh
 class SegConfig:
     backbone: EVAConfig = None     # the encoder at the crop size (load_pretrained resizes a 14 x 14 pos_embed to it)
     num_classes: int = 150         # ADE20K 150, COCO-Stuff-164K 171
-    taps: tuple = (9, 19, 29, 39)  # blocks whose outputs feed fpn1 ... fpn4 (strides 4, 8, 16, 32); EVA-02-L: 7, 11, 15, 23
+    taps: tuple = (9, 19, 29, 39)  # blocks feeding fpn1 ... fpn4 (strides 4, 8, 16, 32); EVA-02-L: 7, 11, 15, 23
     seg_head: str = 'upernet'      # 'upernet' or 'mask2former' (EVA-01's)
     seg_channels: int = 512        # head channels (UperNet: BEiT 512, EVA-02-L 1024; EVA-01's Mask2Former 1024)
     aux_channels: int = 256        # UperNet: the auxiliary FCN head on the stride-16 level
@@ -78,7 +78,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             y = SyncBatchNorm.apply(x.float(), w, b, self.running_mean, self.running_var, self.eps, self.momentum,
                                     dist.group.WORLD, dist.get_world_size())
         else:
-            y = F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, self.training, self.momentum, self.eps)
+            y = F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, self.training, self.momentum,
+                             self.eps)
         return y.to(x.dtype)
 
 
@@ -88,7 +89,8 @@ class ConvModule(nn.Module):
 
     def __init__(self, cin, cout, k):
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), BatchNorm2d(cout)
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = BatchNorm2d(cout)
         nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
 
     def forward(self, x):
@@ -108,17 +110,18 @@ class FFN(nn.Sequential):
 
 
 def ms_deform_attn(value, shapes, loc, weights):
-    """Deformable DETR's sampling core (its ms_deform_attn_core_pytorch, the CUDA kernel's convention): value (N, S, h,
-    d), the levels' (H, W) maps of `shapes` flattened one after another; loc (N, Q, h, L, P, 2) sampling points in [0, 1]
-    as (x, y), pixel centres at (i + 0.5) / size; weights (N, Q, h, L, P) -> (N, Q, h * d): per head the weighted sum of
-    bilinear samples, zero outside the maps. One grid_sample per level, in float32."""
+    """Deformable DETR's sampling core (its ms_deform_attn_core_pytorch, the CUDA kernel's convention): value (N, S,
+    h, d), the levels' (H, W) maps of `shapes` flattened one after another; loc (N, Q, h, L, P, 2) sampling points in
+    [0, 1] as (x, y), pixel centres at (i + 0.5) / size; weights (N, Q, h, L, P) -> (N, Q, h * d): per head the
+    weighted sum of bilinear samples, zero outside the maps. One grid_sample per level, in float32."""
     N, _, h, d = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     samples = []
     for lvl, (v, (H, W)) in enumerate(zip(value.float().split([H * W for H, W in shapes], 1), shapes)):
         v = v.permute(0, 2, 3, 1).reshape(N * h, d, H, W)
         grid = loc[:, :, :, lvl].transpose(1, 2).reshape(N * h, Q, P, 2).float() * 2 - 1
-        samples.append(F.grid_sample(v, grid, mode='bilinear', padding_mode='zeros', align_corners=False))  # (N h, d, Q, P)
+        sample = F.grid_sample(v, grid, mode='bilinear', padding_mode='zeros', align_corners=False)  # (N h, d, Q, P)
+        samples.append(sample)
     w = weights.float().transpose(1, 2).reshape(N * h, 1, Q, L * P)
     return (torch.cat(samples, -1) * w).sum(-1).view(N, h * d, Q).transpose(1, 2)
 
@@ -132,10 +135,12 @@ class MSDeformAttn(nn.Module):
 
     def __init__(self, dim, heads, levels, points, value_ratio=1.0):
         super().__init__()
-        self.heads, self.levels, self.points, vd = heads, levels, points, int(dim * value_ratio)
+        self.heads, self.levels, self.points = heads, levels, points
+        vd = int(dim * value_ratio)
         self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
         self.attention_weights = nn.Linear(dim, heads * levels * points)
-        self.value_proj, self.output_proj = nn.Linear(dim, vd), nn.Linear(vd, dim)
+        self.value_proj = nn.Linear(dim, vd)
+        self.output_proj = nn.Linear(vd, dim)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -166,9 +171,11 @@ class MSDeformAttn(nn.Module):
 
 def reference_points(shapes, device=None):
     """(sum H W, 2): each level's pixel centres as (x, y) in [0, 1], the levels one after another."""
-    return torch.cat([torch.stack(torch.meshgrid((torch.arange(W, device=device) + 0.5) / W,
-                                                 (torch.arange(H, device=device) + 0.5) / H, indexing='xy'), -1).flatten(0, 1)
-                      for H, W in shapes])
+    levels = []
+    for H, W in shapes:
+        x, y = (torch.arange(W, device=device) + 0.5) / W, (torch.arange(H, device=device) + 0.5) / H
+        levels.append(torch.stack(torch.meshgrid(x, y, indexing='xy'), -1).flatten(0, 1))  # (H W, 2)
+    return torch.cat(levels)
 
 # -----------------------------------------------------------------------------
 # ViT-Adapter (EVA-01's seg/mmseg_custom/models/backbones/adapter_modules.py), driven by SegViT.forward_adapter
@@ -183,7 +190,8 @@ def adapter_init(m):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
     elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups)))
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
@@ -199,9 +207,13 @@ class SpatialPrior(nn.Module):
         def conv_bn(cin, cout, stride):
             return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout), nn.ReLU()]
         self.stem = nn.Sequential(*conv_bn(3, c, 2), *conv_bn(c, c, 1), *conv_bn(c, c, 1), nn.MaxPool2d(3, 2, 1))
-        self.conv2, self.conv3 = nn.Sequential(*conv_bn(c, 2 * c, 2)), nn.Sequential(*conv_bn(2 * c, 4 * c, 2))
+        self.conv2 = nn.Sequential(*conv_bn(c, 2 * c, 2))
+        self.conv3 = nn.Sequential(*conv_bn(2 * c, 4 * c, 2))
         self.conv4 = nn.Sequential(*conv_bn(4 * c, 4 * c, 2))
-        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Conv2d(k * c, D, 1) for k in (1, 2, 4, 4))
+        self.fc1 = nn.Conv2d(c, D, 1)
+        self.fc2 = nn.Conv2d(2 * c, D, 1)
+        self.fc3 = nn.Conv2d(4 * c, D, 1)
+        self.fc4 = nn.Conv2d(4 * c, D, 1)
 
     def forward(self, x):
         c1 = self.stem(x)
@@ -216,7 +228,8 @@ class Injector(nn.Module):
 
     def __init__(self, D, heads, points, ratio):
         super().__init__()
-        self.query_norm, self.feat_norm = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+        self.query_norm = nn.LayerNorm(D, eps=1e-6)
+        self.feat_norm = nn.LayerNorm(D, eps=1e-6)
         self.attn = MSDeformAttn(D, heads, 3, points, ratio)
         self.gamma = nn.Parameter(torch.zeros(D))
 
@@ -229,22 +242,27 @@ class ConvFFN(nn.Module):
 
     def __init__(self, D, hidden):
         super().__init__()
-        self.fc1, self.dwconv, self.fc2 = nn.Linear(D, hidden), nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden), nn.Linear(hidden, D)
+        self.fc1 = nn.Linear(D, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, D)
 
     def forward(self, x, shapes):
-        x = self.fc1(x).split([h * w for h, w in shapes], 1)
-        x = torch.cat([self.dwconv(t.transpose(1, 2).unflatten(2, s)).flatten(2).transpose(1, 2) for t, s in zip(x, shapes)], 1)
+        levels = self.fc1(x).split([h * w for h, w in shapes], 1)
+        maps = [t.transpose(1, 2).unflatten(2, s) for t, s in zip(levels, shapes)]  # (B, hidden, h, w) each
+        x = torch.cat([self.dwconv(m).flatten(2).transpose(1, 2) for m in maps], 1)
         return self.fc2(F.gelu(x))
 
 
 class Extractor(nn.Module):
-    """The prior's tokens read the patch tokens (one level) by deformable attention, then the ConvFFN, with drop path."""
+    """The prior's tokens read the patch tokens (one level) by deformable attention, then the ConvFFN (drop path)."""
 
     def __init__(self, D, heads, points, ratio, cffn_ratio, drop_path):
         super().__init__()
-        self.query_norm, self.feat_norm = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+        self.query_norm = nn.LayerNorm(D, eps=1e-6)
+        self.feat_norm = nn.LayerNorm(D, eps=1e-6)
         self.attn = MSDeformAttn(D, heads, 1, points, ratio)
-        self.ffn, self.ffn_norm = ConvFFN(D, int(D * cffn_ratio)), nn.LayerNorm(D, eps=1e-6)
+        self.ffn = ConvFFN(D, int(D * cffn_ratio))
+        self.ffn_norm = nn.LayerNorm(D, eps=1e-6)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, c, ref, x, x_shape, c_shapes):
@@ -278,11 +296,15 @@ class SegViT(EVA):
         super().__init__(replace(cfg, num_classes=0, pooling='cls', use_mask_token=False, mim_dim=0))
         if len(taps) != 4 or max(taps) >= cfg.depth:
             raise ValueError(f"taps must be 4 block indices below depth {cfg.depth} (repeats allowed), got {taps}")
-        self.norm, self.taps, self.adapter, D = nn.Identity(), taps, seg.adapter, cfg.embed_dim
+        self.norm = nn.Identity()
+        self.taps, self.adapter = taps, seg.adapter
+        D = cfg.embed_dim
         if not seg.adapter:
-            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2))
+            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), BatchNorm2d(D), nn.GELU(),
+                                      nn.ConvTranspose2d(D, D, 2, 2))
             self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
-            self.fpn3, self.fpn4 = nn.Identity(), nn.MaxPool2d(2)
+            self.fpn3 = nn.Identity()
+            self.fpn4 = nn.MaxPool2d(2)
             return
         if cfg.patch_size != 16 or list(taps) != sorted(taps):
             raise ValueError(f"the adapter needs patch 16 (its stride-16 level is the ViT's grid) and 4 non-decreasing "
@@ -292,7 +314,10 @@ class SegViT(EVA):
         self.interactions = nn.ModuleList(Interaction(D, seg.adapter_heads, 4, seg.deform_ratio, seg.cffn_ratio,
                                                       cfg.drop_path, extra=i == 3) for i in range(4))
         self.up = nn.ConvTranspose2d(D, D, 2, 2)
-        self.norm1, self.norm2, self.norm3, self.norm4 = (BatchNorm2d(D) for _ in range(4))
+        self.norm1 = BatchNorm2d(D)
+        self.norm2 = BatchNorm2d(D)
+        self.norm3 = BatchNorm2d(D)
+        self.norm4 = BatchNorm2d(D)
         for part in (self.up, self.spm, self.interactions):  # BEiTAdapter's _init_weights, then the attentions' own
             part.apply(adapter_init)
         for m in self.interactions.modules():
@@ -308,7 +333,8 @@ class SegViT(EVA):
     def forward(self, x):
         cfg = self.config
         if x.shape[-2:] != (cfg.img_size, cfg.img_size):
-            raise ValueError(f"input {tuple(x.shape)}: the segmenter is built for {cfg.img_size} x {cfg.img_size} crops")
+            size = cfg.img_size
+            raise ValueError(f"input {tuple(x.shape)}: the segmenter is built for {size} x {size} crops")
         x = x.to(self.pos_embed.dtype)  # float32 images into a half model (DeepSpeed fp16)
         if self.adapter:
             return self.forward_adapter(x)
@@ -321,11 +347,12 @@ class SegViT(EVA):
         return [fpn(maps[i]) for fpn, i in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), self.taps)]
 
     def forward_adapter(self, img):
-        """ViT-Adapter (Chen et al. 2023) as EVA-01's BEiTAdapter: the spatial prior's stride-8/16/32 features (plus level
-        embeddings) as one token set c; per interval of blocks ending at a tap, the injector adds to the patch tokens what
-        they read of c by deformable attention (through a zero-initialised gamma), the blocks run on cls + patches, and
-        the extractor(s) update c from the patch tokens (deformable attention + a depthwise-conv FFN). -> c's levels (c1:
-        the stride-4 prior plus c2 upsampled), each plus the ViT map of its interval resized, BatchNorm'd."""
+        """ViT-Adapter (Chen et al. 2023) as EVA-01's BEiTAdapter: the spatial prior's stride-8/16/32 features (plus
+        level embeddings) as one token set c; per interval of blocks ending at a tap, the injector adds to the patch
+        tokens what they read of c by deformable attention (through a zero-initialised gamma), the blocks run on cls +
+        patches, and the extractor(s) update c from the patch tokens (deformable attention + a depthwise-conv FFN).
+        -> c's levels (c1: the stride-4 prior plus c2 upsampled), each plus the ViT map of its interval resized,
+        BatchNorm'd."""
         G, N = self.config.grid, len(img)
         c1, c2, c3, c4 = self.spm(img)
         c_shapes = [tuple(t.shape[-2:]) for t in (c2, c3, c4)]
@@ -344,7 +371,8 @@ class SegViT(EVA):
             for ext in [inter.extractor, *(inter.extra_extractors or [])]:
                 c = self.run(ext, c, ref_c, x, (G, G), c_shapes)
             outs.append(x.transpose(1, 2).unflatten(2, (G, G)))
-        c2, c3, c4 = (t.transpose(1, 2).unflatten(2, s) for t, s in zip(c.split([h * w for h, w in c_shapes], 1), c_shapes))
+        tokens = c.split([h * w for h, w in c_shapes], 1)
+        c2, c3, c4 = (t.transpose(1, 2).unflatten(2, s) for t, s in zip(tokens, c_shapes))
         levels = (self.up(c2) + c1, c2, c3, c4)
         return [norm(lvl + resize(o, lvl.shape[-2:])) for norm, lvl, o in
                 zip((self.norm1, self.norm2, self.norm3, self.norm4), levels, outs)]
@@ -358,7 +386,8 @@ class SegHead(nn.Module):
 
     def __init__(self, channels, num_classes):
         super().__init__()
-        self.dropout, self.conv_seg = nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, std=0.01)
         nn.init.zeros_(self.conv_seg.bias)
 
@@ -374,7 +403,8 @@ class UPerHead(SegHead):
     def __init__(self, D, channels, num_classes, pool_scales=(1, 2, 3, 6)):
         super().__init__(channels, num_classes)
         C = channels
-        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(D, C, 1)) for s in pool_scales)
+        pools = [nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(D, C, 1)) for s in pool_scales]
+        self.psp_modules = nn.ModuleList(pools)
         self.bottleneck = ConvModule(D + len(pool_scales) * C, C, 3)
         self.lateral_convs = nn.ModuleList(ConvModule(D, C, 1) for _ in range(3))
         self.fpn_convs = nn.ModuleList(ConvModule(C, C, 3) for _ in range(3))
@@ -383,7 +413,8 @@ class UPerHead(SegHead):
     def forward(self, feats):
         top = feats[3]
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-        laterals.append(self.bottleneck(torch.cat([top] + [resize(m(top), top.shape[-2:]) for m in self.psp_modules], 1)))
+        pooled = [resize(m(top), top.shape[-2:]) for m in self.psp_modules]
+        laterals.append(self.bottleneck(torch.cat([top] + pooled, 1)))
         for i in (3, 2, 1):
             laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[3]]
@@ -433,8 +464,10 @@ class DeformEncoderLayer(nn.Module):
 
     def __init__(self, dim, heads, levels, points, ffn):
         super().__init__()
-        self.attn, self.norm1 = MSDeformAttn(dim, heads, levels, points), nn.LayerNorm(dim)
-        self.ffn, self.norm2 = FFN(dim, ffn), nn.LayerNorm(dim)
+        self.attn = MSDeformAttn(dim, heads, levels, points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = FFN(dim, ffn)
+        self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x, pos, ref, shapes):
         x = self.norm1(x + self.attn(x + pos, ref, x, shapes))
@@ -442,7 +475,8 @@ class DeformEncoderLayer(nn.Module):
 
 
 def gn_conv(cin, cout, k, relu=False):
-    """mmcv's ConvModule with GroupNorm(32) (no conv bias), an optional ReLU; caffe2's xavier init (kaiming uniform, a=1)."""
+    """mmcv's ConvModule with GroupNorm(32) (no conv bias), an optional ReLU; caffe2's xavier init (kaiming uniform,
+    a=1)."""
     conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     return nn.Sequential(conv, nn.GroupNorm(32, cout), *([nn.ReLU()] if relu else []))
@@ -451,8 +485,8 @@ def gn_conv(cin, cout, k, relu=False):
 class PixelDecoder(nn.Module):
     """Mask2Former's MSDeformAttnPixelDecoder: the stride-32, 16, 8 maps projected to C (1x1 conv + GN), with sine
     positions + a learned level embedding, through `layers` deformable encoder layers attending across the three
-    levels; the stride-4 map joins FPN-style (lateral 1x1 + GN, plus the upsampled stride-8 output, 3x3 conv + GN + ReLU)
-    -> (mask features (B, C, H/4, W/4) through a 1x1 conv, [the encoded stride-32, 16, 8 maps])."""
+    levels; the stride-4 map joins FPN-style (lateral 1x1 + GN, plus the upsampled stride-8 output, 3x3 conv + GN +
+    ReLU) -> (mask features (B, C, H/4, W/4) through a 1x1 conv, [the encoded stride-32, 16, 8 maps])."""
 
     def __init__(self, D, C, heads, layers, points, ffn):
         super().__init__()
@@ -463,7 +497,8 @@ class PixelDecoder(nn.Module):
         for layer in self.encoder:  # mmdet: xavier-normal for the encoder's matrices, then the attention's own init
             for m in (layer.ffn[0], layer.ffn[2]):
                 nn.init.xavier_normal_(m.weight)
-        self.lateral_conv, self.output_conv = gn_conv(D, C, 1), gn_conv(C, C, 3, relu=True)
+        self.lateral_conv = gn_conv(D, C, 1)
+        self.output_conv = gn_conv(C, C, 3, relu=True)
         self.mask_feature = nn.Conv2d(C, C, 1)
         nn.init.kaiming_uniform_(self.mask_feature.weight, a=1)
         nn.init.zeros_(self.mask_feature.bias)
@@ -490,7 +525,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
         self.ffn = FFN(dim, ffn)
 
     def forward(self, q, qpos, mem, mpos, mask):
@@ -514,7 +551,8 @@ class Mask2FormerHead(nn.Module):
         layers = [DecoderLayer(C, seg.attn_heads, seg.ffn_dim) for _ in range(seg.dec_layers)]
         self.transformer_decoder = nn.ModuleList(layers)
         self.post_norm = nn.LayerNorm(C)
-        self.query_feat, self.query_embed = nn.Embedding(seg.queries, C), nn.Embedding(seg.queries, C)
+        self.query_feat = nn.Embedding(seg.queries, C)
+        self.query_embed = nn.Embedding(seg.queries, C)
         self.level_embed = nn.Embedding(3, C)
         self.cls_embed = nn.Linear(C, seg.num_classes + 1)
         self.mask_embed = nn.Sequential(nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
@@ -552,7 +590,8 @@ class Mask2FormerHead(nn.Module):
 def hungarian(cost):
     """A minimum-cost assignment of a (n, m) cost matrix (numpy, any shape): -> (rows, cols), min(n, m) pairs, rows
     ascending. Shortest augmenting paths with row and column potentials (Jonker-Volgenant; e-maxx's O(n^2 m) form),
-    the inner loop vectorised over columns. Mask2Former's costs are (queries) x (classes in the image), 9 x per image."""
+    the inner loop vectorised over columns. Mask2Former's costs are (queries) x (classes in the image), 9 per image
+    (its deep supervision)."""
     cost = np.asarray(cost, dtype=np.float64)
     flip = cost.shape[0] > cost.shape[1]
     if flip:
@@ -649,8 +688,8 @@ def mask2former_loss(preds, labels, seg):
             target_cls[b, q_idx] = gt_cls[g_idx]
             pred_m.append(masks[b][q_idx])
             gt_m.append(gt_masks[g_idx])
-        total['loss_cls'] = total['loss_cls'] + 2.0 * F.cross_entropy(
-            cls.flatten(0, 1), target_cls.flatten(), weight=class_weight, reduction='sum') / class_weight[target_cls].sum()
+        ce = F.cross_entropy(cls.flatten(0, 1), target_cls.flatten(), weight=class_weight, reduction='sum')
+        total['loss_cls'] = total['loss_cls'] + 2.0 * ce / class_weight[target_cls].sum()
         if not pred_m:  # no labelled pixel in the batch: zero, with the graph intact
             total['loss_mask'] = total['loss_mask'] + 0 * masks.sum()
             total['loss_dice'] = total['loss_dice'] + 0 * masks.sum()
@@ -661,7 +700,8 @@ def mask2former_loss(preds, labels, seg):
             gt_p = point_sample(gt_m, pts)[:, 0]
         pred_p = point_sample(pred_m, pts)[:, 0]
         n = len(pred_m)
-        total['loss_mask'] = total['loss_mask'] + 5.0 * F.binary_cross_entropy_with_logits(pred_p, gt_p, reduction='sum') / (n * P)
+        bce = F.binary_cross_entropy_with_logits(pred_p, gt_p, reduction='sum')
+        total['loss_mask'] = total['loss_mask'] + 5.0 * bce / (n * P)
         total['loss_dice'] = total['loss_dice'] + 5.0 * dice_loss(pred_p.sigmoid(), gt_p).sum() / n
     return total
 
@@ -690,7 +730,8 @@ class Segmenter(nn.Module):
             self.decode_head = UPerHead(D, seg.seg_channels, seg.num_classes)
             self.auxiliary_head = FCNHead(D, seg.aux_channels, seg.num_classes) if seg.aux_weight else None
         else:
-            self.decode_head, self.auxiliary_head = Mask2FormerHead(D, seg), None
+            self.decode_head = Mask2FormerHead(D, seg)
+            self.auxiliary_head = None
 
     def forward(self, images, labels=None):
         feats = self.backbone(images)

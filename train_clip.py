@@ -61,7 +61,7 @@ crop_scale = (0.9, 1.0)  # RandomResizedCrop scale (open_clip's training default
 zeroshot_data = 'synthetic:1'  # class-folder images (IN-1K val: 1000 WordNet-id folders) or 'synthetic[:SEED]'; ''
 zeroshot_size = 50_000  # images of the synthetic zero-shot set
 zeroshot_classnames = 'auto'  # 'imagenet' (open_clip's 1000 names), 'synthetic', 'folders', a .txt (one a line);
-#                                'auto': synthetic data -> 'synthetic', 1000 WordNet-id folders -> 'imagenet', else 'folders'
+#   'auto': synthetic data -> 'synthetic', 1000 WordNet-id folders -> 'imagenet', else 'folders'
 zeroshot_templates = 'auto'  # 'openai' (CLIP's 80), 'simple', 'synthetic', a .txt of lines with '{}'; 'auto': by data
 retrieval_data = ''  # .csv/.tsv of image-caption pairs (COCO 5k: 5 rows per image) for recall@1/5/10; '' skips
 # model
@@ -98,6 +98,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
 import open_clip  # noqa: E402 (after the configurator, so that --help is instant)
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES  # noqa: E402
 
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 cuda = device.type == 'cuda'
@@ -141,7 +142,10 @@ def zeroshot_setup():
     if classnames == 'auto':
         folders = [] if synthetic else sorted(d.name for d in os.scandir(zeroshot_data) if d.is_dir())
         in1k = len(folders) == 1000 and all(f[0] == 'n' and f[1:].isdigit() for f in folders)
-        classnames = 'synthetic' if synthetic else 'imagenet' if in1k else 'folders'
+        if synthetic:
+            classnames = 'synthetic'
+        else:
+            classnames = 'imagenet' if in1k else 'folders'
     if template_set == 'auto':
         template_set = 'synthetic' if synthetic else 'openai'
     in1k = classnames == 'imagenet'
@@ -157,7 +161,6 @@ def zeroshot_setup():
     if isinstance(source, ImageFiles) and not in1k and len(names) != len(source.classes):
         raise ValueError(f"{classnames}: {len(names)} class names for {len(source.classes)} class folders "
                          f"in {zeroshot_data}")
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
     templates = {'openai': OPENAI_IMAGENET_TEMPLATES, 'simple': SIMPLE_IMAGENET_TEMPLATES,
                  'synthetic': None}.get(template_set, 'file')
     if templates is None:

@@ -2,7 +2,8 @@
 EVA-g/14 MIM pretraining, the paper's recipe (EVA paper sec. 2.1 and Table 13; EVA-01 pretraining scripts).
 
     torchrun --nnodes 16 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \
-        pretrain.py config/pretrain_eva_g.py --data_path=/data/in21k,/data/cc12m,/data/cc3m,/data/coco,/data/o365,/data/ade20k \
+        pretrain.py config/pretrain_eva_g.py \
+        --data_path=/data/in21k,/data/cc12m,/data/cc3m,/data/coco,/data/o365,/data/ade20k \
         --val_data_path=/data/imagenet/val
 
 Arithmetic: 16 nodes x 8 GPUs x micro-batch 32 = global batch 4096, no gradient accumulation (on one node of 8

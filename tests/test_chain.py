@@ -57,7 +57,8 @@ def test_a_clip_pt_teacher_gives_the_towers_projected_patch_tokens(tmp_path):
 
 SHORT = ['--seeds=2', '--jobs=2',
          '--teacher_args=--samples_seen=2560 --eval_interval=20 --zeroshot_size=100 --log_interval=10',
-         '--clip_args=--model_size=eva_mini --samples_seen=1280 --eval_interval=10 --zeroshot_size=100 --log_interval=10',
+         '--clip_args=--model_size=eva_mini --samples_seen=1280 --eval_interval=10 --zeroshot_size=100 '
+         '--log_interval=10',
          '--mim_args=--model_size=eva_mini --max_steps=20 --eval_interval=10 --val_size=64 --log_interval=10',
          '--cls_args=--model_size=eva_mini --synthetic_size=640 --epochs=2 --val_size=100 --log_interval=5']
 

@@ -215,7 +215,8 @@ def test_read_rgb_gives_the_pixels_of_load_rgb_for_every_mode(tmp_path, capsys):
 
 def test_uint8_mim_pipeline_matches_the_pil_pipeline_sample_by_sample(tmp_path):
     """The fast path (read_rgb + uint8 crop/flip + normalize_batch) against the PIL path (load_rgb + PIL bicubic +
-    ToTensor + Normalize) on JPEG files, same seeds: the same crops, flips and masks, and the same pixels up to rounding."""
+    ToTensor + Normalize) on JPEG files, same seeds: the same crops, flips and masks, and the same pixels up to
+    rounding."""
     rng = np.random.default_rng(0)
     src = SyntheticShapes(12, 128, seed=4)
     os.makedirs(tmp_path / 'c')

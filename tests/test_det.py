@@ -1,7 +1,7 @@
-"""det_model.py and det_seg.py task='det': each piece against an independent computation (plain EVA blocks, windows cut by hand,
-a per-pair relative position, torchvision's anchors, hand-made IoUs, a naive soft-NMS loop, COCOeval on the ground
-truth), LSJ's consistency, and the stage itself: the demo learns, a resume continues the same run, 2 ranks evaluate
-as 1."""
+"""det_model.py and det_seg.py task='det': each piece against an independent computation (plain EVA blocks, windows
+cut by hand, a per-pair relative position, torchvision's anchors, hand-made IoUs, a naive soft-NMS loop, COCOeval on
+the ground truth), LSJ's consistency, and the stage itself: the demo learns, a resume continues the same run, 2 ranks
+evaluate as 1."""
 import json
 import math
 import os
@@ -330,7 +330,8 @@ def test_backbone_loads_an_encoder_and_layer_decay_groups(tmp_path):
 
 def run(args, env_extra=None, nproc=1):
     threads = {'OMP_NUM_THREADS': '1' if nproc > 1 else os.environ.get('OMP_NUM_THREADS', '2')}
-    return run_stage('det_seg.py', 'config/det_tiny.py', *args, nproc=nproc, env={**threads, **(env_extra or {})}).stdout
+    env = {**threads, **(env_extra or {})}
+    return run_stage('det_seg.py', 'config/det_tiny.py', *args, nproc=nproc, env=env).stdout
 
 
 @pytest.fixture(scope='module')
@@ -439,7 +440,8 @@ def test_lvis_style_evaluation_scores_only_the_federated_classes(tmp_path):
         E = COCOeval_faster(gt, gt.loadRes(dts), 'bbox', lvis_style=True, print_function=lambda *a: None)
         E.params.maxDets = [300]
         E.evaluate(), E.accumulate(), E.summarize()
-        return E.all_stats  # with one maxDets: AP, AP50, AP75, APs, APm, APl, AR, 0, 0, ARs, ARm, ARl, AR50, AR75, APr, APc, APf
+        # with one maxDets: AP, AP50, AP75, APs, APm, APl, AR, 0, 0, ARs, ARm, ARl, AR50, AR75, APr, APc, APf
+        return E.all_stats
     unscored, scored = ap(False), ap(True)
     assert unscored[0] == pytest.approx(1.0) and scored[0] < 1.0
     assert len(unscored) >= 17 and all(v == pytest.approx(1.0) or v == -1 for v in unscored[14:17])
@@ -488,8 +490,9 @@ def test_a_missing_image_is_skipped_and_a_class_count_mismatch_stops_the_run(tmp
     i = next(i for i in range(len(src)) if src.path(i).endswith('00003.png'))
     assert ds[i]['skipped'] == 1 and ds[i - 1]['skipped'] == 0
     js = os.path.join(folder, 'instances_train.json')
-    r = run_stage('det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}', f'--train_images={folder}',
-                  f'--val_images={folder}', '--num_classes=5', f'--out_dir={tmp_path}/out', timeout=300, check=False)
+    r = run_stage('det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}',
+                  f'--train_images={folder}', f'--val_images={folder}', '--num_classes=5', f'--out_dir={tmp_path}/out',
+                  timeout=300, check=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {js} has 4 categories, num_classes=5"
 

@@ -18,7 +18,8 @@ LEARNED = 25.0  # top-1 (%) the tiny config must reach on held-out synthetic ima
 
 
 def finetune(out_dir, *args, nproc=1):
-    return run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={out_dir}', *args, nproc=nproc).stdout
+    r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={out_dir}', *args, nproc=nproc)
+    return r.stdout
 
 
 @pytest.fixture(scope='module')

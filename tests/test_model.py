@@ -222,7 +222,8 @@ def test_attention_gradients_and_one_copy_of_the_qkv_gradient():
         got = torch.autograd.grad(loss, params)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
-    assert len(writes.ops) == 1, writes.ops  # the stack of dq, dk, dv (permute + unbind(0): ['aten.stack', 'aten.clone'])
+    # one full-size write: the stack of dq, dk, dv (permute + unbind(0) wrote ['aten.stack', 'aten.clone'])
+    assert len(writes.ops) == 1, writes.ops
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -225,7 +225,8 @@ def mmseg_names(sd):
         k = re.sub(r'transformer_decoder\.(\d)\.self_attn\.', r'transformer_decoder.layers.\1.attentions.1.attn.', k)
         k = re.sub(r'(encoder|transformer_decoder)\.(\d)\.ffn\.0\.', r'\1.layers.\2.ffns.0.layers.0.0.', k)
         k = re.sub(r'(encoder|transformer_decoder)\.(\d)\.ffn\.2\.', r'\1.layers.\2.ffns.0.layers.1.', k)
-        k = re.sub(r'(encoder|transformer_decoder)\.(\d)\.norm(\d)\.', lambda m: f'{m[1]}.layers.{m[2]}.norms.{int(m[3]) - 1}.', k)
+        k = re.sub(r'(encoder|transformer_decoder)\.(\d)\.norm(\d)\.',
+                   lambda m: f'{m[1]}.layers.{m[2]}.norms.{int(m[3]) - 1}.', k)
         k = k.replace('decode_head.post_norm.', 'decode_head.transformer_decoder.post_norm.')
         k = k.replace('.ffn.dwconv.', '.ffn.dwconv.dwconv.')
         official[k] = v
@@ -264,7 +265,7 @@ def test_miou_macc_aacc_by_hand():
 def test_label_tables_by_hand():
     ade = label_lut('reduce_zero_label')
     assert ade[0] == 255 and ade[1] == 0 and ade[150] == 149 and ade[255] == 255
-    coco = label_lut('cocostuff')  # mmseg's clsID_to_trID: 10 -> 10, 11 unused, 12 -> 11, 26 -> 24, 30 -> 26, 181 -> 170
+    coco = label_lut('cocostuff')  # mmseg's clsID_to_trID: 10 -> 10, 11 unused, 12 -> 11, 26 -> 24, ..., 181 -> 170
     assert [int(coco[i]) for i in (0, 10, 11, 12, 25, 26, 29, 30, 90, 91, 181, 182, 255)] == \
         [0, 10, 255, 11, 255, 24, 255, 26, 255, 80, 170, 255, 255]
     assert (coco < 255).sum() == 171
@@ -363,13 +364,15 @@ def test_backbone_loading_and_layer_decay_groups(tmp_path):
     where = {id(p): (g['lr_scale'], g['weight_decay']) for g in groups for p in g['params']}
     b = model.backbone
     assert where[id(b.pos_embed)] == (0.5 ** 4, 0.05) and where[id(b.cls_token)] == (0.5 ** 4, 0.05)
-    assert where[id(b.blocks[1].mlp.fc1.weight)] == (0.5 ** 2, 0.05) and where[id(b.blocks[1].norm1.weight)] == (0.25, 0)
+    assert where[id(b.blocks[1].mlp.fc1.weight)] == (0.5 ** 2, 0.05)
+    assert where[id(b.blocks[1].norm1.weight)] == (0.25, 0)
     assert where[id(model.decode_head.conv_seg.weight)] == (1.0, 0.05) and where[id(b.fpn2.weight)] == (1.0, 0.05)
     # a whole segmenter of another class count (ADE20K from COCO-Stuff): all but the classifiers carried over
     other = Segmenter(tiny_seg(num_classes=7))
     torch.save({'model': model.state_dict()}, tmp_path / 'seg.pt')
     load_segmenter(other, str(tmp_path / 'seg.pt'))
-    torch.testing.assert_close(other.decode_head.fpn_bottleneck.conv.weight, model.decode_head.fpn_bottleneck.conv.weight)
+    bottleneck = model.decode_head.fpn_bottleneck.conv.weight
+    torch.testing.assert_close(other.decode_head.fpn_bottleneck.conv.weight, bottleneck)
     assert other.decode_head.conv_seg.weight.shape[0] == 7
 
 

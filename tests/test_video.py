@@ -100,7 +100,8 @@ def test_tsn_indices_follow_mmaction():
     assert len((draws - torch.arange(T) * seg).unique()) == seg  # every offset of a segment drawn
     for n in (3, 8, 300, 301):  # test mode: the segments' centres, int(k n / T + n / 2T)
         assert tsn_indices(n, T, train=False).tolist() == [int(k * (n / T) + (n / T) / 2.0) for k in range(T)]
-    assert tsn_indices(300, T, train=False, clip=1, clips=4).tolist() == [int(k * 37.5 + 37.5 * 1.5 / 4) for k in range(T)]
+    second = [int(k * 37.5 + 37.5 * 1.5 / 4) for k in range(T)]  # clip 1 of 4: offset 1.5 / 4 of a segment
+    assert tsn_indices(300, T, train=False, clip=1, clips=4).tolist() == second
 
 
 def test_multiscale_crop_candidates_and_three_crops_by_hand():
@@ -140,7 +141,8 @@ def test_clips_and_views_have_their_shapes_and_labels(videos):
     assert VideoFiles(os.path.join(videos, 'train')).classes == names[:4]  # class folders: the same labels
     train = Samples(src, VideoClips(4, 32), seed=0)
     a, b = train[3], train[3]
-    assert a['image'].shape == (3, 4, 32, 32) and a['image'].dtype == torch.uint8 and torch.equal(a['image'], b['image'])
+    assert a['image'].shape == (3, 4, 32, 32) and a['image'].dtype == torch.uint8
+    assert torch.equal(a['image'], b['image'])
     views = Samples(src, VideoClips(4, 32, train=False, clips=2, crops=3), seed=0)[3]['image']
     assert views.shape == (6, 3, 4, 32, 32)
     assert not torch.equal(views[0], views[2])  # two crops of a 45 x 32 frame differ
@@ -182,7 +184,8 @@ def test_k722_lists_by_hand(tmp_path):
     assert counts == {'k722_train': 7, 'k722_val': 6, 'k400_train': 4, 'k400_val': 2, 'k600_train': 3,
                       'k600_val': 3, 'k700_train': 3, 'k700_val': 2}
     lists = tmp_path / 'lists'
-    assert open(lists / 'k722_classes.txt').read().splitlines() == ['abseiling', 'changing wheel (not on bike)', 'zumba']
+    k722 = open(lists / 'k722_classes.txt').read().splitlines()
+    assert k722 == ['abseiling', 'changing wheel (not on bike)', 'zumba']
     assert open(lists / 'k722_train.txt').read().splitlines() == [
         'k400/train/abseiling/aaaaaaaaaaa_1.mp4 0', 'k400/train/abseiling/bbbbbbbbbbb_1.mp4 0',
         'k400/train/changing wheel/ccccccccccc_1.mp4 1', 'k600/train/abseiling/ddddddddddd_1.mp4 0',
@@ -269,7 +272,8 @@ def test_k722_head_rows_by_name_or_mapping_for_a_k400_model(trained, tmp_path):
     (tmp_path / 'classes.txt').write_text('\n'.join(names[4:]) + '\n')
     np.save(tmp_path / 'mapping.npy', np.arange(4, 8))
     val = [line.rsplit(' ', 1) for line in open(trained / 'videos' / 'val.txt').read().splitlines()]
-    (tmp_path / 'val.txt').write_text(''.join(f"{trained / 'videos' / p} {int(y) - 4}\n" for p, y in val if int(y) >= 4))
+    kept = [f"{trained / 'videos' / p} {int(y) - 4}\n" for p, y in val if int(y) >= 4]  # classes 4-7 as 0-3
+    (tmp_path / 'val.txt').write_text(''.join(kept))
     args = ['--eval_only=True', '--num_classes=4', f'--init_from={trained / "run" / "last.pt"}', '--test_clips=1',
             f'--val_data_path={tmp_path / "val.txt"}', f'--class_names={tmp_path / "classes.txt"}']
     assert 'head: 4 of the 8 rows' in finetune_video(tmp_path / 'names', trained / 'videos', *args)
