@@ -171,6 +171,13 @@ def atomic_save(obj, path):
     os.replace(path + '.tmp', path)
 
 
+def write_eval(out_dir, results):
+    """out_dir/eval.json from rank 0: what an evaluation of a checkpoint (eval_only, a stage's final one) found."""
+    if dist.get_rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_save(json.dumps(results, indent=1), os.path.join(out_dir, 'eval.json'))
+
+
 def full_state_dict(engine):
     """The fp32 weights by name on rank 0, None elsewhere: a collective (ZeRO partitions the master copies). Without
     one (frozen; no ZeRO: in fp32 the weights are the master, in fp16 it is one flat buffer) the weights, in fp32.

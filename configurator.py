@@ -41,18 +41,24 @@ def _cfg_set(key, value, where):
 def _cfg_help():
     # the comment of each key is read from the script's own source: `name = value  # comment`
     src = open(_sys.argv[0]).read().splitlines()
-    comments, last = {}, None
+    comments, headers, last, header = {}, {}, None, None
     for line in src:  # a comment goes on over the lines after it that hold an indented comment ('#   ...')
         m, more = _re.match(r'^(\w+)\s*=.*?#\s*(.*)$', line), _re.match(r'^\s*#\s\s+(.*)$', line)
         if m and m.group(1) in _keys and m.group(1) not in comments:
             comments[last := m.group(1)] = m.group(2)
+            if header:  # a block's '# config...' line, shown before its first key (det_seg.py: det / seg keys)
+                headers[last], header = header, None
         elif more and last:
             comments[last] += ' ' + more.group(1)
         else:
             last = None
+            if line.startswith('# config'):
+                header = line
     print(f"usage: python {_sys.argv[0]} [config/file.py ...] [--key=value ...]\n")
     width = max(len(k) for k in _keys)
     for k in _keys:
+        if k in headers:
+            print(headers[k])
         print(f"  {k:<{width}} = {globals()[k]!r:<24}  # {comments.get(k, '')}")
 
 

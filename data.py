@@ -1425,8 +1425,13 @@ def seg_test_size(h, w, scale=(3584, 896), ratio=1.0, divisor=32):
 if __name__ == '__main__':
     args = [a for a in sys.argv[2:] if not a.startswith('--')]
     options = set(sys.argv[2:]) - set(args)
+    usage = ("usage: python data.py build_kinetics_lists ROOT OUT [--check=True]\n"
+             "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos; OUT gets the\n"
+             "  K722 / K400 / K600 / K700 lists, class names and K722 mappings; --check opens every video")
+    if set(sys.argv[1:2]) & {'-h', '--help'} or options & {'-h', '--help'}:
+        print(usage)
+        sys.exit(0)
     if sys.argv[1:2] != ['build_kinetics_lists'] or len(args) != 2 or options - {'--check=True', '--check=False'}:
-        sys.exit("usage: python data.py build_kinetics_lists ROOT OUT [--check=True]\n"
-                 "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos")
+        sys.exit(usage)
     counts = build_kinetics_lists(*args, check='--check=True' in options)
     print('\n'.join(f"{args[1]}/{name}.txt: {n:,} videos" for name, n in counts.items()))

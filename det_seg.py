@@ -35,7 +35,7 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -195,10 +195,7 @@ def report(metrics, line, step):
     """The evaluation's line in the log, with its image counts, and out_dir/eval.json."""
     unreadable = f", {metrics['unreadable']} unreadable" if metrics['unreadable'] else ''
     print0(f"step {step}: {line}  [{metrics['images']:,} images{unreadable}]")
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, 'step': step, 'test_size': test_size, **metrics}, f, indent=1)
+    write_eval(out_dir, {'init_from': init_from, 'step': step, 'test_size': test_size, **metrics})
 
 
 # -----------------------------------------------------------------------------

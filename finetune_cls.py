@@ -23,8 +23,8 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, init_distributed,
-                    hms, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -250,11 +250,7 @@ if eval_only:
     if predict:
         predict_files(nets.get('model_ema', model), predict.split(','))
     else:
-        results = evaluate_all(nets, robust=True)
-        if rank == 0:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-                json.dump({'init_from': init_from, **results}, f, indent=1)
+        write_eval(out_dir, {'init_from': init_from, **evaluate_all(nets, robust=True)})
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)

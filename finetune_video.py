@@ -17,7 +17,6 @@ model itself 84.9 on K722 val at 8 frames. Writes out_dir/log.jsonl, out_dir/ckp
 out_dir/last.pt and out_dir/best.pt ({'model', 'model_ema', 'classes', ...}; load_pretrained reads them).
 """
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -231,10 +230,7 @@ def evaluate_all(nets, dataset):
 def evaluate_views(step):
     """The paper's protocol: every view (test_clips x test_crops) of every video -> out_dir/eval.json."""
     results = evaluate_all(nets, val_views)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results}, f, indent=1)
+    write_eval(out_dir, {'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results})
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ out_dir/log.jsonl, out_dir/ckpt/ (DeepSpeed, for resuming), out_dir/clip.pt (fp3
 names, text.*, logit_scale; init_from and load_pretrained read it) and, at the end, out_dir/open_clip/, a folder
 open_clip loads (README: EVA-CLIP; `python model.py open_clip CLIP.pt DIR` exports any clip.pt).
 """
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -307,11 +306,7 @@ def evaluate(net):
 # eval_only: init_from (a whole CLIP) on zero-shot classification and retrieval, then exit (no training data, no engine)
 if eval_only:
     model.to(model_dtype if cuda else torch.float32)
-    results = evaluate(model)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
-            json.dump({'init_from': init_from, **results}, f, indent=1)
+    write_eval(out_dir, {'init_from': init_from, **evaluate(model)})
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)

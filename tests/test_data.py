@@ -160,6 +160,7 @@ def run_config(tmp_path, *args):
         "lr = 1e-3  # peak learning rate\n"
         "batch_size = 4096  # global batch\n"
         "crop_scale = (0.2, 1.0)  # crop scale range\n"
+        "# config, a block of its own (det_seg.py: the det keys)\n"
         "use_ema = False  # keep an EMA\n"
         "init_from = None  # checkpoint to start from\n"
         "out_dir = 'out'  # where to write, a comment\n"
@@ -194,6 +195,9 @@ def test_configurator_errors_and_help(tmp_path):
     r = run_config(tmp_path, '--help')
     assert r.returncode == 0 and 'peak learning rate' in r.stdout and '4096' in r.stdout and 'MEAN' not in r.stdout
     assert '# where to write, a comment that goes on over a second line\n' in r.stdout and 'header' not in r.stdout
+    lines = r.stdout.splitlines()  # a '# config...' line heads its block, right above the block's first key
+    block = lines.index('# config, a block of its own (det_seg.py: the det keys)')
+    assert lines[block + 1].startswith('  use_ema') and lines[block - 1].startswith('  crop_scale')
 
 
 def test_read_rgb_gives_the_pixels_of_load_rgb_for_every_mode(tmp_path, capsys):
