@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import warnings
@@ -27,10 +28,39 @@ def print0(*args):
         print(*args, flush=True)
 
 
+def slurm_env(env):
+    """torchrun's variables for a task of a multi-task srun step (`srun python X.py`, which BEiT's and EVA-01's
+    init_distributed_mode take through SLURM_PROCID): rank, local rank and world from SLURM_PROCID, SLURM_LOCALID,
+    SLURM_NTASKS; the master the first host of the step's node list ('gpu[07-10,12],gpu20' -> gpu07), its port from
+    the job id (the same on every task, another for each job); tasks per node from SLURM's '8(x16)' notation. {} when
+    torchrun's RANK is set (it wins), outside SLURM, and in an sbatch script's own shell (SLURM_NTASKS is then the
+    allocation's, but it is no step of tasks: SLURM_STEP_NUM_TASKS is unset). A step of several tasks without the
+    variables to form the group is an error, never a world of one."""
+    tasks = int(env.get('SLURM_STEP_NUM_TASKS', '1'))
+    if 'RANK' in env or tasks < 2:
+        return {}
+    needed = ('SLURM_PROCID', 'SLURM_LOCALID', 'SLURM_NTASKS', 'SLURM_JOB_ID', 'SLURM_JOB_NODELIST')
+    missing = [k for k in needed if k not in env]
+    if missing:
+        raise SystemExit(f"error: srun started {tasks} tasks without {', '.join(missing)}: they cannot form one run"
+                         if env.get('SLURM_PROCID', '0') == '0' else 1)
+    first = re.split(r',(?![^\[]*\])', env.get('SLURM_STEP_NODELIST', env['SLURM_JOB_NODELIST']))[0]
+    host = re.sub(r'\[([^\],-]+)[^\]]*\]', r'\1', first)  # each bracket's first host number, its zeros kept
+    per_node = []  # '2(x3),1' -> [2, 2, 2, 1]
+    for part in env.get('SLURM_STEP_TASKS_PER_NODE', env.get('SLURM_TASKS_PER_NODE', str(tasks))).split(','):
+        count, _, times = part.partition('(x')
+        per_node += [int(count)] * int(times.rstrip(')') or 1)
+    node = min(int(env.get('SLURM_NODEID', '0')), len(per_node) - 1)
+    return {'RANK': env['SLURM_PROCID'], 'LOCAL_RANK': env['SLURM_LOCALID'], 'WORLD_SIZE': env['SLURM_NTASKS'],
+            'LOCAL_WORLD_SIZE': str(per_node[node]), 'MASTER_ADDR': env.get('MASTER_ADDR', host),
+            'MASTER_PORT': env.get('MASTER_PORT', str(15000 + int(env['SLURM_JOB_ID']) % 20000))}
+
+
 def init_distributed(num_workers=0):
-    """torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE; multi-node through its rendezvous), or a world of one for a
-    plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU; as many intra-op threads as this process's
-    share of the cores leaves beside its DataLoader workers. -> rank, local_rank, world, device."""
+    """torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE; multi-node through its rendezvous), SLURM's for `srun python
+    X.py` (slurm_env), or a world of one for a plain `python X.py`; one GPU per process, NCCL on GPUs, gloo on a CPU;
+    as many intra-op threads as this process's share of the cores leaves beside its DataLoader workers.
+    -> rank, local_rank, world, device."""
     if not torch.cuda.is_available():
         os.environ.setdefault('DS_ACCELERATOR', 'cpu')  # else DeepSpeed warns on every rank that it found no GPU
     import deepspeed
@@ -38,12 +68,15 @@ def init_distributed(num_workers=0):
     # virtualenv built it) that only its inference all-reduce uses: not built
     importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None
     warnings.filterwarnings('ignore', '`torch.distributed.all_gather_into_tensor` is deprecated')  # DeepSpeed's call
+    slurm = slurm_env(os.environ)
+    os.environ.update(slurm)
     if 'RANK' not in os.environ:
         os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
     rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     if 'OMP_NUM_THREADS' not in os.environ:  # more would oversubscribe the cores (OpenMP waits on them)
-        cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        own = int(os.environ.get('SLURM_CPUS_PER_TASK', '0')) if slurm else 0  # srun's share of this task
+        cores = own or len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
         torch.set_num_threads(max(1, cores - num_workers))
     cuda = torch.cuda.is_available()
     if cuda:

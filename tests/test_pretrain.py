@@ -3,6 +3,7 @@ the loss and the CLIP teacher's targets."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import ROW_FORMAT
+from common import ROW_FORMAT, slurm_env
 from conftest import ROOT, log_rows, run_stage
 from data import MaskingGenerator, ResumableSampler, Samples, SyntheticShapes, eval_transform, mim_transform
 from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss
@@ -173,6 +174,63 @@ def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
     # the split is the sampler's: rank r takes every 2nd index of the epoch's permutation
     expect = [ResumableSampler(128, 2, r, seed=0).indices()[:16] for r in range(2)]
     assert r0[0]['indices'] + r0[1]['indices'] == expect[0] and r1[0]['indices'] + r1[1]['indices'] == expect[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_srun_tasks_and_two_torchrun_nodes_train_as_one_torchrun(tmp_path):
+    """The same 3 steps on 2 processes three ways, one OpenMP thread each: `torchrun --nproc_per_node 2`; two
+    processes with only the variables `srun -n 2 python pretrain.py` gives its tasks (common.slurm_env: rank, world,
+    master host from the node list, port from the job id); two torchrun agents as two nodes (`--nnodes 2
+    --nproc_per_node 1`, c10d rendezvous on 127.0.0.1). The same micro-batches and bit-identical losses."""
+    args = [*TINY, '--synthetic_size=64', '--max_steps=3', '--batch_size=16', '--micro_batch=8', '--log_samples=True']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "torchrun"}', nproc=2, env=env)
+    port = free_port()  # the job id whose port is free now
+    slurm = dict(SLURM_JOB_ID=str(port - 15000), SLURM_STEP_NUM_TASKS='2', SLURM_NTASKS='2', SLURM_NODEID='0',
+                 SLURM_JOB_NODELIST='127.0.0.1', SLURM_STEP_NODELIST='127.0.0.1', SLURM_STEP_TASKS_PER_NODE='2')
+    agent = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
+             f'--rdzv-endpoint=127.0.0.1:{free_port()}', '--rdzv-id=two_nodes']
+    launches = {'srun': [([sys.executable, 'pretrain.py'], {**env, **slurm, 'SLURM_PROCID': str(r),
+                                                             'SLURM_LOCALID': str(r)}) for r in (0, 1)],
+                'two_nodes': [(agent + ['pretrain.py'], env)] * 2}
+    for name, procs in launches.items():
+        started = [subprocess.Popen(cmd + args + [f'--out_dir={tmp_path / name}'], cwd=ROOT, env=e,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd, e in procs]
+        outs = [p.communicate(timeout=600)[0] for p in started]
+        assert all(p.returncode == 0 for p in started), '\n'.join(o[-3000:] for o in outs)
+        assert any('world 2 x micro-batch 8 x grad-accum 1 = global batch 16' in o for o in outs), outs[0][-2000:]
+    expect = losses(tmp_path / 'torchrun')
+    assert sorted(expect) == [1, 2, 3]
+    for name in launches:
+        assert losses(tmp_path / name) == expect, name  # exactly: same ranks, same data, same reductions
+        for r in (0, 1):
+            assert open(tmp_path / name / f'samples_rank{r}.jsonl').read() == \
+                open(tmp_path / 'torchrun' / f'samples_rank{r}.jsonl').read()
+
+
+def test_slurm_variables_by_hand():
+    """common.slurm_env: SLURM's task variables -> torchrun's; host lists, tasks per node, what is left alone."""
+    step = dict(SLURM_STEP_NUM_TASKS='32', SLURM_PROCID='9', SLURM_LOCALID='1', SLURM_NTASKS='32',
+                SLURM_JOB_ID='123456', SLURM_JOB_NODELIST='gpu[07-10,12],gpu20', SLURM_TASKS_PER_NODE='8(x4)',
+                SLURM_NODEID='1')
+    assert slurm_env(step) == {'RANK': '9', 'LOCAL_RANK': '1', 'WORLD_SIZE': '32', 'LOCAL_WORLD_SIZE': '8',
+                               'MASTER_ADDR': 'gpu07', 'MASTER_PORT': str(15000 + 123456 % 20000)}
+    assert slurm_env({**step, 'SLURM_STEP_NODELIST': 'rack[2-3]-n[004-009],x1'})['MASTER_ADDR'] == 'rack2-n004'
+    assert slurm_env({**step, 'SLURM_JOB_NODELIST': 'a1,b[1-2]'})['MASTER_ADDR'] == 'a1'
+    uneven = {**step, 'SLURM_STEP_TASKS_PER_NODE': '2(x3),1'}
+    assert [slurm_env({**uneven, 'SLURM_NODEID': str(n)})['LOCAL_WORLD_SIZE'] for n in range(4)] == ['2', '2', '2', '1']
+    assert slurm_env({**step, 'MASTER_ADDR': 'head', 'MASTER_PORT': '1234'})['MASTER_ADDR'] == 'head'
+    assert slurm_env({**step, 'RANK': '0'}) == {}  # torchrun's variables win
+    assert slurm_env({'SLURM_NTASKS': '16', 'SLURM_PROCID': '0', 'SLURM_JOB_ID': '7'}) == {}  # an sbatch script itself
+    assert slurm_env({**step, 'SLURM_STEP_NUM_TASKS': '1'}) == {}  # a one-task step: a world of one
+    broken = {k: v for k, v in step.items() if k != 'SLURM_JOB_NODELIST'}
+    with pytest.raises(SystemExit, match='started 32 tasks without SLURM_JOB_NODELIST: they cannot form one run'):
+        slurm_env({**broken, 'SLURM_PROCID': '0'})
 
 
 def test_bad_inputs_are_named(tmp_path):
