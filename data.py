@@ -1428,7 +1428,7 @@ if __name__ == '__main__':
     usage = ("usage: python data.py build_kinetics_lists ROOT OUT [--check=True]\n"
              "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos; OUT gets the\n"
              "  K722 / K400 / K600 / K700 lists, class names and K722 mappings; --check opens every video")
-    if set(sys.argv[1:2]) & {'-h', '--help'} or options & {'-h', '--help'}:
+    if {'-h', '--help'} & set(sys.argv[1:]):
         print(usage)
         sys.exit(0)
     if sys.argv[1:2] != ['build_kinetics_lists'] or len(args) != 2 or options - {'--check=True', '--check=False'}:
