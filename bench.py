@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import common  # first: it sets OpenMP's wait policy, which torch's import fixes
 import model
 import numpy as np
+import psutil
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -62,8 +63,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision import datasets
 from torchvision import transforms as T
 
-from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, Samples, SyntheticShapes, mim_transform,
-                  normalize_batch, sample_seeds, seeded)
+from data import (CLIP_MEAN, CLIP_STD, CocoDetection, ImageFiles, MaskingGenerator, ResumableSampler, Samples,
+                  SyntheticShapes, make_loader, mim_transform, normalize_batch, sample_seeds, seeded)
 from model import CLIP, EVA, TEXT_SIZES, CLIPTeacher, eva_config, vit_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -190,7 +191,8 @@ def matmul_tflops():
 # -----------------------------------------------------------------------------
 # config (the command line reads it under __main__, at the end)
 mode = 'step'  # 'step': a stage's training step, ours vs references; 'data': input pipeline vs torchvision's; 'table':
-#   the benchmark table's rows (ROWS) in order, each saved as it ends; 'targets': the rows the targets need, and checks
+#   the benchmark table's rows (ROWS) in order, each saved as it ends; 'targets': the rows the targets need, and checks;
+#   'index': the data indexes of 1M-30M image lists and an Objects365-sized json (memory, start-up; no GPU)
 stage = 'pretrain'  # step mode: 'pretrain' (MIM with the CLIP teacher), 'finetune' (finetune_cls.py), 'clip'
 #   (train_clip.py), 'video' (finetune_video.py), 'det' or 'seg' (det_seg.py's two tasks): STAGES
 model_size = 'eva_g'  # a key of model.SIZES
@@ -216,6 +218,10 @@ out_dir = 'out/bench'  # logs of the runs and bench_<mode>.json (table mode: a f
 rows = ''  # table mode: the ROWS to run, comma-separated, in this order; '': all of them
 data_images = 256  # data mode: JPEGs written
 data_passes = 5  # data mode: timed passes over them per pipeline, interleaved; the median pass is reported
+index_lists = '1e6,1e7,3e7'  # index mode: image lists of these many lines (merged-30M: 29.6M)
+index_jsons = '1.7e6'  # index mode: Objects365-shaped jsons of these many images (Objects365 v2: 1.7M)
+index_boxes_per_image = 15  # index mode: boxes of each json image (Objects365 v2: ~25M boxes / 1.7M images)
+index_worker_samples = 10_000  # index mode: samples each of two DataLoader workers reads (their memory before, after)
 # -----------------------------------------------------------------------------
 # step mode's stages: one row each (STAGES) with everything bench.py knows of it
 
@@ -471,6 +477,149 @@ def data_mode():
     return results
 
 
+# -----------------------------------------------------------------------------
+# index mode: the data indexes at the recipes' sizes (data.cached_index)
+
+def write_image_list(path, n):
+    """An n-line list shaped as the merged 30M's IN-21K part: 'in21k/n<class>/n<class>_<k>.JPEG <class>', ~650 images
+    a class (45 bytes a line)."""
+    with open(path, 'w') as f:
+        for i in range(n):
+            f.write(f"in21k/n{i // 650:08d}/n{i // 650:08d}_{i}.JPEG {i // 650}\n")
+
+
+def write_o365_json(path, images, per_image, seed=0):
+    """An Objects365-shaped json (boxes only): images of 'objects365_v2_<id>.jpg' with per_image boxes each, the
+    annotations' keys as Objects365 v2 has them (~150 bytes a box), 365 categories."""
+    rng = np.random.default_rng(seed)
+    with open(path, 'w') as f:
+        f.write('{"images": [')
+        f.write(','.join(f'{{"id": {i}, "file_name": "images/v2/patch{i % 51}/objects365_v2_{i:08d}.jpg", '
+                         f'"height": 800, "width": 1067, "license": 1}}' for i in range(images)))
+        f.write('], "annotations": [')
+        for s in range(0, images, 1 << 16):
+            e = min(s + (1 << 16), images)
+            xy = rng.uniform(0, 700, ((e - s) * per_image, 2)).round(2)
+            wh = rng.uniform(4, 300, ((e - s) * per_image, 2)).round(2)
+            cats = rng.integers(1, 366, (e - s) * per_image)
+            f.write(('' if s == 0 else ',') + ','.join(
+                f'{{"id": {s * per_image + k}, "iscrowd": 0, "isfake": 0, "area": {a[0] * a[1]:.2f}, "isreflected": 0, '
+                f'"bbox": [{b[0]}, {b[1]}, {a[0]}, {a[1]}], "image_id": {s + k // per_image}, "category_id": {c}}}'
+                for k, (b, a, c) in enumerate(zip(xy.tolist(), wh.tolist(), cats.tolist()))))
+        f.write('], "categories": [' + ','.join(f'{{"id": {c}, "name": "class {c}"}}' for c in range(1, 366)) + ']}')
+
+
+def memory():
+    """This process's memory (bytes): rss, pss, uss, and the private dirty part of uss (copy-on-write copies, heap)."""
+    m = psutil.Process().memory_full_info()
+    with open('/proc/self/smaps_rollup') as f:
+        dirty = sum(int(line.split()[1]) * 1024 for line in f if line.startswith('Private_Dirty'))
+    return {'rss': m.rss, 'pss': m.pss, 'uss': m.uss, 'dirty': dirty}
+
+
+def index_probe(kind, path, read, barrier=None, results=None):
+    """In a fresh process: build or read a source's index, read every entry once (read: ImageFiles' name and label,
+    CocoDetection's target), then, with a barrier, wait for the other probe before measuring (both alive: PSS
+    splits the shared pages). -> its figures in results (a Queue)."""
+    import resource
+    base = memory()
+    t = time.perf_counter()
+    src = ImageFiles(path) if kind == 'list' else CocoDetection(path, '', masks=False)
+    start = time.perf_counter() - t
+    for i in range(len(src) if read else 0):
+        if kind == 'list':
+            src.name(i), src.label(i)
+        else:
+            src.target(i, 800, 1067)
+    if barrier is not None:
+        barrier.wait()
+    end = memory()
+    out = {k: end[k] - base[k] for k in end}
+    out.update(start_s=start, read_s=time.perf_counter() - t - start, n=len(src),
+               peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base['rss'])
+    if barrier is not None:
+        barrier.wait()  # the other probe has measured too
+    results.put(out)
+
+
+class NamesOnly(torch.utils.data.Dataset):
+    """What a DataLoader worker reads of a source per sample, minus the image (path and label), and the worker's
+    memory at its 100th and its last sample."""
+
+    def __init__(self, src, last):
+        self.src, self.calls, self.last = src, 0, last
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        self.src.name(i), self.src.label(i)
+        self.calls += 1
+        m = memory() if self.calls in (100, self.last) else {'uss': 0, 'dirty': 0}
+        return torch.tensor([torch.utils.data.get_worker_info().id, self.calls, m['uss'], m['dirty']])
+
+
+def worker_probe(path, samples, results):
+    src = ImageFiles(path)
+    sampler = ResumableSampler(len(src), seed=1)
+    sampler.set_epoch(0, 0, 2 * samples)
+    seen = torch.cat(list(make_loader(NamesOnly(src, samples), sampler, 100, num_workers=2)))
+    results.put(seen[seen[:, 2] > 0].tolist())
+
+
+def probe(fn, *args, n=1):
+    """fn(*args, barrier, queue) in n fresh processes at once (spawned: nothing inherited) -> their results."""
+    ctx = __import__('multiprocessing').get_context('spawn')
+    q, barrier = ctx.Queue(), ctx.Barrier(n) if n > 1 else None
+    procs = [ctx.Process(target=fn, args=(*args, barrier, q) if fn is index_probe else (*args, q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    out = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return out
+
+
+def index_mode():
+    """Per size: the source written (an image list, an Objects365-shaped json), its index built in a fresh process
+    (time, the builder's peak), read from the cache by a fresh process (start-up time; its memory after reading
+    every entry once, per entry), by two processes at once (their PSS together against one's), and for a list the
+    DataLoader workers' unique memory over index_worker_samples samples each."""
+    folder = os.path.join(out_dir, 'index')
+    os.makedirs(folder, exist_ok=True)
+    os.environ['EVA_INDEX_DIR'] = os.path.join(folder, 'cache')
+    results = {'config': config, 'rows': []}
+    sizes = [('list', int(float(n))) for n in index_lists.split(',') if n]
+    sizes += [('coco', int(float(n))) for n in index_jsons.split(',') if n]
+    for kind, n in sizes:
+        path = os.path.join(folder, f'{kind}_{n}.' + ('txt' if kind == 'list' else 'json'))
+        t = time.perf_counter()
+        if not os.path.exists(path):
+            write_image_list(path, n) if kind == 'list' else write_o365_json(path, n, index_boxes_per_image)
+        shutil.rmtree(os.environ['EVA_INDEX_DIR'], ignore_errors=True)
+        row = {'kind': kind, 'n': n, 'file_mb': os.path.getsize(path) / 2 ** 20, 'write_s': time.perf_counter() - t}
+        row['build'] = probe(index_probe, kind, path, False)[0]
+        row['one'] = probe(index_probe, kind, path, True)[0]
+        row['two'] = probe(index_probe, kind, path, True, n=2)
+        if kind == 'list':
+            row['workers'] = probe(worker_probe, path, index_worker_samples)[0]
+        entries = n if kind == 'list' else n * index_boxes_per_image
+        row['bytes_per_entry'] = row['one']['rss'] / entries
+        row['two_vs_one_pss'] = sum(r['pss'] for r in row['two']) / row['one']['pss']
+        results['rows'].append(row)
+        w = sorted(row.get('workers', []))  # per worker (id, calls, uss, dirty) at its 100th and last sample
+        growth = ', '.join(f"{(b[2] - a[2]) / 2 ** 20:+.1f} MB USS ({(b[3] - a[3]) / 2 ** 20:+.1f} private dirty)"
+                           for a, b in zip(w[0::2], w[1::2]))
+        what, whats = ('image', 'images') if kind == 'list' else ('box', 'boxes')
+        print(f"{kind} {n:,} ({row['file_mb']:.0f} MB; {entries:,} {whats}): built in "
+              f"{row['build']['start_s']:.1f} s (builder peak +{row['build']['peak'] / 2 ** 30:.2f} GiB) | start-up "
+              f"from the cache {row['one']['start_s']:.2f} s | after reading all ({row['one']['read_s']:.0f} s): "
+              f"+{row['bytes_per_entry']:.1f} B a {what} RSS, "
+              f"two processes {row['two_vs_one_pss']:.2f}x one by PSS" + (f" | workers: {growth}" if w else ''),
+              flush=True)
+    return results
+
+
 # the benchmark table's rows (EVA-g, one GPU), in the order a short GPU session should run them: each a bench.py run
 ROWS = {'mim64': ['--stage=pretrain', '--micro_batch=64', '--reference=timm,timm_our_engine'],
         'mim64_compiled': ['--stage=pretrain', '--micro_batch=64', '--compile_blocks=True', '--reference='],
@@ -598,6 +747,7 @@ if __name__ == '__main__':
         raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
     os.makedirs(out_dir, exist_ok=True)
-    result = {'data': data_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}[mode]()
+    modes = {'data': data_mode, 'index': index_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}
+    result = modes[mode]()
     with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
         json.dump(result, f, indent=1)

@@ -6,7 +6,8 @@ comment), then runs `exec(open('configurator.py').read())`. Arguments, in order:
     python pretrain.py --help          # every setting with its default and its comment
 
 A config file is plain Python run in its own namespace; a --key=value value is read with ast.literal_eval
-(numbers, tuples, lists, True/None) and is kept as a string when that fails (paths). An unknown key fails naming
+(numbers, tuples, lists, True/None) and is kept as a string when that fails (paths) or when the key's default is a
+string (--data_path=2017 is the folder '2017'). An unknown key fails naming
 the close matches; a value of the wrong type fails naming the key (ints are accepted for floats, lists for
 tuples; any value for a None default). The config keys are the script's globals of plain types defined before
 this file runs, but for UPPER_CASE constants.
@@ -79,9 +80,11 @@ for _arg in _sys.argv[1:]:
     else:
         if '=' not in _arg:
             raise SystemExit(f"expected --key=value, got '{_arg}'")
-        _k, _v = _arg[2:].split('=', 1)  # split once: a value may contain '='
+        _k, _raw = _arg[2:].split('=', 1)  # split once: a value may contain '='
         try:
-            _v = _ast.literal_eval(_v)
+            _v = _ast.literal_eval(_raw)
         except (ValueError, SyntaxError):
-            pass  # a bare string such as a path
+            _v = _raw  # a bare string such as a path
+        if isinstance(globals().get(_k), str) and not isinstance(_v, str):
+            _v = _raw  # a string setting takes the text as typed: --data_path=2017, --rows=1e6,1e7
         _cfg_set(_k, _v, _arg)

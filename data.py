@@ -24,9 +24,12 @@ A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad fi
 turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
 with any number of workers, before and after a resume.
 """
+import array
 import colorsys
 import csv
+import fcntl
 import glob
+import hashlib
 import io
 import json
 import math
@@ -34,8 +37,10 @@ import os
 import pkgutil
 import re
 import shutil
+import socket
 import sys
 import tarfile
+import time
 import warnings
 
 import numpy as np
@@ -90,6 +95,151 @@ def read_rgb(path):
     return pil_to_uint8(load_rgb(path))
 
 # -----------------------------------------------------------------------------
+# the index: a list-like source as a few flat arrays, built once and memory-mapped by every process of a node
+
+INDEX_VERSION = 1  # part of every index's key: bumped when a builder's output changes, so an old index is rebuilt
+
+
+def index_cache():
+    """Where indexes are kept: $EVA_INDEX_DIR, else $XDG_CACHE_HOME/eva-index (~/.cache/eva-index). On a file system
+    every node sees, one process builds each index and every node reads it; on a node-local disk, each node builds."""
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.environ.get('EVA_INDEX_DIR') or os.path.join(cache, 'eva-index')
+
+
+def stamp(path, subfolders=False):
+    """What says an input changed: its real path, size and modification time, and a file's content hash up to 64 MB
+    (a rewrite within the file system's clock tick); with subfolders, also each first-level subfolder's time (a file
+    added to or removed from root/<class>/ changes that folder's). Changes deeper in a tree, or inside a larger file
+    with its size and time kept, are not seen: delete the index (the log names it) after such an edit."""
+    st = os.stat(path)
+    found = [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    if os.path.isfile(path) and st.st_size <= 1 << 26:
+        with open(path, 'rb') as f:
+            found.append(hashlib.sha1(f.read()).hexdigest())
+    if subfolders:
+        found += sorted([e.name, e.stat().st_mtime_ns] for e in os.scandir(path) if e.is_dir())
+    return found
+
+
+class Packer:
+    """A string column being built: one growing bytes buffer and its int64 end offsets (no Python object kept per
+    string). add(str) -> its row; arrays(name) -> {name: uint8 bytes, name + '_at': (n + 1,) int64 offsets}."""
+
+    def __init__(self, strings=()):
+        self.data, self.at = bytearray(), array.array('q', [0])
+        for s in strings:
+            self.add(s)
+
+    def add(self, s):
+        self.data += os.fsencode(s)  # file names that are not UTF-8 go through as the file system gives them
+        self.at.append(len(self.data))
+        return len(self.at) - 2
+
+    def arrays(self, name):
+        return {name: np.frombuffer(self.data, np.uint8), name + '_at': np.frombuffer(self.at, np.int64)}
+
+
+class Strings:
+    """A string column of an index, read: s[i] decodes one slice of the shared bytes."""
+
+    def __init__(self, index, name):
+        self.data, self.at = index[name], index[name + '_at']
+
+    def __len__(self):
+        return len(self.at) - 1
+
+    def __getitem__(self, i):
+        return os.fsdecode(self.data[self.at[i]:self.at[i + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def cached_index(kind, key, build):
+    """A source's index: {name: read-only array memory-mapped from the cache}. The folder's name hashes kind,
+    INDEX_VERSION and key (the inputs' stamps and the build's settings): a changed input gets a new index. The first
+    process to take the lock builds (build() -> {name: array}, written to a temporary folder that is renamed into
+    place whole) while the others wait, then all map the same files: a node holds one copy in its page cache for all
+    its ranks and DataLoader workers, and no Python object per sample whose reference count would turn the shared
+    pages into private copies (PyTorch issue 13246). -> (index, how: built or read, the time, the folder)."""
+    start, cache = time.time(), index_cache()
+    folder = os.path.join(cache, f"{kind}-{hashlib.sha1(json.dumps([INDEX_VERSION, kind, key]).encode()).hexdigest()}")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        lock = open(folder + '.lock', 'a')
+    except OSError as e:
+        raise OSError(f"cannot write the data index cache {cache} ({e}): set EVA_INDEX_DIR to a writable folder") from e
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: several processes may build, each renames a whole index
+            pass
+        how = 'read'
+        if not os.path.isdir(folder):
+            how, tmp = 'built', f"{folder}.{socket.gethostname()}.{os.getpid()}"
+            os.makedirs(tmp, exist_ok=True)
+            for name, a in build().items():
+                np.save(os.path.join(tmp, name + '.npy'), a)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another node's build got there first: the same index
+                shutil.rmtree(tmp, ignore_errors=True)
+    index = {f[:-4]: np.load(os.path.join(folder, f), mmap_mode='r') for f in os.listdir(folder) if f.endswith('.npy')}
+    return index, f"index {how} in {time.time() - start:.1f} s ({folder})"
+
+
+def say(message):
+    """A line on stdout from the first process only (the index's log: every rank reads the same)."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(message, flush=True)
+
+
+def index_folder(root, extensions):
+    """A folder tree's files with these extensions (os.walk order, names sorted, symlinks followed): each file's
+    directory (a row of 'dirs', relative to root) and name, and the first-level folder it is under (a row of
+    'folders', sorted; -1: root itself)."""
+    folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    top = {f: i for i, f in enumerate(folders)}
+    dirs, files, dir_of, folder_of = Packer(), Packer(), array.array('i'), array.array('i')
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        d = dirs.add('' if rel == '.' else rel)
+        names = [f for f in sorted(filenames) if f.lower().endswith(extensions)]
+        for f in names:
+            files.add(f)
+        dir_of.extend([d] * len(names))
+        folder_of.extend([top[rel.split(os.sep)[0]] if rel != '.' else -1] * len(names))
+    return {**dirs.arrays('dirs'), **files.arrays('files'), **Packer(folders).arrays('folders'),
+            'dir': np.frombuffer(dir_of, np.int32), 'label': np.frombuffer(folder_of, np.int32)}
+
+
+def index_list(path):
+    """A list file's lines, 'path' or 'path label' (the label an integer after the last whitespace: the path may hold
+    spaces), blank lines skipped: each path's directory (a row of 'dirs') and name, and its label (-1: none)."""
+    dirs, files, dir_of, labels, seen = Packer(), Packer(), array.array('i'), array.array('i'), {}
+    with open(path, 'rb') as f:
+        for line in f:
+            parts = line.strip().rsplit(maxsplit=1)
+            if not parts:
+                continue
+            label = -1
+            if len(parts) == 2 and parts[1].lstrip(b'-').isdigit():
+                label = int(parts[1])
+            else:
+                parts = [line.strip()]
+            head, sep, name = parts[0].rpartition(b'/')
+            head = head or sep  # '/x.jpg' is under '/'
+            if head not in seen:
+                seen[head] = dirs.add(head)
+            files.add(name)
+            dir_of.append(seen[head])
+            labels.append(label)
+    return {**dirs.arrays('dirs'), **files.arrays('files'), 'dir': np.frombuffer(dir_of, np.int32),
+            'label': np.frombuffer(labels, np.int32)}
+
+# -----------------------------------------------------------------------------
 # sources
 
 
@@ -100,7 +250,9 @@ class ImageFiles:
     string joined by ','. In a folder, the label is the index of the first-level subfolder (sorted), else -1.
     With `classes` (e.g. imagenet_classes()), a subfolder's label is its index in that list instead, so that a
     variant holding a subset of the classes (ImageNet-A, -R) keeps the labels of the full head; all-digit folder
-    names are taken as the label itself (ImageNet-V2's '0' ... '999', which sort as strings otherwise)."""
+    names are taken as the label itself (ImageNet-V2's '0' ... '999', which sort as strings otherwise).
+    Each root is read through its cached index (index_folder, index_list): a folder is walked once, not at every
+    start by every rank, and 30M paths take ~40 bytes each, shared by the node's processes."""
 
     EXTENSIONS, root = IMAGE_EXTENSIONS, ''  # root: what a list's relative paths are under ('': the list's folder)
 
@@ -110,20 +262,26 @@ class ImageFiles:
         if not roots:
             raise ValueError("no image root given")
         self.class_list = classes  # None: the sorted folder names of each root
-        self.items = []
+        self.parts, starts = [], [0]  # per root: (base folder, its index, its dirs, its files, label lookup or None)
         for root in roots:
-            n = len(self.items)
             if os.path.isdir(root):
-                self._scan_folder(root)
+                index, how = cached_index('folder', [stamp(root, subfolders=True), self.EXTENSIONS],
+                                          lambda: index_folder(root, self.EXTENSIONS))
+                base, lookup = root, self._folder_labels(root, list(Strings(index, 'folders')))
             elif os.path.isfile(root):
-                self._read_list(root)
+                index, how = cached_index('list', [stamp(root)], lambda: index_list(root))
+                base, lookup = self.root or os.path.dirname(os.path.abspath(root)), None
             else:
                 raise FileNotFoundError(f"image root not found: {root}")
-            if len(self.items) == n:
+            if len(index['dir']) == 0:
                 raise FileNotFoundError(f"no files ({', '.join(self.EXTENSIONS)}) under {root}")
+            say(f"{root}: {len(index['dir']):,} files, {how}")
+            self.parts.append((base, index, Strings(index, 'dirs'), Strings(index, 'files'), lookup))
+            starts.append(starts[-1] + len(index['dir']))
+        self.starts = np.array(starts)
 
-    def _scan_folder(self, root):
-        folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    def _folder_labels(self, root, folders):
+        """The label of each first-level folder (and -1 last, for the files in root itself: index -1)."""
         self.classes = folders
         if self.class_list is None:
             index = {c: i for i, c in enumerate(folders)}
@@ -134,35 +292,31 @@ class ImageFiles:
         unknown = [f for f in folders if f not in index or index[f] >= len(self.class_list or folders)]
         if unknown:
             raise ValueError(f"{root}: class folders not in the class list: {', '.join(unknown[:5])}")
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, root)
-            label = index[rel.split(os.sep)[0]] if rel != '.' else -1
-            self.items += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                           if f.lower().endswith(self.EXTENSIONS)]
-
-    def _read_list(self, path):
-        base = self.root or os.path.dirname(os.path.abspath(path))
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.strip().rsplit(maxsplit=1)
-                if not parts:
-                    continue
-                label = -1
-                if len(parts) == 2 and parts[1].lstrip('-').isdigit():
-                    label = int(parts[1])
-                else:
-                    parts = [line.strip()]
-                self.items.append((os.path.join(base, parts[0]), label))
+        return np.array([index[f] for f in folders] + [-1], dtype=np.int64)
 
     def __len__(self):
-        return len(self.items)
+        return int(self.starts[-1])
+
+    def _find(self, i):
+        r = int(np.searchsorted(self.starts, i, side='right')) - 1
+        return self.parts[r], i - int(self.starts[r])
 
     def name(self, i):
-        return self.items[i][0]
+        (base, index, dirs, files, _), j = self._find(i)
+        return os.path.join(base, dirs[index['dir'][j]], files[j])
+
+    def label(self, i):
+        (_, index, _, _, lookup), j = self._find(i)
+        return int(index['label'][j] if lookup is None else lookup[index['label'][j]])
+
+    @property
+    def labels(self):
+        """(n,) int64 every file's label (a new array: 8 bytes per file)."""
+        return np.concatenate([np.asarray(p[1]['label'], np.int64) if p[4] is None else p[4][p[1]['label']]
+                               for p in self.parts])
 
     def load(self, i):
-        path, label = self.items[i]
+        path, label = self.name(i), self.label(i)
         return (read_rgb(path) if self.tensors else load_rgb(path)), label
 
 
@@ -283,35 +437,50 @@ class SyntheticCaptions(SyntheticShapes):
 class CaptionFiles:
     """Image-text pairs from a CSV or TSV file with a header (open_clip's --csv-img-key / --csv-caption-key
     layout): load(i) -> (image, caption). Paths are relative to the file's folder unless absolute. A missing or
-    unreadable image and an empty caption raise on load, so Samples skips and counts them."""
+    unreadable image and an empty caption raise on load, so Samples skips and counts them. Read through a cached
+    index (two string columns), as ImageFiles."""
 
     def __init__(self, path, img_key='filepath', caption_key='title', sep=''):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"caption file not found: {path}")
         sep = sep or ('\t' if path.endswith('.tsv') else ',')
-        base = os.path.dirname(os.path.abspath(path))
-        with open(path, newline='', encoding='utf-8') as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-            if missing:
-                raise KeyError(f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
-                               f"{reader.fieldnames} (set the image and caption column names)")
-            self.items = [(os.path.join(base, row[img_key] or ''), row[caption_key] or '') for row in reader]
-        if not self.items:
+        index, how = cached_index('captions', [stamp(path), img_key, caption_key, sep],
+                                  lambda: index_captions(path, img_key, caption_key, sep))
+        self.images, self.captions = Strings(index, 'images'), Strings(index, 'captions')
+        if not len(self.images):
             raise ValueError(f"{path}: no rows")
-        self.path = path
+        say(f"{path}: {len(self.images):,} pairs, {how}")
+        self.path, self.base = path, os.path.dirname(os.path.abspath(path))
 
     def __len__(self):
-        return len(self.items)
+        return len(self.images)
+
+    def image(self, i):
+        return os.path.join(self.base, self.images[i])
 
     def name(self, i):
-        return f"{self.path} row {i + 2} ({self.items[i][0]})"
+        return f"{self.path} row {i + 2} ({self.image(i)})"
 
     def load(self, i):
-        image, caption = self.items[i]
+        caption = self.captions[i]
         if not caption.strip():
             raise ValueError("empty caption")
-        return load_rgb(image), caption
+        return load_rgb(self.image(i)), caption
+
+
+def index_captions(path, img_key, caption_key, sep):
+    """A CSV / TSV's image and caption columns as two string columns, 'images' and 'captions'."""
+    images, captions = Packer(), Packer()
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+        if missing:
+            raise KeyError(f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
+                           f"{reader.fieldnames} (set the image and caption column names)")
+        for row in reader:
+            images.add(row[img_key] or '')
+            captions.add(row[caption_key] or '')
+    return {**images.arrays('images'), **captions.arrays('captions')}
 
 
 def image_source(path, img_size=224, synthetic_size=10_000, seed=0, classes=None, tensors=False):
@@ -514,23 +683,27 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.stop = self.per_rank if stop is None else min(stop, self.per_rank)
 
     def indices(self):
+        """This rank's indices of the epoch, [start, stop), as a tensor: the epoch's order stays one int64 tensor
+        (240 MB at 30M images, where a list of Python ints would be ~1 GB) and is sliced before anything is a
+        Python int."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.repeat_factors is not None:
             r = self.repeat_factors
             reps = r.floor().long() + (torch.rand(len(r), generator=g) < r - r.floor()).long()
             drawn = torch.repeat_interleave(torch.arange(len(r)), reps)
-            drawn = drawn[torch.randperm(len(drawn), generator=g)].tolist()
-            order = (drawn * (self.n // max(len(drawn), 1) + 1))[:self.n]
+            drawn = drawn[torch.randperm(len(drawn), generator=g)]
+            order = drawn.repeat(self.n // max(len(drawn), 1) + 1)[:self.n]
         elif self.shuffle:
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g)
         else:
-            order = list(range(self.n))
-        if self.pad:
-            order += order[:self.per_rank * self.num_replicas - self.n]  # pad by wrapping, as DistributedSampler
+            order = torch.arange(self.n)
+        if self.pad:  # pad by wrapping, as DistributedSampler
+            order = torch.cat([order, order[:self.per_rank * self.num_replicas - self.n]])
         return order[self.rank::self.num_replicas][self.start:self.stop]
 
     def __iter__(self):
-        return iter(self.indices())
+        for chunk in self.indices().split(1 << 16):  # Python ints a chunk at a time
+            yield from chunk.tolist()
 
     def __len__(self):
         return max(self.stop - self.start, 0)
@@ -774,7 +947,7 @@ class VideoFiles(ImageFiles):
         super().__init__(roots)
 
     def load(self, i):
-        return self.items[i]
+        return self.name(i), self.label(i)
 
 
 def tsn_indices(n, num_frames, train=True, clip=0, clips=1):
@@ -1036,6 +1209,53 @@ def coco_rle(segm, h, w):
     raise ValueError(f"segmentation is neither polygons nor RLE: {str(segm)[:60]}")
 
 
+def index_coco(json_path):
+    """A COCO-format instances json as columns, parsed with a hook that moves each image and annotation into flat
+    arrays as the parser makes it (json.load's dicts of all 25M Objects365 boxes would hold ~1 KB each at once):
+    images ('image_ids', 'files': file_name, or for LVIS its coco_url's last two parts), annotations sorted by image
+    id, the json's order kept within an image ('ann_images', 'ann_ids', 'ann_cats', 'ann_crowd', 'ann_boxes' (n, 4)
+    float64 as written, 'ann_segms': the row in 'segms' of its segmentation as json text, '' when none) and the
+    categories as json text."""
+    images, files, segms = array.array('q'), Packer(), Packer()
+    anns = {k: array.array(t) for k, t in (('image', 'q'), ('id', 'q'), ('cat', 'i'), ('crowd', 'b'), ('box', 'd'))}
+
+    def hook(d):  # every json object, innermost first: an annotation or an image leaves only a None behind
+        if 'bbox' in d and 'image_id' in d:
+            box = d['bbox'] if isinstance(d['bbox'], list) and len(d['bbox']) == 4 else [math.nan] * 4
+            for k, v in (('image', d['image_id']), ('id', d.get('id', -1)), ('cat', d.get('category_id', -1)),
+                         ('crowd', bool(d.get('iscrowd', 0)))):
+                anns[k].append(v)
+            anns['box'].extend(map(float, box))
+            segms.add(json.dumps(d['segmentation'], separators=(',', ':')) if d.get('segmentation') else '')
+            return None
+        if 'id' in d and ('file_name' in d or 'coco_url' in d):
+            images.append(d['id'])
+            files.add(d.get('file_name') or os.path.join(*d['coco_url'].split('/')[-2:]))
+            return None
+        return d
+    try:
+        with open(json_path, 'rb') as f:
+            d = json.load(f, object_hook=hook)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"{json_path}: not a readable COCO-format json ({e})") from e
+    missing = [k for k in ('images', 'annotations', 'categories') if k not in (d if isinstance(d, dict) else {})]
+    if missing:
+        raise ValueError(f"{json_path} is not a COCO-format instances json (no {', '.join(missing)})")
+    for k, what in (('images', "an id and a file_name or coco_url"), ('annotations', "an image_id and a bbox")):
+        odd = next((x for x in d[k] if x is not None), None)
+        if odd is not None:
+            raise ValueError(f"{json_path}: an entry of '{k}' without {what}: {str(odd)[:100]}")
+    ann_images = np.frombuffer(anns['image'], np.int64)
+    order = np.argsort(ann_images, kind='stable')
+    return {'image_ids': np.frombuffer(images, np.int64), **files.arrays('files'), 'ann_images': ann_images[order],
+            'ann_ids': np.frombuffer(anns['id'], np.int64)[order],
+            'ann_cats': np.frombuffer(anns['cat'], np.int32)[order],
+            'ann_crowd': np.frombuffer(anns['crowd'], np.int8)[order] != 0,
+            'ann_boxes': np.frombuffer(anns['box'], np.float64).reshape(-1, 4)[order],
+            'ann_segms': order, **segms.arrays('segms'),  # segms stay in the json's order: 'ann_segms' is each row's
+            'categories': np.frombuffer(json.dumps(d['categories']).encode(), np.uint8)}
+
+
 class CocoDetection:
     """A COCO-format instances json and its image folder (COCO, LVIS v1, Objects365): load(i) -> (uint8 image (3, H, W),
     target {'boxes' (n, 4) x1y1x2y2 float32 pixels, 'labels' (n,) int64, 'masks' (n, H, W) bool (masks=True),
@@ -1043,86 +1263,101 @@ class CocoDetection:
     (detectron2's contiguous ids). Crowd regions are not trained on (COCOeval ignores detections in them); an annotation
     with an empty box, an unknown category or an unreadable segmentation is skipped with a warning naming it, and
     counted. train=True keeps the images with an annotation (detectron2 drops the others from training). LVIS v1 names
-    no file: its coco_url's last two parts (train2017/xxx.jpg) under image_root."""
+    no file: its coco_url's last two parts (train2017/xxx.jpg) under image_root. Read through a cached index
+    (index_coco: ~60 bytes a box, shared by the node's processes, as detectron2 serialises its dataset dicts)."""
 
     def __init__(self, json_path, image_root, masks=True, train=True):
-        with open(json_path) as f:
-            d = json.load(f)
-        missing = [k for k in ('images', 'annotations', 'categories') if k not in (d if isinstance(d, dict) else {})]
-        if missing:
-            raise ValueError(f"{json_path} is not a COCO-format instances json (no {', '.join(missing)})")
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"annotation json not found: {json_path}")
+        self.index, how = cached_index('coco', [stamp(json_path)], lambda: index_coco(json_path))
         self.json_path, self.root, self.masks = json_path, image_root, masks
-        self.categories = sorted(d['categories'], key=lambda c: c['id'])
+        self.categories = sorted(json.loads(self.index['categories'].tobytes()), key=lambda c: c['id'])
         self.cat_index = {c['id']: i for i, c in enumerate(self.categories)}
-        self.anns = {}
-        for a in d['annotations']:
-            self.anns.setdefault(a['image_id'], []).append(a)
-        self.images = [im for im in d['images']
-                       if not train or any(not a.get('iscrowd', 0) for a in self.anns.get(im['id'], []))]
+        self.files, self.segms = Strings(self.index, 'files'), Strings(self.index, 'segms')
+        ids, anns = self.index['image_ids'], self.index['ann_images']
+        self.rows = np.flatnonzero(np.isin(ids, anns[~self.index['ann_crowd']])) if train else np.arange(len(ids))
+        say(f"{json_path}: {len(self.rows):,} images of {len(ids):,}, {len(anns):,} annotations, {how}")
 
     def __len__(self):
-        return len(self.images)
+        return len(self.rows)
 
     def path(self, i):
-        im = self.images[i]
-        name = im.get('file_name') or os.path.join(*im['coco_url'].split('/')[-2:])
-        return os.path.join(self.root, name)
+        return os.path.join(self.root, self.files[self.rows[i]])
 
     def name(self, i):
         return self.path(i)
 
+    def annotations(self, image_id):
+        """The rows of an image's annotations in the index (a slice: they are sorted by image id)."""
+        anns = self.index['ann_images']
+        return slice(int(np.searchsorted(anns, image_id)), int(np.searchsorted(anns, image_id, side='right')))
+
     def load(self, i):
-        im, path = self.images[i], self.path(i)
-        img = read_rgb(path)
-        h, w = img.shape[1:]
+        img = read_rgb(self.path(i))
+        return img, self.target(i, *img.shape[1:])
+
+    def target(self, i, h, w):
+        """Image i's target for an image of h x w pixels."""
+        image_id, path = int(self.index['image_ids'][self.rows[i]]), self.path(i)
         boxes, labels, masks, dropped = [], [], [], 0
-        for a in self.anns.get(im['id'], []):
-            if a.get('iscrowd', 0):
+        rows = self.annotations(image_id)
+        columns = [self.index[k][rows].tolist() for k in ('ann_crowd', 'ann_boxes', 'ann_cats', 'ann_segms', 'ann_ids')]
+        for crowd, (x, y, bw, bh), category, segm, ann_id in zip(*columns):
+            if crowd:
                 continue
-            x, y, bw, bh = a['bbox']
             box = [max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)]
             try:
-                if box[2] <= box[0] or box[3] <= box[1]:
-                    raise ValueError(f"empty box {a['bbox']} in a {w}x{h} image")
-                if a['category_id'] not in self.cat_index:
-                    raise ValueError(f"category {a['category_id']} is not in the json's categories")
+                if not (box[2] > box[0] and box[3] > box[1]):
+                    raise ValueError(f"empty box {[x, y, bw, bh]} in a {w}x{h} image")
+                if category not in self.cat_index:
+                    raise ValueError(f"category {category} is not in the json's categories")
                 if self.masks:
-                    m = mask_util.decode(coco_rle(a['segmentation'], h, w))
+                    m = mask_util.decode(coco_rle(json.loads(self.segms[segm] or 'null'), h, w))
                     if m.shape != (h, w) or not m.any():
                         raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
                     masks.append(torch.from_numpy(m.astype(bool)))
             except Exception as e:
-                print(f"warning: skipping annotation {a.get('id')} of {path}: {e}", file=sys.stderr)
+                print(f"warning: skipping annotation {ann_id} of {path}: {e}", file=sys.stderr)
                 dropped += 1
                 continue
             boxes.append(box)
-            labels.append(self.cat_index[a['category_id']])
+            labels.append(self.cat_index[category])
         target = {'boxes': torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                  'labels': torch.tensor(labels, dtype=torch.int64), 'image_id': im['id'], 'dropped': dropped}
+                  'labels': torch.tensor(labels, dtype=torch.int64), 'image_id': image_id, 'dropped': dropped}
         if self.masks:
             target['masks'] = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
-        return img, target
+        return target
+
+    def image_classes(self):
+        """(image ids, classes): each (image, class) pair an annotation shows, once (unknown categories left out)."""
+        if not self.cat_index:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ids = np.array(sorted(self.cat_index), dtype=np.int64)
+        cats = np.asarray(self.index['ann_cats'])
+        cls = np.searchsorted(ids, cats).clip(max=len(ids) - 1)
+        known = ids[cls] == cats
+        pairs = np.unique(np.stack([self.index['ann_images'][known], cls[known]], axis=1), axis=0)
+        return pairs[:, 0], pairs[:, 1]
 
     def repeat_factors(self, threshold=0.001):
         """(n,) LVIS's repeat factor per image (Gupta et al. 2019; detectron2's repeat_factors_from_category_frequency):
         the max over its classes of max(1, sqrt(threshold / f_c)), f_c the fraction of these images showing class c."""
-        cats = [{self.cat_index[a['category_id']] for a in self.anns.get(im['id'], []) if a['category_id'] in
-                 self.cat_index} for im in self.images]
-        freq = torch.zeros(len(self.categories))
-        for c in cats:
-            freq[list(c)] += 1
-        rc = (threshold / (freq / len(self.images)).clamp(min=1e-12)).sqrt().clamp(min=1.0)
-        return torch.tensor([max((rc[c].item() for c in cs), default=1.0) for cs in cats])
+        ids = self.index['image_ids'][self.rows]
+        img, cls = self.image_classes()
+        shown = np.isin(img, ids)
+        img, cls = img[shown], cls[shown]
+        freq = torch.from_numpy(np.bincount(cls, minlength=len(self.categories))).float()
+        rc = (threshold / (freq / len(ids)).clamp(min=1e-12)).sqrt().clamp(min=1.0)
+        order = np.argsort(ids, kind='stable')
+        factors = np.ones(len(ids), np.float32)
+        np.maximum.at(factors, order[np.searchsorted(ids, img, sorter=order)], rc.numpy()[cls])
+        return torch.from_numpy(factors)
 
     def image_counts(self):
         """Images per class (LVIS's categories carry image_count; else counted): the federated loss's frequencies."""
         if all('image_count' in c for c in self.categories):
             return torch.tensor([c['image_count'] for c in self.categories], dtype=torch.float32)
-        n = torch.zeros(len(self.categories))
-        for anns in self.anns.values():
-            for c in {self.cat_index[a['category_id']] for a in anns if a['category_id'] in self.cat_index}:
-                n[c] += 1
-        return n
+        return torch.from_numpy(np.bincount(self.image_classes()[1], minlength=len(self.categories))).float()
 
 
 class LargeScaleJitter:
@@ -1279,57 +1514,64 @@ def label_lut(mode):
     return lut
 
 
+def index_pairs(img_dir, ann_dir, ann_suffix):
+    """Images and their labels, paired by name (the path under its folder without the extension): 'names' sorted,
+    'images' and 'labels' (paths under img_dir, ann_dir), and 'unpaired' (the names with an image or a label only)."""
+    def scan(root, keep):
+        return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files if keep(f)]
+    imgs = {os.path.splitext(k)[0]: k for k in scan(img_dir, lambda f: f.lower().endswith(IMAGE_EXTENSIONS))}
+    anns = {k[:-len(ann_suffix)]: k for k in scan(ann_dir, lambda f: f.endswith(ann_suffix))}
+    names = sorted(imgs.keys() & anns.keys())
+    return {**Packer(names).arrays('names'), **Packer(imgs[n] for n in names).arrays('images'),
+            **Packer(anns[n] for n in names).arrays('labels'),
+            **Packer(sorted(imgs.keys() ^ anns.keys())).arrays('unpaired'), 'counts': np.array([len(imgs), len(anns)])}
+
+
 class SegFiles:
     """Semantic segmentation as mmseg's CustomDataset lays it out: img_dir/<name>.<jpg, png, ...> with
     ann_dir/<name><ann_suffix> (one class index per pixel, 255 ignored; ADE20K '.png', mmseg-converted COCO-Stuff
     '_labelTrainIds.png', raw COCO-Stuff '.png' with label_map='cocostuff'), subfolders included. load(i) -> (uint8
     image (3, H, W), uint8 label (H, W) in train ids). An image without its label, or a label without its image, is
     left out, named and counted (`unpaired`); a label of another size than its image, not single-channel, or with
-    class ids >= num_classes other than 255 is an error for Samples to skip and count."""
+    class ids >= num_classes other than 255 is an error for Samples to skip and count. Read through a cached index
+    (index_pairs), as ImageFiles."""
 
     def __init__(self, img_dir, ann_dir, num_classes, label_map=None, ann_suffix='.png'):
-        def scan(root, keep):
-            found = {}
-            for d, _, files in os.walk(root):
-                for f in files:
-                    if keep(f):
-                        found[os.path.relpath(os.path.join(d, f), root)] = os.path.join(d, f)
-            return found
         for d in (img_dir, ann_dir):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"segmentation folder not found: {d}")
-        images = scan(img_dir, lambda f: f.lower().endswith(IMAGE_EXTENSIONS))
-        imgs = {os.path.splitext(k)[0]: v for k, v in images.items()}
-        anns = {k[:-len(ann_suffix)]: v for k, v in scan(ann_dir, lambda f: f.endswith(ann_suffix)).items()}
-        self.names = sorted(imgs.keys() & anns.keys())
-        if not self.names:
-            raise ValueError(f"no image in {img_dir} has a label {ann_dir}/<name>{ann_suffix} ({len(imgs)} images, "
-                             f"{len(anns)} labels)")
-        self.unpaired = sorted(imgs.keys() ^ anns.keys())
+        index, how = cached_index('pairs', [stamp(img_dir, True), stamp(ann_dir, True), ann_suffix],
+                                  lambda: index_pairs(img_dir, ann_dir, ann_suffix))
+        self.names, self.unpaired = Strings(index, 'names'), list(Strings(index, 'unpaired'))
+        if not len(self.names):
+            raise ValueError(f"no image in {img_dir} has a label {ann_dir}/<name>{ann_suffix} ({index['counts'][0]} "
+                             f"images, {index['counts'][1]} labels)")
         if self.unpaired:
             print(f"warning: {len(self.unpaired)} of {img_dir} / {ann_dir} have no image or no label, left out: "
                   f"{', '.join(self.unpaired[:5])}" + (' ...' if len(self.unpaired) > 5 else ''), file=sys.stderr)
-        self.images, self.anns = [imgs[n] for n in self.names], [anns[n] for n in self.names]
+        say(f"{img_dir}: {len(self.names):,} labelled images, {how}")
+        self.img_dir, self.ann_dir, self.index = img_dir, ann_dir, index
+        self.images, self.anns = Strings(index, 'images'), Strings(index, 'labels')
         self.num_classes, self.lut = num_classes, label_lut(label_map)
 
     def __len__(self):
         return len(self.names)
 
     def name(self, i):
-        return self.images[i]
+        return os.path.join(self.img_dir, self.images[i])
 
     def load(self, i):
-        img = read_rgb(self.images[i])
-        with Image.open(self.anns[i]) as im:
+        img, path = read_rgb(self.name(i)), os.path.join(self.ann_dir, self.anns[i])
+        with Image.open(path) as im:
             if im.mode not in ('L', 'P'):
-                raise ValueError(f"label {self.anns[i]} is {im.mode}, not single-channel class indices")
+                raise ValueError(f"label {path} is {im.mode}, not single-channel class indices")
             label = self.lut[torch.from_numpy(np.array(im, dtype=np.uint8)).long()]
         if label.shape != img.shape[1:]:
-            raise ValueError(f"label {self.anns[i]} is {tuple(label.shape)}, its image {tuple(img.shape[1:])}")
+            raise ValueError(f"label {path} is {tuple(label.shape)}, its image {tuple(img.shape[1:])}")
         bad = label.unique()
         bad = bad[(bad >= self.num_classes) & (bad != 255)]
         if len(bad):
-            raise ValueError(f"label {self.anns[i]} has class ids {bad.tolist()[:5]} >= num_classes {self.num_classes}")
+            raise ValueError(f"label {path} has class ids {bad.tolist()[:5]} >= num_classes {self.num_classes}")
         return img, label
 
     def check(self, n=8):
@@ -1420,16 +1662,29 @@ def seg_test_size(h, w, scale=(3584, 896), ratio=1.0, divisor=32):
     return tuple(math.ceil(int(s * f + 0.5) / divisor) * divisor for s in (h, w))
 
 # -----------------------------------------------------------------------------
-# command line: python data.py build_kinetics_lists ROOT OUT [--check=True]
+# command line: python data.py build_kinetics_lists ROOT OUT [--check=True] | index SOURCE ... [--videos=True]
 
 if __name__ == '__main__':
     args = [a for a in sys.argv[2:] if not a.startswith('--')]
     options = set(sys.argv[2:]) - set(args)
     usage = ("usage: python data.py build_kinetics_lists ROOT OUT [--check=True]\n"
              "  ROOT holds k400/, k600/, k700/, each with train/ and val/ class folders of videos; OUT gets the\n"
-             "  K722 / K400 / K600 / K700 lists, class names and K722 mappings; --check opens every video")
+             "  K722 / K400 / K600 / K700 lists, class names and K722 mappings; --check opens every video\n"
+             "usage: python data.py index SOURCE [SOURCE ...] [--videos=True]\n"
+             "  builds (or finds) the cached index of each image folder, path list or COCO-format .json in\n"
+             "  $EVA_INDEX_DIR (else ~/.cache/eva-index), e.g. on a login node before the job; --videos: video folders")
     if {'-h', '--help'} & set(sys.argv[1:]):
         print(usage)
+        sys.exit(0)
+    if sys.argv[1:2] == ['index'] and args and not options - {'--videos=True', '--videos=False'}:
+        for path in args:
+            try:
+                if path.endswith('.json'):
+                    CocoDetection(path, '')
+                else:
+                    (VideoFiles if '--videos=True' in options else ImageFiles)(path)
+            except (OSError, ValueError) as e:
+                sys.exit(f"error: {e}")
         sys.exit(0)
     if sys.argv[1:2] != ['build_kinetics_lists'] or len(args) != 2 or options - {'--check=True', '--check=False'}:
         sys.exit(usage)

@@ -203,7 +203,7 @@ def robustness_sets():
         src, mapping = ImageFiles(objectnet_path), json.load(open(objectnet_mapping))
         classes = sorted({c for v in mapping.values() for c in v})
         sets['ObjectNet'] = (Samples(src, tf, seed), classes,
-                             lambda i: mapping.get(src.classes[src.items[i][1]], []))
+                             lambda i: mapping.get(src.classes[src.label(i)], []))
     return sets
 
 

@@ -132,7 +132,7 @@ else:
     names = getattr(val_src, 'classes', None)  # class folders, or None (a list)
 if names is not None and len(names) != num_classes:
     config_error(f"{len(names)} class names (class_names or the val folders) for num_classes={num_classes}")
-found = max(label for _, label in val_src.items) + 1
+found = int(val_src.labels.max()) + 1
 if found > num_classes:
     config_error(f"val_data_path {val_data_path} has labels up to {found - 1}, the head num_classes={num_classes}")
 val_single = Samples(val_src, VideoClips(num_frames, img_size, train=False), seed)  # per epoch: 1 clip, centre

@@ -179,7 +179,8 @@ def retrieval_setup():
         return None
     pairs = CaptionFiles(retrieval_data, csv_img_key, csv_caption_key, csv_separator)
     images, captions, owner, dropped = {}, [], [], []
-    for i, (path, caption) in enumerate(pairs.items):
+    for i in range(len(pairs)):
+        path, caption = pairs.image(i), pairs.captions[i]
         if not caption.strip() or not os.path.isfile(path):
             dropped.append(pairs.name(i))
             continue

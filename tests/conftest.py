@@ -29,6 +29,12 @@ def log_rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
 
 
+@pytest.fixture(autouse=True, scope='session')
+def index_cache(tmp_path_factory):
+    """The suite's data indexes (data.cached_index) in a folder of its own, for its runs too, not in ~/.cache."""
+    os.environ['EVA_INDEX_DIR'] = str(tmp_path_factory.mktemp('eva-index'))
+
+
 @pytest.fixture
 def run_readme(monkeypatch, tmp_path):
     """run_readme(marker, **links): runs the README's ```python block that contains `marker`, verbatim, in a fresh

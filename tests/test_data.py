@@ -2,6 +2,9 @@
 the synthetic dataset, config overrides."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,16 +59,16 @@ def test_sampler_disjoint_complete_and_resumable():
     ranks = [ResumableSampler(n, 2, r, seed=3) for r in range(2)]
     for s in ranks:
         s.set_epoch(1)
-    a, b = ranks[0].indices(), ranks[1].indices()
+    a, b = list(ranks[0]), list(ranks[1])
     assert len(a) == len(b) == 12 and set(a) | set(b) == set(range(n))
     assert len(set(a) & set(b)) == 1  # the one padding repeat, as DistributedSampler pads
-    full = ranks[0].indices()
+    full = list(ranks[0])
     ranks[0].set_epoch(1, start=5, stop=10)
-    assert ranks[0].indices() == full[5:10] and len(ranks[0]) == 5
+    assert list(ranks[0]) == full[5:10] and len(ranks[0]) == 5
     ranks[0].set_epoch(2)
-    assert ranks[0].indices() != full  # a new order each epoch
+    assert list(ranks[0]) != full  # a new order each epoch
     # evaluation: no padding, every sample exactly once over an odd-sized set
-    ev = [ResumableSampler(n, 2, r, shuffle=False, pad=False).indices() for r in range(2)]
+    ev = [list(ResumableSampler(n, 2, r, shuffle=False, pad=False)) for r in range(2)]
     assert sorted(ev[0] + ev[1]) == list(range(n))
 
 
@@ -89,7 +92,7 @@ def test_image_folder_modes_labels_and_bad_file(tmp_path, capsys):
     names = [os.path.relpath(src.name(i), tmp_path) for i in range(len(src))]
     assert names == ['cls_a/cmyk.jpg', 'cls_a/rgb.jpg', 'cls_b/corrupt.jpg', 'cls_b/gray.png', 'cls_b/gray16.png',
                      'cls_b/rgba.png', 'cls_b/deep/palette.png']
-    assert [label for _, label in src.items] == [0, 0, 1, 1, 1, 1, 1]
+    assert src.labels.tolist() == [0, 0, 1, 1, 1, 1, 1]
     for i, name in enumerate(names):
         if 'corrupt' not in name:
             im, _ = src.load(i)
@@ -107,8 +110,34 @@ def test_path_list_and_merged_roots(tmp_path):
     save_images(tmp_path / 'a')
     (tmp_path / 'list.txt').write_text('a/cls_a/rgb.jpg 4\n\na/cls_b/gray.png\n')
     src = ImageFiles(f"{tmp_path / 'list.txt'},{tmp_path / 'a' / 'cls_a'}")
-    assert len(src) == 4 and src.items[0] == (str(tmp_path / 'a/cls_a/rgb.jpg'), 4)
-    assert src.items[1][1] == -1 and src.load(1)[0].mode == 'RGB'
+    assert len(src) == 4 and (src.name(0), src.label(0)) == (str(tmp_path / 'a/cls_a/rgb.jpg'), 4)
+    assert src.label(1) == -1 and src.load(1)[0].mode == 'RGB'
+
+
+def test_index_is_mapped_rebuilt_on_a_change_and_built_once_by_two_processes(tmp_path, capsys):
+    """A list's index: memory-mapped arrays (no Python object per entry); read back from the cache the second time;
+    rebuilt when the list changes, even at the same size within the file system's clock tick; two processes
+    started together build it once (the second waits for the first's lock and reads it) and see the same entries."""
+    lst = tmp_path / 'list.txt'
+    lst.write_text('a/x.jpg 1\nb c/y z.jpg 22\n/abs/top.png\n')
+    src = ImageFiles(str(lst))
+    assert 'index built' in capsys.readouterr().out
+    index = src.parts[0][1]
+    assert all(isinstance(a, np.memmap) for a in index.values()) and len(index['dir']) == 3
+    assert [src.name(i) for i in range(3)] == [str(tmp_path / 'a/x.jpg'), str(tmp_path / 'b c/y z.jpg'), '/abs/top.png']
+    assert src.labels.tolist() == [1, 22, -1]
+    ImageFiles(str(lst))
+    assert 'index read' in capsys.readouterr().out
+    lst.write_text('a/x.jpg 1\nb c/y z.jpg 23\n/abs/top.png\n')  # same size, same clock tick
+    assert ImageFiles(str(lst)).labels.tolist() == [1, 23, -1] and 'index built' in capsys.readouterr().out
+    lst.write_text(''.join(f'img/{i}.jpg {i}\n' for i in range(20000)))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data import ImageFiles; "
+            "s = ImageFiles(sys.argv[2]); print(len(s), s.name(19999), s.labels.sum())")
+    procs = [subprocess.Popen([sys.executable, '-c', code, ROOT, str(lst)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert sorted(re.search('index (built|read)', o).group(1) for o in outs) == ['built', 'read'], outs
+    assert {o.splitlines()[-1] for o in outs} == {f"20000 {tmp_path / 'img/19999.jpg'} {sum(range(20000))}"}
 
 
 def test_missing_or_empty_root_named(tmp_path):
@@ -173,11 +202,12 @@ def run_config(tmp_path, *args):
 
 def test_configurator_overrides_and_types(tmp_path):
     (tmp_path / 'cfg.py').write_text("import math\nlr = 5e-4\ncrop_scale = [0.5, 1.0]\n")
-    r = run_config(tmp_path, 'cfg.py', '--batch_size=512', '--init_from=ckpt/a=b.pt', '--use_ema=True', '--lr=1')
+    r = run_config(tmp_path, 'cfg.py', '--batch_size=512', '--init_from=ckpt/a=b.pt', '--use_ema=True', '--lr=1',
+                   '--out_dir=2017')
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert cfg == {'lr': 1.0, 'batch_size': 512, 'crop_scale': [0.5, 1.0], 'use_ema': True,
-                   'init_from': 'ckpt/a=b.pt', 'out_dir': 'out'}
+                   'init_from': 'ckpt/a=b.pt', 'out_dir': '2017'}  # a string setting keeps digits as typed
 
 
 def test_configurator_errors_and_help(tmp_path):

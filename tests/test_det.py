@@ -5,6 +5,7 @@ evaluate as 1."""
 import json
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from conftest import log_rows, run_stage
-from data import CocoDetection, LargeScaleJitter, masks_to_box, write_synthetic_scenes
+from data import CocoDetection, LargeScaleJitter, coco_rle, mask_util, masks_to_box, write_synthetic_scenes
 from det_model import (LAYER_DECAY, Anchors, Backbone, CascadeMaskRCNN, DetConfig, RelPosAttention, ViTDet,
                        fed_loss_classes, load_detector, match, maskness, rel_pos_table, soft_nms, window_partition,
                        window_unpartition)
@@ -271,6 +272,43 @@ def test_bad_annotations_are_skipped_named_and_counted(tmp_path, capsys):
         CocoDetection(str(tmp_path / 'not_coco.json'), folder)
 
 
+def test_the_json_index_gives_what_the_json_says(tmp_path):
+    """CocoDetection's columnar index (data.index_coco) against the json read plainly: annotations shuffled over the
+    images, an image without any, one with crowd annotations only, LVIS's coco_url, unsorted category ids, polygons
+    and RLE; each image's boxes (clipped, json order), labels and masks, the training filter, the class counts."""
+    folder = write_synthetic_scenes(str(tmp_path / 'scenes'), 6, 4, img_size=64)
+    d = json.load(open(os.path.join(folder, 'instances_train.json')))
+    random.Random(0).shuffle(d['annotations'])
+    d['categories'] = d['categories'][::-1]
+    d['images'][1]['coco_url'] = 'http://images.cocodataset.org/' + d['images'][1].pop('file_name')
+    d['annotations'] = [a for a in d['annotations'] if a['image_id'] != d['images'][2]['id']]
+    assert d['annotations'][0]['image_id'] == d['images'][0]['id']  # the polygon below is on an image trained on
+    for a in d['annotations']:  # (the annotations' ids: 1, 2, ...)
+        a['iscrowd'] = int(a['image_id'] == d['images'][3]['id'])
+        a['bbox'][2] += 70 * (a['id'] % 2)  # out of the image: clipped
+    x, y, w, h = d['annotations'][0]['bbox']
+    d['annotations'][0]['segmentation'] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon among the RLEs
+    (tmp_path / 'odd.json').write_text(json.dumps(d))
+    cats = sorted(c['id'] for c in d['categories'])
+    for train in (True, False):
+        src = CocoDetection(str(tmp_path / 'odd.json'), folder, train=train)
+        images = [im for im in d['images'] if not train or any(a['image_id'] == im['id'] and not a['iscrowd']
+                                                               for a in d['annotations'])]
+        assert len(src) == len(images) == 6 - 2 * train
+        for i, im in enumerate(images):
+            img, t = src.load(i)
+            anns = [a for a in d['annotations'] if a['image_id'] == im['id'] and not a['iscrowd']]
+            boxes = [[x, y, min(x + w, 64), min(y + h, 64)] for x, y, w, h in (a['bbox'] for a in anns)]
+            assert src.path(i) == os.path.join(folder, im.get('file_name', 'train/' + f"{im['id'] - 1:05d}.png"))
+            assert t['image_id'] == im['id'] and t['boxes'].tolist() == boxes
+            assert t['labels'].tolist() == [cats.index(a['category_id']) for a in anns]
+            masks = [mask_util.decode(coco_rle(a['segmentation'], 64, 64)) for a in anns]
+            assert t['masks'].shape == (len(anns), 64, 64) and all((m == t['masks'][k].numpy()).all()
+                                                                    for k, m in enumerate(masks))
+    shown = {(a['image_id'], a['category_id']) for a in d['annotations']}
+    assert src.image_counts().tolist() == [sum((i, c) in shown for i in range(1, 7)) for c in cats]
+
+
 def test_federated_loss_by_hand():
     weight = torch.tensor([1.0, 0.0, 4.0, 9.0, 0.0])
     torch.manual_seed(0)
@@ -403,13 +441,13 @@ def test_repeat_factors_by_hand_and_the_sampler_repeats_them(tmp_path):
     twice = 0
     for epoch in range(400):
         sampler.set_epoch(epoch)
-        idx = sampler.indices()
+        idx = list(sampler)
         assert len(idx) == 5 and set(idx) == {0, 1, 2, 3}  # a short draw (image 2 once) is wrapped to 5
         twice += idx.count(2) >= 2 and idx.count(0) == 1  # image 2 drawn twice: nothing wrapped
     assert abs(twice / 400 - (math.sqrt(3) - 1)) < 0.08
     other = ResumableSampler(4, repeat_factors=r)
     other.set_epoch(399)
-    assert other.indices() == idx  # the epoch's draw depends on (seed, epoch) only
+    assert list(other) == idx  # the epoch's draw depends on (seed, epoch) only
 
 
 def test_lvis_style_evaluation_scores_only_the_federated_classes(tmp_path):

@@ -129,11 +129,11 @@ def test_variant_folders_keep_the_1000_class_labels(tmp_path):
     for folder in ('0', '2', '10', '999'):  # ImageNet-V2: sorted as strings these would be 0, 10, 2, 999
         os.makedirs(tmp_path / 'v2' / folder)
         img.save(tmp_path / 'v2' / folder / 'a.jpeg')
-    assert [lab for _, lab in ImageFiles(str(tmp_path / 'v2'), in1k).items] == [0, 10, 2, 999]
+    assert ImageFiles(str(tmp_path / 'v2'), in1k).labels.tolist() == [0, 10, 2, 999]
     for i in imagenet_subset('a')[:2]:  # ImageNet-A: 200 WordNet-id folders, labels in the 1000 space
         os.makedirs(tmp_path / 'a' / in1k[i])
         img.save(tmp_path / 'a' / in1k[i] / 'x.jpg')
-    assert [lab for _, lab in ImageFiles(str(tmp_path / 'a'), in1k).items] == imagenet_subset('a')[:2]
+    assert ImageFiles(str(tmp_path / 'a'), in1k).labels.tolist() == imagenet_subset('a')[:2]
     os.makedirs(tmp_path / 'a' / 'n99999999')
     img.save(tmp_path / 'a' / 'n99999999' / 'x.jpg')
     with pytest.raises(ValueError, match='n99999999'):
@@ -172,7 +172,7 @@ def test_robustness_table_against_a_manual_count(tmp_path):
         with torch.no_grad():
             return m(torch.stack([ds[i]['image'] for i in range(len(ds))])), src
     la, src = logits('ina')
-    truth = torch.tensor([sub[lab] for _, lab in src.items])
+    truth = torch.tensor([sub[lab] for lab in src.labels])
     pred = torch.tensor(sub)[la[:, sub].argmax(1)]  # argmax among the 200 only
     assert res['IN-A']['images'] == 9 and res['IN-A']['top1'] == pytest.approx(100 * (pred == truth).float().mean())
     lv, _ = logits('v2')

@@ -172,7 +172,7 @@ def test_two_ranks_zero1_disjoint_data_identical_weights(tmp_path):
     for a, b in zip(r0, r1):
         assert len(a['indices']) == len(b['indices']) == 8 and not set(a['indices']) & set(b['indices'])
     # the split is the sampler's: rank r takes every 2nd index of the epoch's permutation
-    expect = [ResumableSampler(128, 2, r, seed=0).indices()[:16] for r in range(2)]
+    expect = [list(ResumableSampler(128, 2, r, seed=0))[:16] for r in range(2)]
     assert r0[0]['indices'] + r0[1]['indices'] == expect[0] and r1[0]['indices'] + r1[1]['indices'] == expect[1]
 
 

@@ -290,7 +290,7 @@ def test_seg_files_pair_skip_and_name_bad_labels(tmp_path, capsys):
     Image.fromarray(np.zeros((30, 48), np.uint8)).save(os.path.join(ann, '1.png'))  # another size
     Image.fromarray(np.full((40, 48), 7, np.uint8)).save(os.path.join(ann, '2.png'))  # class 7 of 4
     src = SegFiles(img, ann, num_classes=4)
-    assert src.names == ['0', '1', '2', '3', '4'] and src.unpaired == ['5', 'extra']
+    assert list(src.names) == ['0', '1', '2', '3', '4'] and src.unpaired == ['5', 'extra']
     assert '2 of' in capsys.readouterr().err
     img0, label0 = src.load(0)
     assert img0.shape == (3, 40, 48) and label0.shape == (40, 48) and label0.max() < 4

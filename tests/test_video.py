@@ -137,7 +137,7 @@ def test_decord_frames_equal_pyav_decoding(videos):
 def test_clips_and_views_have_their_shapes_and_labels(videos):
     src = VideoFiles(os.path.join(videos, 'train.txt'))
     names = open(os.path.join(videos, 'classes.txt')).read().split('\n')
-    assert ' moving ' in src.name(0) and names[src.items[0][1]] in src.name(0)  # paths with spaces, label last
+    assert ' moving ' in src.name(0) and names[src.label(0)] in src.name(0)  # paths with spaces, label last
     assert VideoFiles(os.path.join(videos, 'train')).classes == names[:4]  # class folders: the same labels
     train = Samples(src, VideoClips(4, 32), seed=0)
     a, b = train[3], train[3]
