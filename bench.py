@@ -519,9 +519,11 @@ def memory():
 
 def index_probe(kind, path, read, barrier=None, results=None):
     """In a fresh process: build or read a source's index, read every entry once (read: ImageFiles' name and label,
-    CocoDetection's target), then, with a barrier, wait for the other probe before measuring (both alive: PSS
-    splits the shared pages). -> its figures in results (a Queue)."""
+    CocoDetection's target); with a barrier, two probes measure before and after at the same moments (both alive,
+    so that PSS splits the pages they share the same way). -> its figures in results (a Queue)."""
     import resource
+    if barrier is not None:
+        barrier.wait()  # both started: the libraries' shared pages split between them before and after alike
     base = memory()
     t = time.perf_counter()
     src = ImageFiles(path) if kind == 'list' else CocoDetection(path, '', masks=False)
@@ -531,15 +533,19 @@ def index_probe(kind, path, read, barrier=None, results=None):
             src.name(i), src.label(i)
         else:
             src.target(i, 800, 1067)
+    read = time.perf_counter() - t - start
     if barrier is not None:
         barrier.wait()
     end = memory()
     out = {k: end[k] - base[k] for k in end}
-    out.update(start_s=start, read_s=time.perf_counter() - t - start, n=len(src),
+    out.update(start_s=start, read_s=read, n=len(src),
                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base['rss'])
+    t = time.perf_counter()  # an epoch's order at 128 ranks, to the first index of rank 0
+    next(iter(ResumableSampler(len(src), 128, 0)))
+    out['sampler_s'] = time.perf_counter() - t
+    results.put(out)
     if barrier is not None:
         barrier.wait()  # the other probe has measured too
-    results.put(out)
 
 
 class NamesOnly(torch.utils.data.Dataset):
@@ -614,8 +620,9 @@ def index_mode():
         print(f"{kind} {n:,} ({row['file_mb']:.0f} MB; {entries:,} {whats}): built in "
               f"{row['build']['start_s']:.1f} s (builder peak +{row['build']['peak'] / 2 ** 30:.2f} GiB) | start-up "
               f"from the cache {row['one']['start_s']:.2f} s | after reading all ({row['one']['read_s']:.0f} s): "
-              f"+{row['bytes_per_entry']:.1f} B a {what} RSS, "
-              f"two processes {row['two_vs_one_pss']:.2f}x one by PSS" + (f" | workers: {growth}" if w else ''),
+              f"+{row['bytes_per_entry']:.1f} B per {what} (RSS), "
+              f"two processes {row['two_vs_one_pss']:.2f}x one by PSS | an epoch's order at 128 ranks "
+              f"{row['one']['sampler_s']:.2f} s" + (f" | workers: {growth}" if w else ''),
               flush=True)
     return results
 

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import time
 import warnings
 
 # idle OpenMP threads sleep instead of spinning: spinning threads that wait for one descheduled by any other load on
@@ -83,7 +85,16 @@ def init_distributed(num_workers=0):
         torch.cuda.set_device(local_rank)
     # what runs in float32 (the losses, the EMA, evaluation of fp32 weights) may use TF32 matmuls (A100 and later)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo')
+    backend = 'nccl' if cuda else 'gloo'
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':  # torchrun: its agent hosts the group's store
+        # a group restarted by --max-restarts would read the keys of the attempt before, left in the agent's store
+        # under the same names: the dead ranks' addresses, refused (gloo and NCCL alike; PyTorch issue 167288).
+        # One prefix an attempt; DeepSpeed then takes the group as it finds it
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world, is_master=False)
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        dist.init_process_group(backend, store=dist.PrefixStore(f'attempt{attempt}/', store), rank=rank,
+                                world_size=world)
+    deepspeed.init_distributed(dist_backend=backend)
     return rank, local_rank, world, torch.device('cuda', local_rank) if cuda else torch.device('cpu')
 
 
@@ -245,6 +256,9 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
     if rank == 0:
         for name, obj in (files or {}).items():
             atomic_save(obj, os.path.join(out_dir, name))
+        folder = os.path.join(ckpt_dir, tag)  # its files and sizes, checked at resume: a crash or a full disk shows
+        sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+        atomic_save(json.dumps(sizes), os.path.join(folder, MANIFEST))
         atomic_save(tag, os.path.join(ckpt_dir, 'latest'))
         older = sorted(int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit())
         for s in [s for s in older if s != step][:max(len(older) - max(keep, 1), 0)]:
@@ -254,22 +268,88 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
     dist.barrier()
 
 
-def resume(engine, out_dir, seed, config):
-    """DeepSpeed's and this rank's RNG states from out_dir/ckpt/latest -> (step, client_state), saying which settings
-    changed since that run (its out_dir/config.json); a checkpoint of another model is a config error. With none
-    there, torch and numpy seeded with seed + rank (drop path, augmentation differ across ranks) -> (0, {})."""
-    rank, ckpt_dir = dist.get_rank(), os.path.join(out_dir, 'ckpt')
+MANIFEST = 'complete.json'  # a checkpoint folder's list of files and sizes, written once all of them are
+
+
+def check_shared(out_dir):
+    """Every rank must see what rank 0 writes in out_dir (checkpoints are written by all ranks, 'latest' and the
+    exports by rank 0, and read back by all): one file written by rank 0, read by each; else one error."""
+    token, path = [f"{socket.gethostname()} {os.getpid()} {time.time()}"], os.path.join(out_dir, '.shared')
+    dist.broadcast_object_list(token, src=0)
+    if dist.get_rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_save(token[0], path)
+    dist.barrier()
+    seen = os.path.exists(path) and open(path).read() == token[0]
+    blind = [None] * dist.get_world_size()
+    dist.all_gather_object(blind, None if seen else f"rank {dist.get_rank()} on {socket.gethostname()}")
+    blind = [b for b in blind if b]
+    if blind:
+        config_error(f"out_dir {out_dir} is not shared: {', '.join(blind[:4])} cannot see what rank 0 writes there. "
+                     f"Put out_dir on a file system every node sees")
+
+
+def complete_checkpoint(ckpt_dir):
+    """The newest checkpoint folder of ckpt_dir, from the one 'latest' names down, whose files are all there with the
+    sizes its manifest lists (one that a crash or a full disk cut short is passed over) -> (tag or None, what was
+    passed over and why)."""
     if not os.path.exists(os.path.join(ckpt_dir, 'latest')):
+        return None, []
+    latest = open(os.path.join(ckpt_dir, 'latest')).read().strip()
+    steps = sorted((int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit()), reverse=True)
+    passed = []
+    for tag in [latest] + [f'step{s}' for s in steps if f'step{s}' != latest]:
+        manifest = os.path.join(ckpt_dir, tag, MANIFEST)
+        if not os.path.exists(manifest):  # the one 'latest' names: written before manifests, taken unchecked
+            if tag == latest and os.path.isdir(os.path.join(ckpt_dir, tag)):
+                return tag, passed
+            passed.append(f"{tag}: unfinished")
+            continue
+        bad = []
+        for f, size in json.load(open(manifest)).items():
+            path = os.path.join(ckpt_dir, tag, f)
+            if not os.path.exists(path) or os.path.getsize(path) != size:
+                bad.append(f"{f} {'truncated' if os.path.exists(path) else 'missing'}")
+        if not bad:
+            return tag, passed
+        passed.append(f"{tag}: {', '.join(bad[:3])}")
+    return None, passed
+
+
+def resume(engine, out_dir, seed, config):
+    """DeepSpeed's and this rank's RNG states from out_dir/ckpt's newest complete checkpoint -> (step, client_state),
+    saying which settings changed since that run (its out_dir/config.json); a checkpoint of another model, or of
+    another number of processes, is a config error. With none there, torch and numpy seeded with seed + rank (drop
+    path, augmentation differ across ranks) -> (0, {}). All ranks take the checkpoint rank 0 chose, in an out_dir
+    they all see (check_shared)."""
+    rank, world, ckpt_dir = dist.get_rank(), dist.get_world_size(), os.path.join(out_dir, 'ckpt')
+    if world > 1:
+        check_shared(out_dir)
+    choice = [complete_checkpoint(ckpt_dir) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    tag, passed = choice[0]
+    if tag is None and passed:
+        config_error(f"{ckpt_dir} holds no complete checkpoint ({'; '.join(passed)}): move it away to start afresh")
+    if passed:
+        print0(f"warning: {ckpt_dir}: passed over {'; '.join(passed)}: resuming from {tag}")
+    if tag is None:
         torch.manual_seed(seed + rank)
         np.random.seed(seed + rank)
         return 0, {}
-    tag, old = open(os.path.join(ckpt_dir, 'latest')).read().strip(), os.path.join(out_dir, 'config.json')
+    saved = len([f for f in os.listdir(os.path.join(ckpt_dir, tag)) if f.startswith('rng_rank')])
+    if saved != world and engine.zero_optimization_stage() > 0:
+        config_error(f"{ckpt_dir}/{tag} was written by {saved} processes, this run has {world}: ZeRO splits the "
+                     f"optimizer state by process. Resume with {saved}, or start another out_dir from its weights "
+                     f"(init_from= the weights file this out_dir exports)")
+    old = os.path.join(out_dir, 'config.json')
     old = json.load(open(old)) if os.path.exists(old) else {}
     changed = ', '.join(f"{k} {old[k]!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
                         if k in old and old[k] != v and k != 'stop_step')
     try:
         path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     except RuntimeError as e:  # e.g. 'size mismatch for pos_embed', once per tensor
+        if 'PytorchStreamReader' in str(e):  # a file that changed after its manifest was written
+            config_error(f"{ckpt_dir}/{tag} has an unreadable file ({str(e).strip().splitlines()[-1].strip()})")
         config_error(f"{ckpt_dir}/{tag} holds another model ({str(e).strip().splitlines()[-1].strip()}); settings "
                      f"changed since it was written: {changed or 'none'}. Use another out_dir to start afresh")
     if path is None:
@@ -325,6 +405,9 @@ def open_log(out_dir, header, wandb_project='', wandb_run_name=''):
     atomic_save(json.dumps(header['config'], indent=1) + '\n', os.path.join(out_dir, 'config.json'))
     path, wandb = os.path.join(out_dir, 'log.jsonl'), None
     rows = open(path).readlines() if os.path.exists(path) else []
+    lost = max((_row_step(r) for r in rows if _row_step(r) < math.inf), default=0) - header['start_step']
+    if lost > 0:
+        print0(f"{lost} steps lost: the log went on to step {header['start_step'] + lost}, redone from its checkpoint")
     atomic_save(''.join(r for r in rows if _row_step(r) <= header['start_step']), path)
     f = open(path, 'a')
     print(json.dumps(header), file=f, flush=True)

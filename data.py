@@ -25,6 +25,7 @@ turns a source into a torch Dataset whose i-th sample depends only on (seed, epo
 with any number of workers, before and after a resume.
 """
 import array
+import bisect
 import colorsys
 import csv
 import fcntl
@@ -185,7 +186,8 @@ def cached_index(kind, key, build):
                 os.rename(tmp, folder)
             except OSError:  # another node's build got there first: the same index
                 shutil.rmtree(tmp, ignore_errors=True)
-    index = {f[:-4]: np.load(os.path.join(folder, f), mmap_mode='r') for f in os.listdir(folder) if f.endswith('.npy')}
+    index = {f[:-4]: np.load(os.path.join(folder, f), mmap_mode='r').view(np.ndarray)  # (a plain array slices 5x
+             for f in os.listdir(folder) if f.endswith('.npy')}                            # faster than a memmap)
     return index, f"index {how} in {time.time() - start:.1f} s ({folder})"
 
 
@@ -262,7 +264,7 @@ class ImageFiles:
         if not roots:
             raise ValueError("no image root given")
         self.class_list = classes  # None: the sorted folder names of each root
-        self.parts, starts = [], [0]  # per root: (base folder, its index, its dirs, its files, label lookup or None)
+        self.parts, self.starts = [], [0]  # per root: (base, index, dirs, files, label lookup or None); its start
         for root in roots:
             if os.path.isdir(root):
                 index, how = cached_index('folder', [stamp(root, subfolders=True), self.EXTENSIONS],
@@ -277,8 +279,7 @@ class ImageFiles:
                 raise FileNotFoundError(f"no files ({', '.join(self.EXTENSIONS)}) under {root}")
             say(f"{root}: {len(index['dir']):,} files, {how}")
             self.parts.append((base, index, Strings(index, 'dirs'), Strings(index, 'files'), lookup))
-            starts.append(starts[-1] + len(index['dir']))
-        self.starts = np.array(starts)
+            self.starts.append(self.starts[-1] + len(index['dir']))
 
     def _folder_labels(self, root, folders):
         """The label of each first-level folder (and -1 last, for the files in root itself: index -1)."""
@@ -295,11 +296,11 @@ class ImageFiles:
         return np.array([index[f] for f in folders] + [-1], dtype=np.int64)
 
     def __len__(self):
-        return int(self.starts[-1])
+        return self.starts[-1]
 
     def _find(self, i):
-        r = int(np.searchsorted(self.starts, i, side='right')) - 1
-        return self.parts[r], i - int(self.starts[r])
+        r = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[r], i - self.starts[r]
 
     def name(self, i):
         (base, index, dirs, files, _), j = self._find(i)

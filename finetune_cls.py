@@ -266,8 +266,8 @@ train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, clas
 steps_per_epoch = len(train_set) // batch_size
 if steps_per_epoch == 0:
     config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
-labels = (lab for _, lab in getattr(train_set.source, 'items', []))  # class folders or list labels
-found = max(labels, default=-1) + 1 or getattr(train_set.source, 'num_classes', 0)  # or the synthetic classes
+labels = getattr(train_set.source, 'labels', None)  # class folders' or a list's labels (an array)
+found = int(labels.max(initial=-1)) + 1 if labels is not None else train_set.source.num_classes  # or the synthetic
 if found > num_classes:
     config_error(f"data_path {data_path} has {found} classes, more than the head's num_classes={num_classes}")
 if found < num_classes and not class_list:

@@ -123,7 +123,7 @@ def test_index_is_mapped_rebuilt_on_a_change_and_built_once_by_two_processes(tmp
     src = ImageFiles(str(lst))
     assert 'index built' in capsys.readouterr().out
     index = src.parts[0][1]
-    assert all(isinstance(a, np.memmap) for a in index.values()) and len(index['dir']) == 3
+    assert all(isinstance(a.base, np.memmap) for a in index.values()) and len(index['dir']) == 3
     assert [src.name(i) for i in range(3)] == [str(tmp_path / 'a/x.jpg'), str(tmp_path / 'b c/y z.jpg'), '/abs/top.png']
     assert src.labels.tolist() == [1, 22, -1]
     ImageFiles(str(lst))

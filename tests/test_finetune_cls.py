@@ -232,3 +232,14 @@ def test_predict_prints_the_top5_of_the_ema_weights(trained, tmp_path):
         top = pr.topk(5)
         expect = ', '.join(f"{SyntheticShapes.SHAPES[c]} {v:.1%}" for v, c in zip(*(t.tolist() for t in top)))
         assert f"{p}: {expect}" in log, log[-1500:]
+
+
+def test_more_class_folders_than_the_head_is_one_error(tmp_path):
+    src = SyntheticShapes(12, 32, seed=4)
+    for i in range(12):
+        os.makedirs(tmp_path / 'train' / f'class{i:02d}')
+        src.load(i)[0].save(tmp_path / 'train' / f'class{i:02d}' / f'{i}.png')
+    r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={tmp_path / "out"}', '--batch_size=12',
+                  f'--data_path={tmp_path / "train"}', '--num_classes=10', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        f"error: data_path {tmp_path / 'train'} has 12 classes, more than the head's num_classes=10", r.stderr[-2000:]

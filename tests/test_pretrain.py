@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,51 @@ def test_srun_tasks_and_two_torchrun_nodes_train_as_one_torchrun(tmp_path):
         for r in (0, 1):
             assert open(tmp_path / name / f'samples_rank{r}.jsonl').read() == \
                 open(tmp_path / 'torchrun' / f'samples_rank{r}.jsonl').read()
+
+
+def test_a_killed_rank_restarts_a_cut_checkpoint_is_passed_over_and_out_dirs_are_checked(tmp_path):
+    """At scale a run meets faults. kill -9 of one rank of `torchrun --nproc_per_node 2 --max-restarts=1`: the group
+    restarts, resumes from the last checkpoint and ends with the losses of an uninterrupted run. A checkpoint cut
+    short (a rank's optimizer file truncated after 'latest' named it): passed over, named, the previous one resumed,
+    the steps lost said, the same losses again. A resume by another number of processes, and two nodes whose out_dir
+    is not the same folder: one error line each."""
+    args = [*TINY, '--synthetic_size=64', '--max_steps=8', '--batch_size=16', '--micro_batch=8', '--ckpt_interval=2',
+            '--keep_ckpts=2']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "full"}', nproc=2, env=env)
+    expect = losses(tmp_path / 'full')
+    # kill -9 of rank 1 once step 4's checkpoint is complete
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1']
+    run = subprocess.Popen(torchrun + ['pretrain.py', *args, f'--out_dir={tmp_path / "killed"}'], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = tmp_path / 'killed' / 'ckpt' / 'latest'
+    while not (latest.exists() and latest.read_text() == 'step4') and run.poll() is None:
+        time.sleep(0.02)
+    rank1 = [p for p in psutil.Process(run.pid).children(recursive=True) if p.environ().get('RANK') == '1']
+    os.kill(rank1[0].pid, signal.SIGKILL)
+    out = run.communicate(timeout=600)[0]
+    assert run.returncode == 0 and 'resumed from' in out and 'at step 4' in out, out[-3000:]
+    assert losses(tmp_path / 'killed') == pytest.approx(expect, rel=1e-6, abs=1e-7)
+    # a cut checkpoint: step 6's rank-1 optimizer states truncated; step 4 resumed, 2 steps lost
+    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', '--stop_step=6', nproc=2, env=env)
+    cut = next((tmp_path / 'cut' / 'ckpt' / 'step6').glob('*rank_1*optim_states.pt'))
+    cut.write_bytes(cut.read_bytes()[:1000])
+    out = run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', nproc=2, env=env).stdout
+    assert f'passed over step6: {cut.name} truncated: resuming from step4' in out, out[-3000:]
+    assert '2 steps lost: the log went on to step 6' in out
+    assert losses(tmp_path / 'cut') == pytest.approx(expect, rel=1e-6, abs=1e-7)
+    # resumed by 1 process: one line saying what to do
+    r = run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', '--max_steps=10', env=env, check=False)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path}/cut/ckpt/step8 was written by 2 processes')
+    # two nodes, each with an out_dir of its own (as a node-local disk would give): one error before training
+    agent = torchrun[:3] + ['--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d', '--rdzv-id=unshared',
+                            f'--rdzv-endpoint=127.0.0.1:{free_port()}', 'pretrain.py', *args]
+    nodes = [subprocess.Popen(agent + [f'--out_dir={tmp_path / f"node{n}"}'], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode != 0 for p in nodes) and not (tmp_path / 'node0' / 'log.jsonl').exists()
+    assert f'error: out_dir {tmp_path / "node0"} is not shared: rank 1 on' in outs[0], outs[0][-3000:]
 
 
 def test_slurm_variables_by_hand():
