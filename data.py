@@ -2,6 +2,8 @@
 Every stage's data, in sections by who uses them:
 
 - image decoding (every stage): load_rgb, read_rgb
+- the index (every stage's files, lists and jsons): cached_index (built once under a lock, memory-mapped by every
+  process), Packer / Strings (string columns), index_folder, index_list (also `python data.py index SOURCE ...`)
 - sources (pretrain, finetune_cls, train_clip; plot, bench): ImageFiles (folder trees, path lists, roots merged),
   SyntheticShapes / SyntheticCaptions (the procedural demo data), CaptionFiles, image_source, caption_source,
   recall_at_k
@@ -14,8 +16,9 @@ Every stage's data, in sections by who uses them:
 - videos (finetune_video): VideoFiles, TSN sampling, crops, decord decoding, VideoClips, write_synthetic_videos,
   build_kinetics_lists (also `python data.py build_kinetics_lists ROOT OUT`)
 - detection (det_seg task='det'): CocoDetection (COCO, LVIS, Objects365), LargeScaleJitter, collate_detection,
-  write_synthetic_scenes (also the segmentation demo's label PNGs)
-- semantic segmentation (det_seg task='seg'): label_lut, SegFiles, SegAugment, photometric_distortion, seg_test_size
+  write_synthetic_scenes (also the segmentation demo's label PNGs); index_coco
+- semantic segmentation (det_seg task='seg'): label_lut, index_pairs, SegFiles, SegAugment, photometric_distortion,
+  seg_test_size
 
 decord (videos), av (writing the synthetic videos) and timm (ImageNet's class lists) are imported where they are
 used: the stages that do not need them do not pay their import.
@@ -1235,7 +1238,7 @@ def index_coco(json_path):
             return None
         return d
     try:
-        with open(json_path, 'rb') as f:
+        with open(json_path, encoding='utf-8') as f:  # text: the parser holds the str only, not its bytes too
             d = json.load(f, object_hook=hook)
     except (ValueError, TypeError, OverflowError) as e:
         raise ValueError(f"{json_path}: not a readable COCO-format json ({e})") from e
