@@ -166,7 +166,7 @@ def cached_index(kind, key, build):
     process to take the lock builds (build() -> {name: array}, written to a temporary folder that is renamed into
     place whole) while the others wait, then all map the same files: a node holds one copy in its page cache for all
     its ranks and DataLoader workers, and no Python object per sample whose reference count would turn the shared
-    pages into private copies (PyTorch issue 13246). -> (index, how: built or read, the time, the folder)."""
+    pages into private copies (PyTorch issue 13246). -> (index, 'index built|read in T s (folder)' for the log)."""
     start, cache = time.time(), index_cache()
     folder = os.path.join(cache, f"{kind}-{hashlib.sha1(json.dumps([INDEX_VERSION, kind, key]).encode()).hexdigest()}")
     try:
@@ -181,9 +181,9 @@ def cached_index(kind, key, build):
             pass
         how = 'read'
         if not os.path.isdir(folder):
-            how, tmp = 'built', f"{folder}.{socket.gethostname()}.{os.getpid()}"
-            os.makedirs(tmp, exist_ok=True)
-            for name, a in build().items():
+            how, tmp, arrays = 'built', f"{folder}.{socket.gethostname()}.{os.getpid()}", build()  # (a failed build
+            os.makedirs(tmp, exist_ok=True)                                                     # leaves nothing)
+            for name, a in arrays.items():
                 np.save(os.path.join(tmp, name + '.npy'), a)
             try:
                 os.rename(tmp, folder)
