@@ -260,7 +260,7 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
         sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
         atomic_save(json.dumps(sizes), os.path.join(folder, MANIFEST))
         atomic_save(tag, os.path.join(ckpt_dir, 'latest'))
-        older = sorted(int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit())
+        older = checkpoint_steps(ckpt_dir)
         for s in [s for s in older if s != step][:max(len(older) - max(keep, 1), 0)]:
             shutil.rmtree(os.path.join(ckpt_dir, f'step{s}'), ignore_errors=True)
     print0(f"saved {ckpt_dir}/{tag}" + ''.join(f", {out_dir}/{n}" for n in files or {}) +
@@ -269,6 +269,11 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
 
 
 MANIFEST = 'complete.json'  # a checkpoint folder's list of files and sizes, written once all of them are
+
+
+def checkpoint_steps(ckpt_dir):
+    """The steps of ckpt_dir's step<N> folders, ascending."""
+    return sorted(int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit())
 
 
 def check_shared(out_dir):
@@ -296,9 +301,8 @@ def complete_checkpoint(ckpt_dir):
     if not os.path.exists(os.path.join(ckpt_dir, 'latest')):
         return None, []
     latest = open(os.path.join(ckpt_dir, 'latest')).read().strip()
-    steps = sorted((int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith('step') and d[4:].isdigit()), reverse=True)
     passed = []
-    for tag in [latest] + [f'step{s}' for s in steps if f'step{s}' != latest]:
+    for tag in [latest] + [f'step{s}' for s in reversed(checkpoint_steps(ckpt_dir)) if f'step{s}' != latest]:
         manifest = os.path.join(ckpt_dir, tag, MANIFEST)
         if not os.path.exists(manifest):  # the one 'latest' names: written before manifests, taken unchecked
             if tag == latest and os.path.isdir(os.path.join(ckpt_dir, tag)):

@@ -1302,7 +1302,7 @@ class CocoDetection:
 
     def target(self, i, h, w):
         """Image i's target for an image of h x w pixels."""
-        image_id, path = int(self.index['image_ids'][self.rows[i]]), self.path(i)
+        image_id = int(self.index['image_ids'][self.rows[i]])
         boxes, labels, masks, dropped = [], [], [], 0
         rows = self.annotations(image_id)
         columns = [self.index[k][rows].tolist() for k in ('ann_crowd', 'ann_boxes', 'ann_cats', 'ann_segms', 'ann_ids')]
@@ -1321,7 +1321,7 @@ class CocoDetection:
                         raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
                     masks.append(torch.from_numpy(m.astype(bool)))
             except Exception as e:
-                print(f"warning: skipping annotation {ann_id} of {path}: {e}", file=sys.stderr)
+                print(f"warning: skipping annotation {ann_id} of {self.path(i)}: {e}", file=sys.stderr)
                 dropped += 1
                 continue
             boxes.append(box)
