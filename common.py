@@ -249,6 +249,10 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
     sums = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(sums, checksum)
     assert all(float(s) == float(sums[0]) for s in sums), f"the ranks' weights diverged: checksums {sums}"
+    # a step saved again (redone after a resume from an earlier one) is not complete until its new files are
+    stale = os.path.join(ckpt_dir, tag, MANIFEST)
+    if rank == 0 and os.path.exists(stale):
+        os.remove(stale)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, 'step': step}, save_latest=False)
     atomic_save({'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'cuda': torch.cuda.get_rng_state()
                  if torch.cuda.is_available() else None}, os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'))
@@ -257,7 +261,7 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
         for name, obj in (files or {}).items():
             atomic_save(obj, os.path.join(out_dir, name))
         folder = os.path.join(ckpt_dir, tag)  # its files and sizes, checked at resume: a crash or a full disk shows
-        sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+        sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != MANIFEST}
         atomic_save(json.dumps(sizes), os.path.join(folder, MANIFEST))
         atomic_save(tag, os.path.join(ckpt_dir, 'latest'))
         older = checkpoint_steps(ckpt_dir)

@@ -183,52 +183,60 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_srun_tasks_and_two_torchrun_nodes_train_as_one_torchrun(tmp_path):
-    """The same 3 steps on 2 processes three ways, one OpenMP thread each: `torchrun --nproc_per_node 2`; two
-    processes with only the variables `srun -n 2 python pretrain.py` gives its tasks (common.slurm_env: rank, world,
-    master host from the node list, port from the job id); two torchrun agents as two nodes (`--nnodes 2
-    --nproc_per_node 1`, c10d rendezvous on 127.0.0.1). The same micro-batches and bit-identical losses."""
-    args = [*TINY, '--synthetic_size=64', '--max_steps=3', '--batch_size=16', '--micro_batch=8', '--log_samples=True']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "torchrun"}', nproc=2, env=env)
+# 8 steps on 2 processes, one OpenMP thread each, a checkpoint every 2 steps: the launch and fault tests' runs
+TWO = [*TINY, '--synthetic_size=64', '--max_steps=8', '--batch_size=16', '--micro_batch=8', '--ckpt_interval=2',
+       '--keep_ckpts=2', '--log_samples=True']
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+@pytest.fixture(scope='module')
+def torchrun_run(tmp_path_factory):
+    """TWO under `torchrun --nproc_per_node 2`, uninterrupted: the reference of the tests below."""
+    out = tmp_path_factory.mktemp('torchrun')
+    run_stage('pretrain.py', *TWO, f'--out_dir={out}', nproc=2, env=ONE_THREAD)
+    expect = losses(out)
+    assert sorted(expect) == list(range(1, 9))
+    return out, expect
+
+
+def test_srun_tasks_and_two_torchrun_nodes_train_as_one_torchrun(tmp_path, torchrun_run):
+    """The same 8 steps on 2 processes three ways: `torchrun --nproc_per_node 2`; two processes with only the
+    variables `srun -n 2 python pretrain.py` gives its tasks (common.slurm_env: rank, world, master host from the node
+    list, port from the job id); two torchrun agents as two nodes (`--nnodes 2 --nproc_per_node 1`, c10d rendezvous
+    on 127.0.0.1). The same micro-batches and bit-identical losses."""
+    reference, expect = torchrun_run
     port = free_port()  # the job id whose port is free now
     slurm = dict(SLURM_JOB_ID=str(port - 15000), SLURM_STEP_NUM_TASKS='2', SLURM_NTASKS='2', SLURM_NODEID='0',
                  SLURM_JOB_NODELIST='127.0.0.1', SLURM_STEP_NODELIST='127.0.0.1', SLURM_STEP_TASKS_PER_NODE='2')
     agent = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
              f'--rdzv-endpoint=127.0.0.1:{free_port()}', '--rdzv-id=two_nodes']
-    launches = {'srun': [([sys.executable, 'pretrain.py'], {**env, **slurm, 'SLURM_PROCID': str(r),
+    launches = {'srun': [([sys.executable, 'pretrain.py'], {**ONE_THREAD, **slurm, 'SLURM_PROCID': str(r),
                                                              'SLURM_LOCALID': str(r)}) for r in (0, 1)],
-                'two_nodes': [(agent + ['pretrain.py'], env)] * 2}
+                'two_nodes': [(agent + ['pretrain.py'], ONE_THREAD)] * 2}
     for name, procs in launches.items():
-        started = [subprocess.Popen(cmd + args + [f'--out_dir={tmp_path / name}'], cwd=ROOT, env=e,
+        started = [subprocess.Popen(cmd + TWO + [f'--out_dir={tmp_path / name}'], cwd=ROOT, env=e,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd, e in procs]
         outs = [p.communicate(timeout=600)[0] for p in started]
         assert all(p.returncode == 0 for p in started), '\n'.join(o[-3000:] for o in outs)
         assert any('world 2 x micro-batch 8 x grad-accum 1 = global batch 16' in o for o in outs), outs[0][-2000:]
-    expect = losses(tmp_path / 'torchrun')
-    assert sorted(expect) == [1, 2, 3]
     for name in launches:
         assert losses(tmp_path / name) == expect, name  # exactly: same ranks, same data, same reductions
         for r in (0, 1):
             assert open(tmp_path / name / f'samples_rank{r}.jsonl').read() == \
-                open(tmp_path / 'torchrun' / f'samples_rank{r}.jsonl').read()
+                open(reference / f'samples_rank{r}.jsonl').read()
 
 
-def test_a_killed_rank_restarts_a_cut_checkpoint_is_passed_over_and_out_dirs_are_checked(tmp_path):
+def test_a_killed_rank_restarts_a_cut_checkpoint_is_passed_over_and_out_dirs_are_checked(tmp_path, torchrun_run):
     """At scale a run meets faults. kill -9 of one rank of `torchrun --nproc_per_node 2 --max-restarts=1`: the group
     restarts, resumes from the last checkpoint and ends with the losses of an uninterrupted run. A checkpoint cut
     short (a rank's optimizer file truncated after 'latest' named it): passed over, named, the previous one resumed,
     the steps lost said, the same losses again. A resume by another number of processes, and two nodes whose out_dir
     is not the same folder: one error line each."""
-    args = [*TINY, '--synthetic_size=64', '--max_steps=8', '--batch_size=16', '--micro_batch=8', '--ckpt_interval=2',
-            '--keep_ckpts=2']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "full"}', nproc=2, env=env)
-    expect = losses(tmp_path / 'full')
+    _, expect = torchrun_run
     # kill -9 of rank 1 once step 4's checkpoint is complete
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1']
-    run = subprocess.Popen(torchrun + ['pretrain.py', *args, f'--out_dir={tmp_path / "killed"}'], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(torchrun + ['pretrain.py', *TWO, f'--out_dir={tmp_path / "killed"}'], cwd=ROOT,
+                           env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = tmp_path / 'killed' / 'ckpt' / 'latest'
     while not (latest.exists() and latest.read_text() == 'step4') and run.poll() is None:
         time.sleep(0.02)
@@ -237,22 +245,23 @@ def test_a_killed_rank_restarts_a_cut_checkpoint_is_passed_over_and_out_dirs_are
     out = run.communicate(timeout=600)[0]
     assert run.returncode == 0 and 'resumed from' in out and 'at step 4' in out, out[-3000:]
     assert losses(tmp_path / 'killed') == pytest.approx(expect, rel=1e-6, abs=1e-7)
-    # a cut checkpoint: step 6's rank-1 optimizer states truncated; step 4 resumed, 2 steps lost
-    run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', '--stop_step=6', nproc=2, env=env)
-    cut = next((tmp_path / 'cut' / 'ckpt' / 'step6').glob('*rank_1*optim_states.pt'))
+    # a cut checkpoint: the last one's (step 8) rank-1 optimizer states truncated; step 6 resumed, 2 steps lost
+    cut = next((tmp_path / 'killed' / 'ckpt' / 'step8').glob('*rank_1*optim_states.pt'))
     cut.write_bytes(cut.read_bytes()[:1000])
-    out = run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', nproc=2, env=env).stdout
-    assert f'passed over step6: {cut.name} truncated: resuming from step4' in out, out[-3000:]
-    assert '2 steps lost: the log went on to step 6' in out
-    assert losses(tmp_path / 'cut') == pytest.approx(expect, rel=1e-6, abs=1e-7)
+    out = run_stage('pretrain.py', *TWO, f'--out_dir={tmp_path / "killed"}', nproc=2, env=ONE_THREAD).stdout
+    assert f'passed over step8: {cut.name} truncated: resuming from step6' in out, out[-3000:]
+    assert '2 steps lost: the log went on to step 8' in out
+    assert losses(tmp_path / 'killed') == pytest.approx(expect, rel=1e-6, abs=1e-7)
     # resumed by 1 process: one line saying what to do
-    r = run_stage('pretrain.py', *args, f'--out_dir={tmp_path / "cut"}', '--max_steps=10', env=env, check=False)
+    r = run_stage('pretrain.py', *TWO, f'--out_dir={tmp_path / "killed"}', '--max_steps=10', env=ONE_THREAD,
+                  check=False)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path}/cut/ckpt/step8 was written by 2 processes')
+    assert r.stderr.strip().splitlines()[-1].startswith(f'error: {tmp_path}/killed/ckpt/step8 was written by 2 '
+                                                        'processes')
     # two nodes, each with an out_dir of its own (as a node-local disk would give): one error before training
     agent = torchrun[:3] + ['--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d', '--rdzv-id=unshared',
-                            f'--rdzv-endpoint=127.0.0.1:{free_port()}', 'pretrain.py', *args]
-    nodes = [subprocess.Popen(agent + [f'--out_dir={tmp_path / f"node{n}"}'], cwd=ROOT, env=env, text=True,
+                            f'--rdzv-endpoint=127.0.0.1:{free_port()}', 'pretrain.py', *TWO]
+    nodes = [subprocess.Popen(agent + [f'--out_dir={tmp_path / f"node{n}"}'], cwd=ROOT, env=ONE_THREAD, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in nodes]
     assert all(p.returncode != 0 for p in nodes) and not (tmp_path / 'node0' / 'log.jsonl').exists()

@@ -89,5 +89,5 @@ torch.distributed.destroy_process_group()  # an orderly end: gloo's threads torn
 def test_fused_checks_match_deepspeed_over_two_ranks(tmp_path):
     script = tmp_path / 'zero_checks.py'
     script.write_text(SCRIPT.replace('ROOT', repr(ROOT), 1))
-    r = run_stage(script, nproc=2, timeout=600)
+    r = run_stage(script, nproc=2, env={'OMP_NUM_THREADS': '1'}, timeout=600)  # a thread each: 2 ranks on 2 cores
     assert 'ok 0' in r.stdout and 'ok 1' in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
