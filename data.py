@@ -1147,7 +1147,7 @@ def build_kinetics_lists(root, out, check=False):
             rows[s, split] = []  # (path under root, class name, YouTube id)
             for c in sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c))):
                 videos = [f for f in sorted(os.listdir(os.path.join(d, c)))
-                          if len(f) >= 2 and not f.startswith('.') and not f.endswith('.tar.gz')]
+                          if len(f) >= 2 and not f.startswith('.') and not f.endswith('tar.gz')]  # the notebook's
                 rows[s, split] += [(f"{s}/{split}/{c}/{f}", KINETICS_ALIASES.get(c, c), f[:11]) for f in videos]
     classes = {s: sorted({c for _, c, _ in rows[s, 'val']}) for s in sets}
     for s in sets:
@@ -1367,11 +1367,11 @@ class CocoDetection:
 class LargeScaleJitter:
     """(uint8 image (3, H, W), target) -> the same, as EVA-01's det pipeline (detectron2's LSJ, coco_loader_lsj.py):
     flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear, masks
-    nearest; FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both axes
-    (detectron2's quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped), empty
-    instances dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size, max_size=size));
-    target gets 'scale' to map predictions back. Padding to size x size happens when batching (collate_detection).
-    Masks are bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons instead)."""
+    PIL's nearest; FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both
+    axes (detectron2's quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped),
+    empty instances dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size,
+    max_size=size)); target gets 'scale' to map predictions back. Padding to size x size happens when batching
+    (collate_detection). Masks are bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons)."""
 
     def __init__(self, size=1024, scale=(0.1, 2.0), train=True):
         self.size, self.scale, self.train = size, scale, train
@@ -1393,8 +1393,9 @@ class LargeScaleJitter:
             h, w = int(H * r + 0.5), int(W * r + 0.5)
         img = TF.resize(img, [h, w], antialias=True)  # bilinear with antialiasing, as PIL's (detectron2's) resize
         boxes = TF.resize(boxes, [h, w])
-        if masks is not None:
-            masks = TF.resize(masks[:, None].to(torch.uint8), [h, w], InterpolationMode.NEAREST)[:, 0].bool()
+        if masks is not None:  # PIL's NEAREST per mask, as detectron2's apply_segmentation (torch's nearest differs)
+            resized = [np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in masks.byte().numpy()]
+            masks = torch.from_numpy(np.stack(resized)).bool() if resized else torch.zeros(0, h, w, dtype=torch.bool)
         out = {k: v for k, v in t.items() if k not in ('boxes', 'masks')}
         if self.train:
             ch, cw = min(h, self.size), min(w, self.size)

@@ -23,9 +23,11 @@ Precision: under DeepSpeed fp16 the weights are half and the convolutions, Layer
 official trained with AMP, whose autocast runs the same layers in half); every box coordinate, IoU, score, loss and
 ROIAlign runs in float32 (half has a 1-pixel spacing between 1024 and 2048: boxes at 1280 px would be off by pixels).
 """
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ class DetConfig:
     num_classes: int = 80
     img_size: int = 1024           # the square the images are padded to (LSJ crop); the relative positions' grid
     window: int = 16               # window attention's side, in tokens
+    rel_pos_interp: str = 'linear'  # tables for another grid at test: 'linear' (ViTDet), 'beit' (EVA-01's 1536 runs)
     global_blocks: tuple = tuple(range(3, 40, 4))  # blocks attending globally (EVA-g: every 4th, 3 ... 39)
     pyramid_dim: int = 256         # channels of the simple feature pyramid and everything after it
     anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per level p2 ... p6
@@ -89,11 +92,27 @@ def window_unpartition(windows, w, padded, size):
     return x.reshape(-1, Hp, Wp, windows.shape[-1])[:, :H, :W]
 
 
-def rel_pos_table(rel_pos, q_size, k_size):
+@functools.cache
+def beit_resize(src, dst):
+    """EVA-01's 'beit' table resize (its detectron2 backbone/utils.py get_rel_pos, from BEiT; its 1536 evaluation
+    configs set it: the global blocks' 159 rows become 191): the src rows placed at offsets 0, +-1, +-(1 + q),
+    +-(1 + q + q^2), ... (q = 1.0903078), a cubic spline through them (scipy's interp1d, not-a-knot, extrapolated)
+    read at the integer offsets -(dst // 2) ... dst // 2. The spline is linear in the rows: -> a (dst, src) float64
+    matrix, built once per size pair, that multiplies the table."""
+    from scipy.interpolate import interp1d  # only here: nothing else needs scipy
+    dis = np.cumsum(1.0903078 ** np.arange(src // 2))
+    x = np.concatenate((-dis[::-1], [0.0], dis))
+    spline = interp1d(x, np.eye(len(x)), kind='cubic', axis=0, fill_value='extrapolate')
+    return torch.from_numpy(spline(np.arange(-(dst // 2), dst // 2 + 1.0)))
+
+
+def rel_pos_table(rel_pos, q_size, k_size, interp='linear'):
     """rel_pos (2S - 1, hd) -> (q_size, k_size, hd): the embedding of each query-key offset along one axis, the table
-    linearly resized (float32) for another grid than S (ViTDet's get_rel_pos)."""
+    resized for another grid than S, linearly in float32 (ViTDet's get_rel_pos) or by beit_resize (interp='beit')."""
     n = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != n:
+    if rel_pos.shape[0] != n and interp == 'beit':
+        rel_pos = (beit_resize(rel_pos.shape[0], n).to(rel_pos.device) @ rel_pos.double()).to(rel_pos.dtype)
+    elif rel_pos.shape[0] != n:
         rel_pos = F.interpolate(rel_pos.float().T[None], size=n, mode='linear')[0].T.to(rel_pos.dtype)
     q = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
@@ -105,8 +124,9 @@ class RelPosAttention(Attention):
     q_i . Rh[h_i - h_j] + q_i . Rw[w_i - w_j] added to the logits (unscaled q, as ViTDet), zero-initialised tables
     for a side of `size` tokens, new parameters that no MIM checkpoint has."""
 
-    def __init__(self, cfg, size):
+    def __init__(self, cfg, size, interp='linear'):
         super().__init__(cfg)
+        self.interp = interp  # rel_pos_table's resize when the grid is not `size` (a larger test image)
         hd = cfg.embed_dim // cfg.num_heads
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, hd))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, hd))
@@ -115,8 +135,9 @@ class RelPosAttention(Attention):
         B, H, W, D = x.shape
         q, k, v = self.heads(x.reshape(B, H * W, D))  # (B, heads, H*W, hd)
         r = q.unflatten(2, (H, W))  # (B, heads, H, W, hd)
-        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r, rel_pos_table(self.rel_pos_h, H, H))  # (B, heads, H, W, H)
-        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r, rel_pos_table(self.rel_pos_w, W, W))  # (B, heads, H, W, W)
+        Rh, Rw = rel_pos_table(self.rel_pos_h, H, H, self.interp), rel_pos_table(self.rel_pos_w, W, W, self.interp)
+        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r, Rh)  # (B, heads, H, W, H)
+        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r, Rw)  # (B, heads, H, W, W)
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, -1, H * W, H * W)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # SDPA adds the bias to q k^T / sqrt
         return self.proj(x.transpose(1, 2).reshape(B, H, W, D))
@@ -125,10 +146,10 @@ class RelPosAttention(Attention):
 class WindowBlock(Block):
     """EVA's block on a (B, H, W, D) grid; attention within w x w windows (w > 0) or over the whole grid."""
 
-    def __init__(self, cfg, drop_path, window, grid):
+    def __init__(self, cfg, drop_path, window, grid, interp='linear'):
         super().__init__(cfg, drop_path)
         self.window = window
-        self.attn = RelPosAttention(cfg, window or grid)
+        self.attn = RelPosAttention(cfg, window or grid, interp)
 
     def forward(self, x):
         h = self.norm1(x)
@@ -158,8 +179,8 @@ class ViTDet(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid ** 2, cfg.embed_dim))  # cls entry kept, unused
         grid = det.img_size // cfg.patch_size
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList([WindowBlock(cfg, dpr[i], 0 if i in det.global_blocks else det.window, grid)
-                                     for i in range(cfg.depth)])
+        self.blocks = nn.ModuleList([WindowBlock(cfg, dpr[i], 0 if i in det.global_blocks else det.window, grid,
+                                                 det.rel_pos_interp) for i in range(cfg.depth)])
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -264,13 +285,16 @@ class FloatRPNHead(RPNHead):
 class RPN(RegionProposalNetwork):
     """torchvision's RPN (matching 0.7 / 0.3 with low-quality matches, 256 anchors at half positive, per-level top-k,
     NMS 0.7, top-k per image) with detectron2's loss: BCE summed over the sampled anchors and L1 (not smooth-L1) over
-    the positives, both divided by batch x images (rpn.py's losses)."""
+    the positives, both divided by batch x images (rpn.py's losses); proposals of any positive side kept."""
 
     def __init__(self, det):
         anchors = Anchors(tuple((s,) for s in det.anchor_sizes), ((0.5, 1.0, 2.0),) * len(det.anchor_sizes))
         super().__init__(anchors, FloatRPNHead(det.pyramid_dim, 3, conv_depth=2), 0.7, 0.3, det.rpn_batch, 0.5,
                          dict(training=det.rpn_pre_nms[0], testing=det.rpn_pre_nms[1]),
                          dict(training=det.rpn_post_nms, testing=det.rpn_post_nms), 0.7)
+        # detectron2 drops proposals of side <= 0 (min_box_size 0), torchvision those under 1e-3 px: its test is
+        # side >= min_size, so the smallest positive float32 (2 ** -149) keeps exactly the boxes of positive side
+        self.min_size = 2.0 ** -149
 
     def compute_loss(self, objectness, deltas, labels, regression_targets):
         pos, neg = (torch.cat(m) for m in self.fg_bg_sampler(labels))
@@ -316,12 +340,16 @@ class BoxHead(nn.Sequential):
 
 
 class BoxPredictor(nn.Module):
-    """cls_score (K + 1, background last, as detectron2) and class-agnostic bbox_pred (4)."""
+    """cls_score (K + 1, background last, as detectron2) and class-agnostic bbox_pred (4). With the federated loss,
+    detectron2's buffer of the classes' draw weights (image frequency ^ 0.5, set from the training data), under its
+    name: a released LVIS detector holds one per cascade stage."""
 
-    def __init__(self, fc, num_classes):
+    def __init__(self, fc, num_classes, fed=False):
         super().__init__()
         self.cls_score = nn.Linear(fc, num_classes + 1)
         self.bbox_pred = nn.Linear(fc, 4)
+        if fed:
+            self.register_buffer('fed_loss_cls_weights', torch.ones(num_classes))
         for m, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):
             nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
@@ -384,12 +412,15 @@ def matched_targets(matched, targets, background):
 
 
 def fed_loss_classes(gt_classes, num, num_classes, weight):
-    """LVIS's federated loss (Zhou et al. 2021, detectron2's get_fed_loss_classes): the classes present in the batch,
-    then classes drawn without replacement with probability ~ weight (image frequency ^ 0.5) up to `num`."""
-    present = gt_classes[gt_classes < num_classes].unique()
+    """LVIS's federated loss (Zhou et al. 2021, detectron2's get_fed_loss_classes): the classes present among the
+    sampled boxes, then classes drawn without replacement with probability ~ weight (image frequency ^ 0.5) up to
+    `num`. The background (num_classes) counts among the `num` when present, as in detectron2, which EVA-01 runs: 49
+    foreground classes a step when background boxes were sampled (nearly always)."""
+    present = gt_classes.unique()
     if len(present) >= num:
         return present
-    prob = weight.float().clone()
+    prob = torch.zeros(num_classes + 1, device=weight.device)
+    prob[:num_classes] = weight.float()
     prob[present] = 0
     return torch.cat((present, torch.multinomial(prob, num - len(present), replacement=False)))
 
@@ -397,7 +428,7 @@ def fed_loss_classes(gt_classes, num, num_classes, weight):
 class CascadeMaskRCNN(nn.Module):
     """ViTDet backbone + simple feature pyramid + RPN + 3-stage cascade box heads + mask head (EVA-01's det model)."""
 
-    def __init__(self, det, fed_weight=None):
+    def __init__(self, det):
         super().__init__()
         self.config, K = det, det.num_classes
         self.backbone = Backbone(det.backbone, det)
@@ -405,13 +436,13 @@ class CascadeMaskRCNN(nn.Module):
         self.roi_heads = nn.Module()  # detectron2's nesting: roi_heads.box_head.k, box_predictor.k, mask_head
         self.roi_heads.box_head = nn.ModuleList([BoxHead(det.pyramid_dim, det.head_dim, det.fc_dim)
                                                  for _ in det.stage_ious])
-        self.roi_heads.box_predictor = nn.ModuleList([BoxPredictor(det.fc_dim, K) for _ in det.stage_ious])
+        self.roi_heads.box_predictor = nn.ModuleList([BoxPredictor(det.fc_dim, K, fed=det.fed_classes > 0)
+                                                      for _ in det.stage_ious])
         self.roi_heads.mask_head = MaskHead(det.pyramid_dim, det.head_dim, K) if det.masks else None
         # the stages' box coding: finer weights for the later, better-aligned stages (Cascade R-CNN)
         self.box_coders = [BoxCoder((10.0 * (k + 1), 10.0 * (k + 1), 5.0 * (k + 1), 5.0 * (k + 1)), math.log(1000 / 16))
                            for k in range(len(det.stage_ious))]
         self.sampler = BalancedPositiveNegativeSampler(det.roi_batch, det.roi_positive)
-        self.register_buffer('fed_weight', fed_weight if fed_weight is not None else torch.ones(K), persistent=False)
 
     def forward(self, images, sizes, targets=None):
         """images (B, 3, S, S) normalised and zero-padded; sizes [(h, w)] of the images inside; targets per image:
@@ -446,7 +477,7 @@ class CascadeMaskRCNN(nn.Module):
             logits, deltas = predictor(head(x.to(head.conv1.weight.dtype)))
             labels, gt = matched_targets(matched, targets, K)
             cat = torch.cat(boxes)
-            losses[f'loss_cls_stage{k}'] = self.classification_loss(logits, labels)
+            losses[f'loss_cls_stage{k}'] = self.classification_loss(logits, labels, predictor)
             fg = labels < K  # class-agnostic L1 over the foreground, divided by all sampled boxes (detectron2)
             losses[f'loss_box_reg_stage{k}'] = F.l1_loss(deltas[fg], coder.encode_single(gt[fg], cat[fg]),
                                                          reduction='sum') / max(len(labels), 1)
@@ -455,9 +486,10 @@ class CascadeMaskRCNN(nn.Module):
             losses['loss_mask'] = self.mask_loss(features, *first, targets)
         return losses
 
-    def classification_loss(self, logits, labels):
+    def classification_loss(self, logits, labels, predictor):
         """Softmax cross-entropy over K + 1 (mean), or for LVIS sigmoid BCE over the K classes, summed over the
-        federated classes and divided by the boxes (detectron2's sigmoid_cross_entropy_loss)."""
+        federated classes (drawn by the stage predictor's weights) and divided by the boxes (detectron2's
+        sigmoid_cross_entropy_loss)."""
         if not self.config.sigmoid_ce:
             return F.cross_entropy(logits, labels)
         K = self.config.num_classes
@@ -465,7 +497,7 @@ class CascadeMaskRCNN(nn.Module):
         loss = F.binary_cross_entropy_with_logits(logits[:, :K], target, reduction='none')
         if self.config.fed_classes:
             keep = torch.zeros(K + 1, device=logits.device)
-            keep[fed_loss_classes(labels, self.config.fed_classes, K, self.fed_weight)] = 1
+            keep[fed_loss_classes(labels, self.config.fed_classes, K, predictor.fed_loss_cls_weights)] = 1
             loss = loss * keep[:K]
         return loss.sum() / max(len(labels), 1)
 
@@ -535,7 +567,7 @@ def maskness(masks, thresh=0.5):
 def soft_nms(boxes, scores, classes, iou=0.6, min_score=1e-3, per_class=0):
     """Linear soft-NMS (Bodla et al. 2017) within each class, as mmcv's soft_nms that EVA-01 calls (all classes in one
     call, kept apart by coordinate offsets): repeatedly keep the highest remaining box and multiply the score of every
-    other box of its class that overlaps it by more than `iou` by (1 - IoU); boxes below min_score leave (those under it
+    other box of its class that overlaps it by `iou` or more by (1 - IoU); boxes below min_score leave (those under it
     at the start on mmcv's first pass). boxes (N, 4), scores (N,), classes (N,) -> (kept indices, their decayed scores),
     by class then selection order; per_class > 0 keeps the first per_class of each class (COCOeval reads no more than
     100 per image and class: the AP is unchanged). All classes run at once: one step per rank within a class."""
@@ -563,7 +595,7 @@ def soft_nms(boxes, scores, classes, iou=0.6, min_score=1e-3, per_class=0):
         kept_scores.append(best)
         alive[rows, j] = False
         o = ious[rows, j]  # (C, M): IoU with the box just kept
-        s = torch.where(alive & took[:, None] & (o > iou), s * (1 - o), s)
+        s = torch.where(alive & took[:, None] & (o >= iou), s * (1 - o), s)  # mmcv: at the threshold too
         alive &= s >= min_score
         if not alive.any():
             break
@@ -593,13 +625,15 @@ def load_detector(model, path):
     files through D2_KEYS), fitted to this one by model.load_whole: relative-position tables of another grid resized
     linearly (ViTDet's rule), the class layers of another class count (cls_score, the mask predictor) new, a mask head
     the file lacks new (COCO from the boxes-only Objects365 model, as EVA-01); detectron2's pixel mean / std buffers
-    dropped. Or an encoder (ideally `python model.py psz14to16` output, as EVA-01; a patch-14 one is resized the same
-    way on the fly) into backbone.net with load_pretrained's checks: only the relative-position tables are new.
+    dropped, its federated-loss weights (an LVIS file's) taken, dropped or new as this model has the loss. Or an
+    encoder (ideally `python model.py psz14to16` output, as EVA-01; a patch-14 one is resized the same way on the fly)
+    into backbone.net with load_pretrained's checks: only the relative-position tables are new.
     -> load_pretrained's report for an encoder, None for a whole detector."""
     ckpt = read_checkpoint(path)
     if any(k.startswith('backbone.net.') for k in unwrap_state_dict(ckpt)[0]):
-        return load_whole(model, ckpt, path, 'detector', renames=D2_KEYS, unused=('pixel_mean', 'pixel_std'),
-                          fresh=('.cls_score.', 'mask_head.predictor.'), optional=('roi_heads.mask_head.',),
+        fed = '.fed_loss_cls_weights'  # LVIS's (set again from the training data; unused in evaluation)
+        return load_whole(model, ckpt, path, 'detector', renames=D2_KEYS, unused=('pixel_mean', 'pixel_std', fed),
+                          fresh=('.cls_score.', 'mask_head.predictor.', fed), optional=('roi_heads.mask_head.', fed),
                           resizable=('.rel_pos_h', '.rel_pos_w'))
     new = tuple(k for k in model.backbone.net.state_dict() if '.rel_pos_' in k)
     return load_pretrained(model.backbone.net, ckpt, allowed_missing=new, name=path)

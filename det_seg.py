@@ -18,7 +18,7 @@ COCO-Stuff-164K, any folder of images and label PNGs. Modules: seg_model.py.
     torchrun --nproc_per_node 8 det_seg.py config/det_coco_eva_g.py --init_from=out/det_o365/last.pt
     torchrun --nproc_per_node 8 det_seg.py config/det_lvis_eva_g.py --init_from=out/det_o365/last.pt
     python det_seg.py config/det_coco_eva_g.py --eval_only=True --init_from=eva_coco_det.pth --test_size=1536 \\
-        --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5                              # EVA-01's released evaluation
+        --rel_pos_interp=beit --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5        # EVA-01's released evaluation
 
 Expected for detection (EVA paper Tables 6-7, EVA-01 det/README.md): COCO val2017 64.2 box AP (det model) / 55.0 mask
 AP (seg model) at 1536 with soft-NMS and maskness (the paper's 64.5 uses test-time tricks the README leaves out); LVIS
@@ -86,7 +86,7 @@ batch_size = 64  # global batch (images)
 micro_batch = 1  # per GPU per forward; gradient accumulation fills the rest
 max_iters = 45_000  # optimizer steps
 schedule = 'step'  # 'step': x0.1 at each of lr_steps (detectron2's); 'poly': linear decay to 0 (mmseg's poly, power 1)
-lr_steps = (40_000,)  # the lr drops x0.1 at each
+lr_steps = (40_000, 44_999)  # the lr drops x0.1 at each (0-based step index, as detectron2's milestones)
 warmup_iters = 500  # linear warmup ...
 warmup_factor = 0.001  # ... from lr x this
 lr = 2.5e-5  # peak learning rate (before layer decay)
@@ -113,6 +113,7 @@ lvis_eval = False  # LVIS-style AP (federated: negative / not-exhaustive classes
 pretrain_img_size = 224  # the size pos_embed is for (14 x 14 at patch 16, the psz14to16 export's), resized per input
 window = 16  # window attention's side in tokens
 global_blocks = (3, 7, 11, 15, 19, 23, 27, 31, 35, 39)  # blocks attending globally
+rel_pos_interp = 'linear'  # tables resized for a larger test_size: 'linear' (ViTDet); 'beit' (EVA-01's 1536 configs)
 masks = True  # the mask head (instance segmentation); False: boxes only (Objects365 has no masks)
 pyramid_dim = 256  # feature pyramid channels
 anchor_sizes = (32, 64, 128, 256, 512)  # RPN anchors on p2 ... p6
@@ -349,13 +350,15 @@ def seg_inputs(batch, size):
 def evaluate_seg(net):
     """mmseg's evaluation over the whole val set: each rank takes a disjoint share of the images, one at a time; per
     scale of test_ratios (and its mirror with test_flip) the image is resized (seg_test_size: keep-ratio to seg_scale x
-    ratio, up to a multiple of 32), slid over with img_size windows, the logits resized to the original image and
-    softmaxed; their sum's argmax against the label. The (K, K) confusions are summed over ranks (exact) -> (mIoU,
-    mAcc, aAcc, per-class IoU, 'images', 'unreadable'; a line for the log) on every rank."""
+    ratio, up to a multiple of 32; a side under img_size padded with black), slid over with img_size windows, the
+    logits resized to the original image and softmaxed; their sum's argmax against the label. The (K, K) confusions
+    are summed over ranks (exact) -> (mIoU, mAcc, aAcc, per-class IoU, 'images', 'unreadable'; a line for the log) on
+    every rank."""
     net.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     counts = torch.zeros(2, dtype=torch.long, device=device)  # (images, unreadable)
+    black = normalize_batch(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device), IMAGENET_MEAN, IMAGENET_STD)
     for batch in make_loader(val_set, sampler, 1, num_workers, cuda):  # one image: sizes differ
         x = normalize_batch(batch['image'].to(device), IMAGENET_MEAN, IMAGENET_STD)
         label = batch['label'].to(device)
@@ -364,7 +367,7 @@ def evaluate_seg(net):
         for r in test_ratios:
             xr = resize(x, seg_test_size(H, W, seg_scale, r))  # bilinear, no antialias (mmcv's cv2 resize)
             for flip in (False, True) if test_flip else (False,):
-                logits = slide_inference(net, xr.flip(-1) if flip else xr, num_classes, img_size, test_stride)
+                logits = slide_inference(net, xr.flip(-1) if flip else xr, num_classes, img_size, test_stride, black)
                 probs = probs + resize(logits.flip(-1) if flip else logits, (H, W)).softmax(1)
         conf += confusion(probs.argmax(1), label, num_classes)
         counts += torch.tensor([1, batch['skipped'].sum()], device=device)
@@ -406,7 +409,8 @@ if task == 'det':
     train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
     collate = functools.partial(collate_detection, size=img_size)
     if fed_classes:  # LVIS's federated loss draws classes by image frequency ^ 0.5
-        model.fed_weight.copy_(train_src.image_counts() ** 0.5)
+        for predictor in model.roi_heads.box_predictor:
+            predictor.fed_loss_cls_weights.copy_(train_src.image_counts() ** 0.5)
 else:
     train_src = seg_source(train_images, train_labels, train=True)
     train_set = Samples(train_src, SegAugment(img_size, seg_scale, seg_ratio, cat_max_ratio), seed, joint=True)

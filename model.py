@@ -409,7 +409,8 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, compute_dtype=tor
 def resize_pos_embed_frames(pos_embed, old_frames, new_frames, num_prefix_tokens=1):
     """(1, prefix + T0*N, D) -> (1, prefix + T1*N, D), frame-major square grids, the cls entry kept: an image's grid
     (T0 = 1) repeated over the T1 frames (EVA-01 video's init from an image model); a clip's interpolated trilinearly
-    in float32, align_corners=False (EVA-01 video's 8 -> 16 frames: with the grid unchanged, linear in time)."""
+    in float32, align_corners=False, and returned in float32 (EVA-01 video's 8 -> 16 frames: with the grid unchanged,
+    linear in time)."""
     if old_frames == new_frames:
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
@@ -419,7 +420,8 @@ def resize_pos_embed_frames(pos_embed, old_frames, new_frames, num_prefix_tokens
     g = math.isqrt(N)
     grid = grid.reshape(1, old_frames, g, g, D).permute(0, 4, 1, 2, 3).float()  # (1, D, T0, g, g)
     grid = F.interpolate(grid, size=(new_frames, g, g), mode='trilinear', align_corners=False)
-    return torch.cat((prefix, grid.permute(0, 2, 3, 4, 1).reshape(1, new_frames * N, D).to(pos_embed.dtype)), dim=1)
+    # float32 out, as EVA-01 video's tools.py (its cat promotes the fp16 cls entry): an fp16 file's grid is not rounded
+    return torch.cat((prefix.float(), grid.permute(0, 2, 3, 4, 1).reshape(1, new_frames * N, D)), dim=1)
 
 
 def resize_patch_embed(weight, new_size):
@@ -545,9 +547,10 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
 def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional=(), resizable=()):
     """A whole task model (a detector, a segmenter: ours, or a released file of another framework) into `model`, every
     tensor checked. What the task's files differ in comes as arguments (det_model.py and seg_model.py hold them):
-    renames: (regex, replacement) pairs from the framework's key names to ours; unused: key prefixes the file may have
-    and the model not (dropped); fresh: name parts of class-dependent layers, initialised afresh for another class
-    count; optional: key prefixes of the model that the file may lack (a mask head new to a boxes-only model);
+    renames: (regex, replacement) pairs from the framework's key names to ours; unused: name parts of keys the file
+    may have and the model not (dropped); fresh: name parts of class-dependent layers, initialised afresh for another
+    class count; optional: name parts of the model's keys that the file may lack (a mask head new to a boxes-only
+    model);
     resizable: key suffixes of relative-position tables (L, C), resized linearly to another L for another grid
     (ViTDet's rule). Anything else that does not fit is one error naming the keys."""
     target, sd, new, resized, bad = model.state_dict(), {}, [], [], []
@@ -555,7 +558,7 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
         for pattern, name in renames:
             k = re.sub(pattern, name, k)
         t = target.get(k)
-        if t is None and k.startswith(unused):
+        if t is None and any(u in k for u in unused):
             continue
         if t is None:
             bad.append(f"{k}: not in the model")
@@ -569,7 +572,7 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
         else:
             sd[k] = v
     missing = [k for k in target if k not in sd and k not in new]
-    bad += [f"{k}: not in the file" for k in missing if not k.startswith(optional)]
+    bad += [f"{k}: not in the file" for k in missing if not any(o in k for o in optional)]
     if bad:
         raise ValueError(f"{src} does not fit the {what} ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
     model.load_state_dict(sd, strict=False)
@@ -579,7 +582,7 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
     if new:
         said.append(f"new for {model.config.num_classes} classes: {', '.join(new)}")
     if missing:
-        said.append(f"new: {len(missing)} tensors under {', '.join(optional)}")
+        said.append(f"new: {len(missing)} tensors the file lacks ({', '.join(optional)})")
     print('; '.join(said))
 
 # -----------------------------------------------------------------------------

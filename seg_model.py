@@ -423,11 +423,12 @@ class UPerHead(SegHead):
 
 
 class FCNHead(SegHead):
-    """mmseg's auxiliary FCNHead (num_convs 1, no input concat) on the stride-16 level."""
+    """mmseg's auxiliary FCNHead (num_convs 1, no input concat) on the stride-16 level; its convs a Sequential, as
+    mmseg's (keys convs.0.*: a released UperNet's auxiliary head loads)."""
 
     def __init__(self, D, channels, num_classes):
         super().__init__(channels, num_classes)
-        self.convs = ConvModule(D, channels, 3)
+        self.convs = nn.Sequential(ConvModule(D, channels, 3))
 
     def forward(self, x):
         return self.classify(self.convs(x))
@@ -474,11 +475,16 @@ class DeformEncoderLayer(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-def gn_conv(cin, cout, k, relu=False):
-    """mmcv's ConvModule with GroupNorm(32) (no conv bias), an optional ReLU; caffe2's xavier init (kaiming uniform,
-    a=1)."""
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-    nn.init.kaiming_uniform_(conv.weight, a=1)
+def gn_conv(cin, cout, k, relu=False, bias=False):
+    """mmcv's ConvModule with GroupNorm(32), an optional ReLU; caffe2's xavier init (kaiming uniform, a=1), or with
+    a conv bias (the pixel decoder's input projections, mmdet's bias=True there) xavier-uniform with gain 1 and a zero
+    bias, as mmdet's MSDeformAttnPixelDecoder.init_weights does for those."""
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+    if bias:
+        nn.init.xavier_uniform_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    else:
+        nn.init.kaiming_uniform_(conv.weight, a=1)
     return nn.Sequential(conv, nn.GroupNorm(32, cout), *([nn.ReLU()] if relu else []))
 
 
@@ -490,7 +496,7 @@ class PixelDecoder(nn.Module):
 
     def __init__(self, D, C, heads, layers, points, ffn):
         super().__init__()
-        self.input_convs = nn.ModuleList(gn_conv(D, C, 1) for _ in range(3))
+        self.input_convs = nn.ModuleList(gn_conv(D, C, 1, bias=True) for _ in range(3))
         self.level_encoding = nn.Embedding(3, C)
         nn.init.normal_(self.level_encoding.weight)
         self.encoder = nn.ModuleList(DeformEncoderLayer(C, heads, 3, points, ffn) for _ in range(layers))
@@ -556,10 +562,10 @@ class Mask2FormerHead(nn.Module):
         self.level_embed = nn.Embedding(3, C)
         self.cls_embed = nn.Linear(C, seg.num_classes + 1)
         self.mask_embed = nn.Sequential(nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
-        for layer in self.transformer_decoder:  # mmdet: xavier for the decoder's matrices
+        for layer in self.transformer_decoder:  # mmdet's Mask2FormerHead.init_weights: xavier-normal
             for p in layer.parameters():
                 if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+                    nn.init.xavier_normal_(p)
 
     def predict(self, q, mask_features, size):
         q = self.post_norm(q)
@@ -752,12 +758,19 @@ class Segmenter(nn.Module):
 
 
 @torch.no_grad()
-def slide_inference(net, img, num_classes, crop, stride):
+def slide_inference(net, img, num_classes, crop, stride, fill=0.0):
     """(B, K, H, W) float32 logits of a normalised (B, 3, H, W) image from crop x crop windows at `stride`, as mmseg's
     slide_inference: ceil((H - crop) / stride) + 1 rows (likewise columns), row r at r * stride moved back to end inside
-    the image, the logits of overlapping windows averaged. A window smaller than the crop (a small image) is zero-padded
-    (the mean colour) to the crop the model is built for and its logits cut back."""
-    B, _, H, W = img.shape
+    the image, the logits of overlapping windows averaged. An image with a side shorter than the crop is first padded
+    at the bottom / right to the crop with `fill` (per channel, (1, 3, 1, 1) or a scalar) and its logits cut back:
+    EVA-01's multi-scale test (PadShortSide with pad_val 0 on the raw image, before Normalize: fill = black
+    normalised); the model is built for the crop and cannot take a smaller window, as mmseg's could."""
+    B, C, H, W = img.shape
+    if H < crop or W < crop:
+        canvas = torch.empty(B, C, max(H, crop), max(W, crop), dtype=img.dtype, device=img.device)
+        canvas[:] = fill
+        canvas[..., :H, :W] = img
+        return slide_inference(net, canvas, num_classes, crop, stride)[..., :H, :W]
     out = img.new_zeros(B, num_classes, H, W, dtype=torch.float32)
     count = img.new_zeros(1, 1, H, W, dtype=torch.float32)
     rows, cols = (max(s - crop + stride - 1, 0) // stride + 1 for s in (H, W))
@@ -765,9 +778,7 @@ def slide_inference(net, img, num_classes, crop, stride):
         for c in range(cols):
             y2, x2 = min(r * stride + crop, H), min(c * stride + crop, W)
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            window = img[:, :, y1:y2, x1:x2]
-            h, w = window.shape[-2:]
-            out[:, :, y1:y2, x1:x2] += net(F.pad(window, (0, crop - w, 0, crop - h)))[:, :, :h, :w].float()
+            out[:, :, y1:y2, x1:x2] += net(img[:, :, y1:y2, x1:x2]).float()
             count[:, :, y1:y2, x1:x2] += 1
     return out / count
 

@@ -6,7 +6,7 @@ model (or, without one, the patch-16 MIM encoder), 45k steps of 64 images on 64 
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 det_seg.py \\
         config/det_coco_eva_g.py --init_from=out/det_o365/last.pt
     python det_seg.py config/det_coco_eva_g.py --eval_only=True --init_from=out/det_coco/last.pt --test_size=1536 \\
-        --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5
+        --rel_pos_interp=beit --soft_nms=0.6 --score_thresh=0.0 --maskness=0.5
 
 Expected (EVA-01 det/README.md, 1536 px, soft-NMS, maskness): 64.2 box AP / 55.0 mask AP on COCO val2017 (the
 released det and seg models; the paper's Table 6: 64.5 / 55.0 with test-time augmentation).
@@ -26,7 +26,7 @@ global_blocks = (3, 7, 11, 15, 19, 23, 27, 31, 35, 39)
 batch_size = 64
 micro_batch = 1
 max_iters = 45_000
-lr_steps = (40_000,)
+lr_steps = (40_000, 44_999)  # EVA-01's milestones [40000, max_iter - 1]: the last iteration runs at x0.01
 warmup_iters = 500
 lr = 2.5e-5
 layer_decay = 0.9

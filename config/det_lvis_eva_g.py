@@ -8,7 +8,7 @@ names no file: its images are COCO 2017's (train_images / val_images = the folde
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 det_seg.py \\
         config/det_lvis_eva_g.py --init_from=out/det_o365/last.pt
     python det_seg.py config/det_lvis_eva_g.py --eval_only=True --init_from=out/det_lvis/last.pt --test_size=1536 \\
-        --score_thresh=0.001 --max_dets=1000 --maskness=0.5
+        --rel_pos_interp=beit --score_thresh=0.001 --max_dets=1000 --maskness=0.5
 
 Expected (EVA-01 det/README.md, 1536 px, maskness; hard NMS): 62.2 box AP / 55.0 mask AP on LVIS v1 val (APr 48.3).
 """
@@ -30,8 +30,8 @@ drop_path = 0.6
 grad_checkpointing = True
 batch_size = 64
 micro_batch = 1
-max_iters = 75_000
-lr_steps = (70_000,)
+max_iters = 75_001  # EVA-01's LVIS config: 75001 iterations, milestones [70000, 75000]: the last one at x0.01
+lr_steps = (70_000, 75_000)
 warmup_iters = 250
 lr = 2e-4
 layer_decay = 0.9

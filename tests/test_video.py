@@ -15,7 +15,7 @@ from conftest import ROOT, log_rows, run_stage
 from data import (IMAGENET_MEAN, IMAGENET_STD, Samples, VideoClips, VideoFiles, build_kinetics_lists,
                   multiscale_crop_box, normalize_batch, read_frames, three_crop_offsets, tsn_indices,
                   write_synthetic_videos)
-from model import EVA, eva_config, load_pretrained
+from model import EVA, eva_config, load_pretrained, resize_pos_embed_frames
 
 LEARNED = 75.0  # top-1 (%) the shortened demo must reach on 128 val videos (measured 100; blind to motion: <= 50)
 
@@ -67,6 +67,13 @@ def test_8_to_16_frames_interpolate_linearly_in_time():
     ref = F.interpolate(old.permute(2, 0, 1).reshape(1, -1, 8, 8, 8), size=(16, 8, 8), mode='trilinear',
                         align_corners=False)
     torch.testing.assert_close(new, ref.reshape(-1, 16, 64).permute(1, 2, 0))
+    # an fp16 file (EVA-01's are): interpolated in float32 and kept so (its tools.py), not rounded back to fp16
+    half = v8.pos_embed.detach().half()
+    got = resize_pos_embed_frames(half, 8, 16)
+    grid = half[0, 1:].float().reshape(8, 8, 8, -1).permute(3, 0, 1, 2)[None]
+    ref = F.interpolate(grid, size=(16, 8, 8), mode='trilinear', align_corners=False)[0].permute(1, 2, 3, 0)
+    assert got.dtype == torch.float32 and torch.equal(got[0, 1:], ref.reshape(16 * 64, -1))
+    assert torch.equal(got[0, 0], half[0, 0].float())
 
 
 def test_official_video_checkpoint_loads_and_round_trips():
@@ -167,7 +174,8 @@ def test_k722_lists_by_hand(tmp_path):
         'k400/train/changing wheel': ['ccccccccccc_1.mp4', 'vvvvvvvvvv2_1.mp4'],  # vvvvvvvvvv2: in K600's val
         'k400/val/abseiling': ['vvvvvvvvvv1_1.mp4'], 'k400/val/changing wheel': ['vvvvvvvvvv3_1.mp4'],
         'k600/train/abseiling': ['aaaaaaaaaaa_2.mp4', 'ddddddddddd_1.mp4'],  # aaaaaaaaaaa: K400's copy wins
-        'k600/train/changing wheel (not on bike)': ['eeeeeeeeeee_1.mp4', '.hidden', 'x.tar.gz'],
+        'k600/train/changing wheel (not on bike)': ['eeeeeeeeeee_1.mp4', '.hidden', 'x.tar.gz',
+                                                    'hhhhhhhhhhh_tar.gz'],  # the notebook skips names ending tar.gz
         'k600/val/abseiling': ['vvvvvvvvvv2_1.mp4'], 'k600/val/changing wheel (not on bike)': ['vvvvvvvvvv4_1.mp4'],
         'k600/val/zumba': ['vvvvvvvvvv1_2.mp4'],  # a val class without training videos; a duplicate val id
         'k700/train/abseiling': ['fffffffffff_1.mp4', 'vvvvvvvvvv3_2.mp4'],  # vvvvvvvvvv3: K400 val
