@@ -22,6 +22,9 @@ differ). Segmentation's modules are in seg_model.py; the encoder's in model.py.
 Precision: under DeepSpeed fp16 the weights are half and the convolutions, LayerNorms and linears run in half (the
 official trained with AMP, whose autocast runs the same layers in half); every box coordinate, IoU, score, loss and
 ROIAlign runs in float32 (half has a 1-pixel spacing between 1024 and 2048: boxes at 1280 px would be off by pixels).
+
+scipy is imported inside beit_resize, the only user (the 1536 evaluation): a GPU host without it trains and evaluates
+at 1280.
 """
 import functools
 import math
@@ -99,7 +102,7 @@ def beit_resize(src, dst):
     +-(1 + q + q^2), ... (q = 1.0903078), a cubic spline through them (scipy's interp1d, not-a-knot, extrapolated)
     read at the integer offsets -(dst // 2) ... dst // 2. The spline is linear in the rows: -> a (dst, src) float64
     matrix, built once per size pair, that multiplies the table."""
-    from scipy.interpolate import interp1d  # only here: nothing else needs scipy
+    from scipy.interpolate import interp1d
     dis = np.cumsum(1.0903078 ** np.arange(src // 2))
     x = np.concatenate((-dis[::-1], [0.0], dis))
     spline = interp1d(x, np.eye(len(x)), kind='cubic', axis=0, fill_value='extrapolate')
