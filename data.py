@@ -50,7 +50,7 @@ import warnings
 import numpy as np
 import torch
 from faster_coco_eval.core import mask as mask_util
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision import transforms as T, tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import InterpolationMode
@@ -64,9 +64,12 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '
 
 
 def load_rgb(path):
-    """Any PIL-readable image as 8-bit RGB: grayscale, palette, RGBA, CMYK, 16-bit all convert."""
+    """Any PIL-readable image as 8-bit RGB: grayscale, palette, RGBA, CMYK, 16-bit all convert; turned upright by its
+    EXIF orientation (a phone's photo is stored sideways with a tag saying so; detectron2's read_image and mmcv's cv2
+    reader apply it too)."""
     with Image.open(path) as im:
         im.load()
+        im = ImageOps.exif_transpose(im)
         if im.mode in ('I;16', 'I;16B', 'I', 'F'):  # 16/32-bit grayscale: PIL's RGB conversion would clip
             a = np.asarray(im, dtype=np.float32)
             a = 255.0 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
@@ -86,12 +89,12 @@ def pil_to_uint8(img):
 
 
 def read_rgb(path):
-    """An image file as a uint8 RGB tensor (3, H, W). JPEG and PNG go straight from libjpeg-turbo / libpng into a
-    tensor (torchvision.io: no PIL image in between, the same pixels as PIL's decoder); whatever torchvision does
-    not take to 8-bit RGB (other formats, 16-bit PNG, odd JPEGs) goes through load_rgb."""
+    """An image file as a uint8 RGB tensor (3, H, W), upright by its EXIF orientation. JPEG and PNG go straight from
+    libjpeg-turbo / libpng into a tensor (torchvision.io: no PIL image in between, the same pixels as PIL's decoder);
+    whatever torchvision does not take to 8-bit RGB (other formats, 16-bit PNG, odd JPEGs) goes through load_rgb."""
     if path.lower().endswith(('.jpg', '.jpeg', '.png')):
         try:
-            x = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            x = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
             if x.dtype == torch.uint8:
                 return x
         except RuntimeError:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import ROOT, run_stage
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, MaskingGenerator, ResumableSampler, Samples, SyntheticShapes,
@@ -104,6 +104,23 @@ def test_image_folder_modes_labels_and_bad_file(tmp_path, capsys):
     assert 'corrupt.jpg' in capsys.readouterr().err
     loader = torch.utils.data.DataLoader(ds, batch_size=7)
     assert int(next(iter(loader))['skipped'].sum()) == 1
+
+
+def test_a_photo_is_read_upright_by_its_exif_orientation(tmp_path):
+    """A phone stores a portrait photo as landscape pixels with EXIF orientation 6 (rotate 90 clockwise to view):
+    every reader (PIL's for classification, torchvision's for detection and segmentation, PIL's fallback) turns it
+    upright, as ImageOps.exif_transpose does."""
+    from data import load_rgb, read_rgb
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    for name in ('phone.jpg', 'phone.png', 'phone.webp'):
+        pixels.save(tmp_path / name, exif=exif, **({'lossless': True} if name.endswith('webp') else {}))
+        with Image.open(tmp_path / name) as im:
+            upright = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+        assert upright.shape == (30, 20, 3)  # portrait
+        assert np.array_equal(np.asarray(load_rgb(str(tmp_path / name))), upright), name
+        assert np.array_equal(read_rgb(str(tmp_path / name)).permute(1, 2, 0).numpy(), upright), name
 
 
 def test_path_list_and_merged_roots(tmp_path):
