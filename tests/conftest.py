@@ -11,6 +11,10 @@ sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 
+# two test files run at a time on a 2-core machine (-n 2): one OpenMP thread per process, torch's and the scripts'
+# (a stage script takes all the cores it sees when this is unset), so that two runs do not oversubscribe the cores
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 
 def run_stage(script, *args, nproc=1, env=None, timeout=900, cwd=ROOT, check=True):
     """`python script args` from the repository root, or with nproc > 1 the same under `torchrun --standalone
