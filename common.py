@@ -351,15 +351,18 @@ def resume(engine, out_dir, seed, config):
                      f"(init_from= the weights file this out_dir exports)")
     old = os.path.join(out_dir, 'config.json')
     old = json.load(open(old)) if os.path.exists(old) else {}
-    changed = ', '.join(f"{k} {old[k]!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
-                        if k in old and old[k] != v and k != 'stop_step')
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in json.loads(json.dumps(config)).items()
+               if k in old and old[k] != v and k != 'stop_step']
+    changed = ', '.join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else '')
     try:
         path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    except RuntimeError as e:  # e.g. 'size mismatch for pos_embed', once per tensor
+    except RuntimeError as e:  # e.g. 'size mismatch for pos_embed', once per tensor; or every key of another head
+        detail = str(e).strip().splitlines()[-1].strip()
+        detail = detail if len(detail) <= 200 else detail[:200] + ' ...'  # one line to read, not kilobytes of keys
         if 'PytorchStreamReader' in str(e):  # a file that changed after its manifest was written
-            config_error(f"{ckpt_dir}/{tag} has an unreadable file ({str(e).strip().splitlines()[-1].strip()})")
-        config_error(f"{ckpt_dir}/{tag} holds another model ({str(e).strip().splitlines()[-1].strip()}); settings "
-                     f"changed since it was written: {changed or 'none'}. Use another out_dir to start afresh")
+            config_error(f"{ckpt_dir}/{tag} has an unreadable file ({detail})")
+        config_error(f"{ckpt_dir}/{tag} holds another model ({detail}); settings changed since it was written: "
+                     f"{changed or 'none'}. Use another out_dir to start afresh")
     if path is None:
         config_error(f"{ckpt_dir}/latest names {tag}, which DeepSpeed cannot load")
     rng = torch.load(os.path.join(ckpt_dir, tag, f'rng_rank{rank}.pt'), weights_only=False)

@@ -299,6 +299,10 @@ class ImageFiles:
         unknown = [f for f in folders if f not in index or index[f] >= len(self.class_list or folders)]
         if unknown:
             raise ValueError(f"{root}: class folders not in the class list: {', '.join(unknown[:5])}")
+        present = set(folders)
+        lacking = [c for c in self.class_list or () if c not in present]
+        if lacking and not all(f.isdigit() for f in folders):  # a split missing classes: its labels kept, said
+            say(f"{root}: no folder for {len(lacking)} of the {len(self.class_list)} classes: {', '.join(lacking[:5])}")
         return np.array([index[f] for f in folders] + [-1], dtype=np.int64)
 
     def __len__(self):
@@ -1267,18 +1271,25 @@ class CocoDetection:
     """A COCO-format instances json and its image folder (COCO, LVIS v1, Objects365): load(i) -> (uint8 image (3, H, W),
     target {'boxes' (n, 4) x1y1x2y2 float32 pixels, 'labels' (n,) int64, 'masks' (n, H, W) bool (masks=True),
     'image_id', 'dropped': bad annotations skipped}). Class ids: the json's categories sorted by id, 0 ... K-1
-    (detectron2's contiguous ids). Crowd regions are not trained on (COCOeval ignores detections in them); an annotation
-    with an empty box, an unknown category or an unreadable segmentation is skipped with a warning naming it, and
-    counted. train=True keeps the images with an annotation (detectron2 drops the others from training). LVIS v1 names
-    no file: its coco_url's last two parts (train2017/xxx.jpg) under image_root. Read through a cached index
-    (index_coco: ~60 bytes a box, shared by the node's processes, as detectron2 serialises its dataset dicts)."""
+    (detectron2's contiguous ids), or in the order of `classes` (names: a val json numbered as its training json).
+    Crowd regions are not trained on (COCOeval ignores detections in them); an annotation with an empty box, an
+    unknown category or an unreadable segmentation is skipped with a warning naming it, and counted. train=True keeps
+    the images with an annotation (detectron2 drops the others from training). LVIS v1 names no file: its coco_url's
+    last two parts (train2017/xxx.jpg) under image_root. Read through a cached index (index_coco: ~60 bytes a box,
+    shared by the node's processes, as detectron2 serialises its dataset dicts)."""
 
-    def __init__(self, json_path, image_root, masks=True, train=True):
+    def __init__(self, json_path, image_root, masks=True, train=True, classes=None):
         if not os.path.isfile(json_path):
             raise FileNotFoundError(f"annotation json not found: {json_path}")
         self.index, how = cached_index('coco', [stamp(json_path)], lambda: index_coco(json_path))
         self.json_path, self.root, self.masks = json_path, image_root, masks
         self.categories = sorted(json.loads(self.index['categories'].tobytes()), key=lambda c: c['id'])
+        if classes is not None:  # another split's class names in label order: the same name, the same label
+            by_name = {c['name']: c for c in self.categories}
+            if len(by_name) != len(self.categories) or set(by_name) != set(classes):
+                other = sorted(set(by_name) ^ set(classes))[:5]
+                raise ValueError(f"its category names are not the training json's (differing: {', '.join(other)})")
+            self.categories = [by_name[n] for n in classes]
         self.cat_index = {c['id']: i for i, c in enumerate(self.categories)}
         self.files, self.segms = Strings(self.index, 'files'), Strings(self.index, 'segms')
         ids, anns = self.index['image_ids'], self.index['ann_images']
@@ -1341,8 +1352,9 @@ class CocoDetection:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         ids = np.array(sorted(self.cat_index), dtype=np.int64)
         cats = np.asarray(self.index['ann_cats'])
-        cls = np.searchsorted(ids, cats).clip(max=len(ids) - 1)
-        known = ids[cls] == cats
+        pos = np.searchsorted(ids, cats).clip(max=len(ids) - 1)
+        known = ids[pos] == cats
+        cls = np.array([self.cat_index[i] for i in ids.tolist()])[pos]  # the label of each id
         pairs = np.unique(np.stack([self.index['ann_images'][known], cls[known]], axis=1), axis=0)
         return pairs[:, 0], pairs[:, 1]
 

@@ -204,11 +204,11 @@ def report(metrics, line, step):
 # predictions mapped back), the detector, COCOeval. ImageNet mean / std in 0-255 units (detectron2's pixel_mean)
 
 
-def coco_source(json_path, images, train):
+def coco_source(json_path, images, train, classes=None):
     if json_path == 'synthetic':
         json_path, images = os.path.join(synthetic_dir, f"instances_{'train' if train else 'val'}.json"), synthetic_dir
     try:
-        src = CocoDetection(json_path, images, masks=masks and train, train=train)
+        src = CocoDetection(json_path, images, masks=masks and train, train=train, classes=classes)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         config_error(f"{json_path}: {e}")
     if len(src.categories) != num_classes:
@@ -236,12 +236,15 @@ def evaluate_det(net):
     'unreadable'}, a line for the log) on every rank."""
     net.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
-    results, unreadable = [], 0
+    results, unreadable, scored = [], 0, []
     for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda,
                              collate_fn=functools.partial(collate_detection, size=test_size)):
         (x, sizes, _), _ = det_inputs(batch, test_size)
         for out, t, skipped in zip(net(x, sizes), batch['targets'], batch['skipped'].tolist()):
             unreadable += skipped
+            if skipped:  # Samples stood the next image in for an unreadable one: not scored twice
+                continue
+            scored.append(t['image_id'])
             (sy, sx), (H, W) = t['scale'], t['orig_size']
             boxes = out['boxes'] / torch.tensor([sx, sy, sx, sy], device=device)
             boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, W), boxes[:, 1::2].clamp(0, H)
@@ -256,12 +259,12 @@ def evaluate_det(net):
                     r['segmentation'] = {'size': rles[j]['size'], 'counts': rles[j]['counts'].decode()}
                 results.append(r)
     gathered = [None] * world
-    dist.all_gather_object(gathered, (results, unreadable))
+    dist.all_gather_object(gathered, (results, unreadable, scored))
     net.train()
     metrics = {}
     if rank == 0:
         results, unreadable = [r for g in gathered for r in g[0]], sum(g[1] for g in gathered)
-        metrics = coco_eval(results)
+        metrics = coco_eval(results, [i for g in gathered for i in g[2]] if unreadable else None)
         metrics['images'], metrics['unreadable'] = len(val_set) - unreadable, unreadable
     box = [metrics]
     dist.broadcast_object_list(box)
@@ -272,9 +275,10 @@ def evaluate_det(net):
     return metrics, line
 
 
-def coco_eval(results):
+def coco_eval(results, image_ids=None):
     """COCOeval_faster's 12 numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) in %, for boxes
-    and, with masks, for masks; 0 when nothing was detected. lvis_eval: LVIS's rules (a detection of a class neither in
+    and, with masks, for masks, over image_ids (None: every image of val_json; an unreadable one is left out, as if
+    the json had not named it); 0 when nothing was detected. lvis_eval: LVIS's rules (a detection of a class neither in
     the image nor among its negative classes is not scored; not-exhaustive classes count no false positives), max_dets
     per image, and APr / APc / APf in place of the ARs."""
     names = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
@@ -285,6 +289,8 @@ def coco_eval(results):
             out[kind] = dict.fromkeys(names, 0.0)
             continue
         E = COCOeval_faster(gt, gt.loadRes(results), kind, print_function=lambda *a: None, lvis_style=lvis_eval)
+        if image_ids is not None:
+            E.params.imgIds = sorted(image_ids)
         if lvis_eval:
             E.params.maxDets = [max_dets]
         E.evaluate()
@@ -304,7 +310,11 @@ if task == 'det':
     require_files(**{k: v for k, v in jsons.items() if v != 'synthetic'})  # the demo's scenes are written below
     if 'synthetic' in (train_json, val_json):
         synthetic_scenes(num_classes)
-    val_src = coco_source(val_json, val_images, train=False)
+    # the training json first (not for eval_only): the val json's categories take its labels by name, so that the
+    # same names under other ids are scored as the same classes
+    train_src = None if eval_only else coco_source(train_json, train_images, train=True)
+    names = None if eval_only else [c['name'] for c in train_src.categories]
+    val_src = coco_source(val_json, val_images, train=False, classes=names)
     val_set = Samples(val_src, LargeScaleJitter(test_size, train=False), seed, joint=True)
     classes = [c['name'] for c in val_src.categories]
     test_desc = f"test {test_size}"
@@ -360,6 +370,9 @@ def evaluate_seg(net):
     counts = torch.zeros(2, dtype=torch.long, device=device)  # (images, unreadable)
     black = normalize_batch(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device), IMAGENET_MEAN, IMAGENET_STD)
     for batch in make_loader(val_set, sampler, 1, num_workers, cuda):  # one image: sizes differ
+        counts += torch.tensor([1, batch['skipped'].sum()], device=device)
+        if batch['skipped'].any():  # Samples stood the next image in for an unreadable one: not scored twice
+            continue
         x = normalize_batch(batch['image'].to(device), IMAGENET_MEAN, IMAGENET_STD)
         label = batch['label'].to(device)
         H, W = label.shape[-2:]
@@ -370,7 +383,6 @@ def evaluate_seg(net):
                 logits = slide_inference(net, xr.flip(-1) if flip else xr, num_classes, img_size, test_stride, black)
                 probs = probs + resize(logits.flip(-1) if flip else logits, (H, W)).softmax(1)
         conf += confusion(probs.argmax(1), label, num_classes)
-        counts += torch.tensor([1, batch['skipped'].sum()], device=device)
     dist.all_reduce(conf)
     dist.all_reduce(counts)
     net.train()
@@ -405,7 +417,6 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training data
 if task == 'det':
-    train_src = coco_source(train_json, train_images, train=True)
     train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
     collate = functools.partial(collate_detection, size=img_size)
     if fed_classes:  # LVIS's federated loss draws classes by image frequency ^ 0.5

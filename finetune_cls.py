@@ -111,8 +111,13 @@ dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
-# validation data (the training data follows the eval_only exit)
+# data: the training source (not for eval_only), whose class folders number every split (a val tree lacking a
+# class keeps the labels after it), then the validation set; the training transforms follow the eval_only exit
 classes = imagenet_classes(class_list) if class_list else None
+train_src = None
+if not (eval_only or predict):
+    train_src = image_source(data_path, img_size, synthetic_size, seed, classes)
+    classes = classes or getattr(train_src, 'classes', None)
 val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1, classes),
                   eval_transform(img_size, crop_pct), seed)
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
@@ -262,7 +267,7 @@ train_tf = [v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.In
 if rand_augment:
     train_tf.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=v2.InterpolationMode.BICUBIC))
 train_tf += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
-train_set = Samples(image_source(data_path, img_size, synthetic_size, seed, classes), v2.Compose(train_tf), seed)
+train_set = Samples(train_src, v2.Compose(train_tf), seed)
 steps_per_epoch = len(train_set) // batch_size
 if steps_per_epoch == 0:
     config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")

@@ -355,6 +355,36 @@ def test_the_json_index_gives_what_the_json_says(tmp_path):
     assert src.image_counts().tolist() == [sum((i, c) in shown for i in range(1, 7)) for c in cats]
 
 
+def test_a_val_json_takes_the_training_labels_by_category_name(tmp_path):
+    """The same category names under other ids (shuffled) in the val json: each annotation gets the label its name
+    has in training, and a prediction of label k maps back to the val json's id of that name; other names: refused."""
+    folder = write_synthetic_scenes(str(tmp_path / 'scenes'), 4, 6, img_size=64)
+    train = CocoDetection(os.path.join(folder, 'instances_train.json'), folder)
+    names = [c['name'] for c in train.categories]
+    d = json.load(open(os.path.join(folder, 'instances_val.json')))
+    new_id = {c['id']: 100 - c['id'] for c in d['categories']}  # reversed order of ids
+    for c in d['categories']:
+        c['id'] = new_id[c['id']]
+    for a in d['annotations']:
+        a['category_id'] = new_id[a['category_id']]
+    path = tmp_path / 'val_shuffled.json'
+    path.write_text(json.dumps(d))
+    val = CocoDetection(str(path), folder, train=False, classes=names)
+    name_of = {c['id']: c['name'] for c in d['categories']}
+    for i in range(len(val)):
+        t = val.target(i, 64, 64)
+        anns = [a for a in d['annotations'] if a['image_id'] == t['image_id'] and not a['iscrowd']]
+        assert [names[k] for k in t['labels'].tolist()] == [name_of[a['category_id']] for a in anns]
+    assert [name_of[val.categories[k]['id']] for k in range(len(names))] == names  # label -> the val json's id
+    img, cls = val.image_classes()
+    shown = {(a['image_id'], names.index(name_of[a['category_id']])) for a in d['annotations']}
+    assert set(zip(img.tolist(), cls.tolist())) == shown
+    d['categories'][0]['name'] = 'hexagon'
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="category names are not the training json's"):
+        CocoDetection(str(path), folder, train=False, classes=names)
+
+
 def test_federated_loss_by_hand():
     """detectron2's draw: the classes present, the background among them (it counts toward the number, as in EVA-01's
     runs), then classes drawn by weight; only weighted classes can be drawn, so each draw below is certain."""
@@ -452,6 +482,28 @@ def test_eval_only_on_two_ranks_equals_one(demo):
         assert again['images'] == 32
         for kind in ('bbox', 'segm'):
             assert again[kind] == pytest.approx(ev[kind], abs=1e-6), (nproc, kind)
+
+
+def test_an_unreadable_val_image_is_counted_not_scored(demo, tmp_path):
+    """Samples stands the next image in for an unreadable one; evaluation must not score that stand-in again (its
+    detections under the next image's id): with one val image corrupt, the AP is that of the json without it."""
+    import shutil
+    d, _ = demo
+    shutil.copytree(d / 'scenes' / 'val', tmp_path / 'images' / 'val')
+    js = json.load(open(d / 'scenes' / 'instances_val.json'))
+    gone = js['images'][3]
+    (tmp_path / 'images' / gone['file_name']).write_bytes(b'\x89PNG not an image')
+    (tmp_path / 'bad.json').write_text(json.dumps(js))
+    js['images'] = [im for im in js['images'] if im['id'] != gone['id']]
+    js['annotations'] = [a for a in js['annotations'] if a['image_id'] != gone['id']]
+    (tmp_path / 'without.json').write_text(json.dumps(js))
+    res = {}
+    for name in ('bad', 'without'):
+        run([f'--out_dir={tmp_path}/{name}', f'--val_json={tmp_path}/{name}.json', f'--val_images={tmp_path}/images',
+             '--eval_only=True', f'--init_from={d}/run/last.pt', f'--synthetic_dir={d}/scenes'])
+        res[name] = json.load(open(tmp_path / name / 'eval.json'))
+    assert res['bad']['unreadable'] == 1 and res['bad']['images'] == res['without']['images'] == 31
+    assert res['bad']['bbox'] == res['without']['bbox'] and res['bad']['segm'] == res['without']['segm']
 
 
 def test_resume_gives_the_same_losses(demo):

@@ -234,12 +234,20 @@ def test_predict_prints_the_top5_of_the_ema_weights(trained, tmp_path):
         assert f"{p}: {expect}" in log, log[-1500:]
 
 
-def test_more_class_folders_than_the_head_is_one_error(tmp_path):
+def test_more_class_folders_than_the_head_is_one_error_and_val_takes_the_training_classes(tmp_path):
+    """A val tree lacking a class is numbered by the training set's class folders (its own sorted folders would shift
+    every label after the gap), and says so."""
     src = SyntheticShapes(12, 32, seed=4)
     for i in range(12):
         os.makedirs(tmp_path / 'train' / f'class{i:02d}')
         src.load(i)[0].save(tmp_path / 'train' / f'class{i:02d}' / f'{i}.png')
+        if i in (0, 2):
+            os.makedirs(tmp_path / 'val' / f'class{i:02d}')
+            src.load(i)[0].save(tmp_path / 'val' / f'class{i:02d}' / f'{i}.png')
+    assert ImageFiles(str(tmp_path / 'val'), ImageFiles(str(tmp_path / 'train')).classes).labels.tolist() == [0, 2]
     r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={tmp_path / "out"}', '--batch_size=12',
-                  f'--data_path={tmp_path / "train"}', '--num_classes=10', check=False)
+                  f'--data_path={tmp_path / "train"}', f'--val_data_path={tmp_path / "val"}', '--num_classes=10',
+                  check=False)
+    assert f"{tmp_path / 'val'}: no folder for 10 of the 12 classes: class01, class03" in r.stdout, r.stdout[-2000:]
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
         f"error: data_path {tmp_path / 'train'} has 12 classes, more than the head's num_classes=10", r.stderr[-2000:]

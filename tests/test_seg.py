@@ -514,6 +514,12 @@ def test_plain_mask2former_run_trains_and_evaluates(demo):
     assert losses[-1] < losses[0] and ev['images'] == 32 and ev['mIoU'] > 0, (losses, ev)
     sd = torch.load(d / 'plain' / 'last.pt')['model']
     assert 'backbone.fpn1.0.weight' in sd and not any('interactions' in k for k in sd)
+    # the adapter's command on this out_dir (as README's seg lines once shared one): one short line, not 12 KB of keys
+    r = run_stage('det_seg.py', 'config/seg_tiny.py', f'--out_dir={d}/plain', f'--synthetic_dir={d}/scenes',
+                  '--synthetic_size=256', '--max_iters=30', check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f'error: {d}/plain/ckpt/step20 holds another model'), last[:500]
+    assert 'adapter False -> True' in last and len(last) < 600, len(last)
 
 
 def test_eval_on_two_ranks_equals_the_training_runs_own(demo):
@@ -525,6 +531,28 @@ def test_eval_on_two_ranks_equals_the_training_runs_own(demo):
          f'--init_from={d}/run/last.pt'], nproc=2)
     again = json.load(open(d / 'eval2' / 'eval.json'))
     assert again['images'] == 32 and again['IoU'] == ev['IoU'] and again['mIoU'] == pytest.approx(ev['mIoU'])
+
+
+def test_an_unreadable_val_image_is_counted_not_scored(demo, tmp_path):
+    """Samples stands the next image in for an unreadable one; evaluation must not score that stand-in again: with one
+    val image corrupt, the metrics are those of the set without that image."""
+    import shutil
+    d, _ = demo
+    for kind in ('val', 'val_labels'):
+        shutil.copytree(d / 'scenes' / kind, tmp_path / 'bad' / kind)
+    first = sorted(os.listdir(tmp_path / 'bad' / 'val'))[3]
+    shutil.copytree(tmp_path / 'bad', tmp_path / 'without')
+    os.remove(tmp_path / 'without' / 'val' / first)
+    os.remove(tmp_path / 'without' / 'val_labels' / first)
+    (tmp_path / 'bad' / 'val' / first).write_bytes(b'\x89PNG not an image')
+    res = {}
+    for name in ('bad', 'without'):
+        run([f'--out_dir={tmp_path}/{name}_eval', f'--val_images={tmp_path}/{name}/val', '--eval_only=True',
+             f'--val_labels={tmp_path}/{name}/val_labels', f'--init_from={d}/run/last.pt',
+             f'--synthetic_dir={d}/scenes'])
+        res[name] = json.load(open(tmp_path / f'{name}_eval' / 'eval.json'))
+    assert res['bad']['unreadable'] == 1 and res['bad']['images'] == res['without']['images'] == 31
+    assert res['bad']['IoU'] == res['without']['IoU'] and res['bad']['mIoU'] == res['without']['mIoU']
 
 
 def test_eval_only_reads_a_released_mmseg_layout_file(demo):
