@@ -261,7 +261,7 @@ def save_checkpoint(engine, out_dir, step, client_state, files=None, keep=2):
         for name, obj in (files or {}).items():
             atomic_save(obj, os.path.join(out_dir, name))
         folder = os.path.join(ckpt_dir, tag)  # its files and sizes, checked at resume: a crash or a full disk shows
-        sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != MANIFEST}
+        sizes = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
         atomic_save(json.dumps(sizes), os.path.join(folder, MANIFEST))
         atomic_save(tag, os.path.join(ckpt_dir, 'latest'))
         older = checkpoint_steps(ckpt_dir)

@@ -420,8 +420,9 @@ if task == 'det':
     train_set = Samples(train_src, LargeScaleJitter(img_size, lsj_scale), seed, joint=True)
     collate = functools.partial(collate_detection, size=img_size)
     if fed_classes:  # LVIS's federated loss draws classes by image frequency ^ 0.5
+        fed_weights = train_src.image_counts() ** 0.5
         for predictor in model.roi_heads.box_predictor:
-            predictor.fed_loss_cls_weights.copy_(train_src.image_counts() ** 0.5)
+            predictor.fed_loss_cls_weights.copy_(fed_weights)
 else:
     train_src = seg_source(train_images, train_labels, train=True)
     train_set = Samples(train_src, SegAugment(img_size, seg_scale, seg_ratio, cat_max_ratio), seed, joint=True)

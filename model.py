@@ -550,8 +550,7 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
     renames: (regex, replacement) pairs from the framework's key names to ours; unused: name parts of keys the file
     may have and the model not (dropped); fresh: name parts of class-dependent layers, initialised afresh for another
     class count; optional: name parts of the model's keys that the file may lack (a mask head new to a boxes-only
-    model);
-    resizable: key suffixes of relative-position tables (L, C), resized linearly to another L for another grid
+    model); resizable: key suffixes of relative-position tables (L, C), resized linearly to another L for another grid
     (ViTDet's rule). Anything else that does not fit is one error naming the keys."""
     target, sd, new, resized, bad = model.state_dict(), {}, [], [], []
     for k, v in unwrap_state_dict(ckpt)[0].items():  # under 'model' (ours, detectron2's) or 'state_dict' (mmcv's)
