@@ -15,13 +15,14 @@ Every stage's data, in sections by who uses them:
 - transforms (pretrain, finetune_cls, train_clip): mim_transform, MIMCrop, eval_transform, normalize_batch
 - videos (finetune_video): VideoFiles, TSN sampling, crops, decord decoding, VideoClips, write_synthetic_videos,
   build_kinetics_lists (also `python data.py build_kinetics_lists ROOT OUT`)
-- detection (det_seg task='det'): CocoDetection (COCO, LVIS, Objects365), LargeScaleJitter, collate_detection,
+- detection (det_seg task='det'): CocoDetection (COCO, LVIS, Objects365; polygons: coco_polygons, polygons_rle,
+  crop_polygons, polygons_box), LargeScaleJitter, collate_detection,
   write_synthetic_scenes (also the segmentation demo's label PNGs); index_coco
 - semantic segmentation (det_seg task='seg'): label_lut, index_pairs, SegFiles, SegAugment, photometric_distortion,
   seg_test_size
 
-decord (videos), av (writing the synthetic videos) and timm (ImageNet's class lists) are imported where they are
-used: the stages that do not need them do not pay their import.
+decord (videos), av (writing the synthetic videos), timm (ImageNet's class lists) and shapely (cutting polygons to
+LSJ's crop) are imported where they are used: the stages that do not need them do not pay their import.
 
 A source has `__len__`, `load(i) -> (PIL RGB image, label)` (raising on a bad file) and `name(i)`. `Samples`
 turns a source into a torch Dataset whose i-th sample depends only on (seed, epoch, i): the same on every run,
@@ -1209,15 +1210,51 @@ def coco_rle(segm, h, w):
     """A COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE (faster-coco-eval's mask
     API, pycocotools's); a polygon of fewer than 3 points, or nothing left, is an error."""
     if isinstance(segm, list):
-        polys = [p for p in segm if len(p) >= 6]
-        if not polys:
-            raise ValueError("no polygon of 3 points or more")
-        return mask_util.merge(mask_util.frPyObjects(polys, h, w))
+        return polygons_rle(coco_polygons(segm), h, w)
     if isinstance(segm, dict) and isinstance(segm.get('counts'), list):
         return mask_util.frPyObjects(segm, h, w)
     if isinstance(segm, dict) and 'counts' in segm:
         return segm
     raise ValueError(f"segmentation is neither polygons nor RLE: {str(segm)[:60]}")
+
+
+def coco_polygons(segm):
+    """A COCO polygon segmentation -> its polygons as (k, 2) float64 (x, y) arrays, those of an odd length or of fewer
+    than 3 points left out, as detectron2's load_coco_json; none left is an error."""
+    polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in segm if len(p) % 2 == 0 and len(p) >= 6]
+    if not polys:
+        raise ValueError("no polygon of 3 points or more")
+    return polys
+
+
+def polygons_rle(polygons, h, w):
+    """(k, 2) polygons -> the RLE of their union rasterised on an h x w grid (COCO's rasteriser, pycocotools's)."""
+    return mask_util.merge(mask_util.frPyObjects([p.ravel().tolist() for p in polygons], h, w))
+
+
+def crop_polygons(polygons, left, top, size):
+    """An instance's polygons cut to the window (left, top, left + size, top + size) and shifted to its corner, as
+    detectron2's LSJ crop (fvcore's CropTransform.apply_polygons): each polygon repaired by shapely's buffer(0), its
+    intersection with the window split into its pieces (a concave polygon can leave several), lines and points
+    dropped, each piece's exterior ring without the closing vertex. shapely is imported here, its only user."""
+    import shapely.geometry as geometry
+    window = geometry.box(left, top, left + size, top + size).buffer(0.0)
+    out = []
+    for p in polygons:
+        cut = geometry.Polygon(p).buffer(0.0).intersection(window)
+        for piece in getattr(cut, 'geoms', [cut]):
+            if isinstance(piece, geometry.Polygon) and not piece.is_empty and piece.is_valid:
+                out.append(np.asarray(piece.exterior.coords)[:-1] - (left, top))
+    return out
+
+
+def polygons_box(polygons):
+    """x1y1x2y2 (4,) float32 around an instance's polygons, (inf, inf, 0, 0) when none: detectron2's
+    PolygonMasks.get_bounding_boxes (its max starts at 0)."""
+    if not polygons:
+        return torch.tensor([math.inf, math.inf, 0.0, 0.0])
+    xy = torch.from_numpy(np.concatenate(polygons)).float()
+    return torch.cat([xy.min(0).values, xy.max(0).values.clamp(min=0)])
 
 
 def index_coco(json_path):
@@ -1231,12 +1268,15 @@ def index_coco(json_path):
     anns = {k: array.array(t) for k, t in (('image', 'q'), ('id', 'q'), ('cat', 'i'), ('crowd', 'b'), ('box', 'd'))}
 
     def hook(d):  # every json object, innermost first: an annotation or an image leaves only a None behind
-        if 'bbox' in d and 'image_id' in d:
-            box = d['bbox'] if isinstance(d['bbox'], list) and len(d['bbox']) == 4 else [math.nan] * 4
+        if 'image_id' in d:  # an annotation; one without a bbox of 4 numbers gets NaNs, skipped and counted at load
+            box = d.get('bbox') if isinstance(d.get('bbox'), list) and len(d['bbox']) == 4 else [math.nan] * 4
             for k, v in (('image', d['image_id']), ('id', d.get('id', -1)), ('cat', d.get('category_id', -1)),
                          ('crowd', bool(d.get('iscrowd', 0)))):
                 anns[k].append(v)
-            anns['box'].extend(map(float, box))
+            try:
+                anns['box'].extend([float(v) for v in box])
+            except (TypeError, ValueError):
+                anns['box'].extend([math.nan] * 4)
             segms.add(json.dumps(d['segmentation'], separators=(',', ':')) if d.get('segmentation') else '')
             return None
         if 'id' in d and ('file_name' in d or 'coco_url' in d):
@@ -1252,7 +1292,7 @@ def index_coco(json_path):
     missing = [k for k in ('images', 'annotations', 'categories') if k not in (d if isinstance(d, dict) else {})]
     if missing:
         raise ValueError(f"{json_path} is not a COCO-format instances json (no {', '.join(missing)})")
-    for k, what in (('images', "an id and a file_name or coco_url"), ('annotations', "an image_id and a bbox")):
+    for k, what in (('images', "an id and a file_name or coco_url"), ('annotations', "an image_id")):
         odd = next((x for x in d[k] if x is not None), None)
         if odd is not None:
             raise ValueError(f"{json_path}: an entry of '{k}' without {what}: {str(odd)[:100]}")
@@ -1269,9 +1309,12 @@ def index_coco(json_path):
 
 class CocoDetection:
     """A COCO-format instances json and its image folder (COCO, LVIS v1, Objects365): load(i) -> (uint8 image (3, H, W),
-    target {'boxes' (n, 4) x1y1x2y2 float32 pixels, 'labels' (n,) int64, 'masks' (n, H, W) bool (masks=True),
-    'image_id', 'dropped': bad annotations skipped}). Class ids: the json's categories sorted by id, 0 ... K-1
-    (detectron2's contiguous ids), or in the order of `classes` (names: a val json numbered as its training json).
+    target {'boxes' (n, 4) x1y1x2y2 float32 pixels, 'labels' (n,) int64, 'image_id', 'dropped': bad annotations
+    skipped; with masks=True 'polygons' (n lists of (k, 2) float64 arrays) when every instance is polygons, as COCO's
+    and LVIS's are (detectron2's default format: transformed as coordinates, rasterised per proposal), else 'masks'
+    (n, H, W) bool (an RLE among them, detectron2's 'bitmask' format)}). Class ids: the json's categories sorted by
+    id, 0 ... K-1 (detectron2's contiguous ids), or in the order of `classes` (names: a val json numbered as its
+    training json).
     Crowd regions are not trained on (COCOeval ignores detections in them); an annotation with an empty box, an
     unknown category or an unreadable segmentation is skipped with a warning naming it, and counted. train=True keeps
     the images with an annotation (detectron2 drops the others from training). LVIS v1 names no file: its coco_url's
@@ -1317,7 +1360,7 @@ class CocoDetection:
     def target(self, i, h, w):
         """Image i's target for an image of h x w pixels."""
         image_id = int(self.index['image_ids'][self.rows[i]])
-        boxes, labels, masks, dropped = [], [], [], 0
+        boxes, labels, shapes, dropped = [], [], [], 0
         rows = self.annotations(image_id)
         columns = [self.index[k][rows].tolist() for k in ('ann_crowd', 'ann_boxes', 'ann_cats', 'ann_segms', 'ann_ids')]
         for crowd, (x, y, bw, bh), category, segm, ann_id in zip(*columns):
@@ -1325,15 +1368,14 @@ class CocoDetection:
                 continue
             box = [max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)]
             try:
+                if not all(map(math.isfinite, (x, y, bw, bh))):
+                    raise ValueError("no bbox of 4 numbers")
                 if not (box[2] > box[0] and box[3] > box[1]):
                     raise ValueError(f"empty box {[x, y, bw, bh]} in a {w}x{h} image")
                 if category not in self.cat_index:
                     raise ValueError(f"category {category} is not in the json's categories")
                 if self.masks:
-                    m = mask_util.decode(coco_rle(json.loads(self.segms[segm] or 'null'), h, w))
-                    if m.shape != (h, w) or not m.any():
-                        raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
-                    masks.append(torch.from_numpy(m.astype(bool)))
+                    shapes.append(self.shape(json.loads(self.segms[segm] or 'null'), h, w))
             except Exception as e:
                 print(f"warning: skipping annotation {ann_id} of {self.path(i)}: {e}", file=sys.stderr)
                 dropped += 1
@@ -1342,9 +1384,23 @@ class CocoDetection:
             labels.append(self.cat_index[category])
         target = {'boxes': torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                   'labels': torch.tensor(labels, dtype=torch.int64), 'image_id': image_id, 'dropped': dropped}
-        if self.masks:
-            target['masks'] = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        if self.masks and all(isinstance(m, list) for m in shapes):
+            target['polygons'] = shapes
+        elif self.masks:  # an RLE among them: the image's instances all as bitmaps (detectron2 would stop)
+            masks = [torch.from_numpy(mask_util.decode(polygons_rle(m, h, w))) if isinstance(m, list) else m
+                     for m in shapes]
+            target['masks'] = torch.stack(masks).bool()
         return target
+
+    @staticmethod
+    def shape(segm, h, w):
+        """An annotation's segmentation -> its polygons ((k, 2) float64 arrays) or, from RLE, its (h, w) bitmap."""
+        if isinstance(segm, list):
+            return coco_polygons(segm)
+        m = mask_util.decode(coco_rle(segm, h, w))
+        if m.shape != (h, w) or not m.any():
+            raise ValueError(f"mask of {m.shape} with {int(m.sum())} pixels for a {w}x{h} image")
+        return torch.from_numpy(m)
 
     def image_classes(self):
         """(image ids, classes): each (image, class) pair an annotation shows, once (unknown categories left out)."""
@@ -1381,12 +1437,13 @@ class CocoDetection:
 
 class LargeScaleJitter:
     """(uint8 image (3, H, W), target) -> the same, as EVA-01's det pipeline (detectron2's LSJ, coco_loader_lsj.py):
-    flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear, masks
-    PIL's nearest; FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both
-    axes (detectron2's quirk, kept); boxes recomputed from the cropped masks (recompute_boxes; without masks clipped),
-    empty instances dropped. train=False: the test resize, longest side = size (ResizeShortestEdge(size,
+    flip (p 0.5); ResizeScale: s ~ U(0.1, 2.0), the image scaled by min(size s / H, size s / W), bilinear;
+    FixedSizeCrop(size) without padding at offset round((new - crop) u) with one u ~ U(0, 1) for both axes
+    (detectron2's quirk, kept); boxes recomputed from the cropped instances (recompute_boxes), empty ones dropped.
+    Polygons are transformed as coordinates and cut to the crop window (crop_polygons); bitmaps (from RLE) are resized
+    with PIL's nearest and sliced. train=False: the test resize, longest side = size (ResizeShortestEdge(size,
     max_size=size)); target gets 'scale' to map predictions back. Padding to size x size happens when batching
-    (collate_detection). Masks are bitmaps throughout (detectron2's 'bitmask' format; its default crops polygons)."""
+    (collate_detection)."""
 
     def __init__(self, size=1024, scale=(0.1, 2.0), train=True):
         self.size, self.scale, self.train = size, scale, train
@@ -1394,11 +1451,12 @@ class LargeScaleJitter:
     def __call__(self, sample):
         img, t = sample
         H, W = img.shape[1:]
-        masks = t.get('masks')
+        masks, polygons = t.get('masks'), t.get('polygons')
         boxes = tv_tensors.BoundingBoxes(t['boxes'], format='XYXY', canvas_size=(H, W))
         if self.train and torch.rand(()) < 0.5:
             img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
             masks = masks.flip(-1) if masks is not None else None
+            polygons = polygons and [[np.stack([W - p[:, 0], p[:, 1]], 1) for p in ps] for ps in polygons]
         if self.train:
             s = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(()).item()
             r = min(self.size * s / H, self.size * s / W)
@@ -1411,7 +1469,9 @@ class LargeScaleJitter:
         if masks is not None:  # PIL's NEAREST per mask, as detectron2's apply_segmentation (torch's nearest differs)
             resized = [np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in masks.byte().numpy()]
             masks = torch.from_numpy(np.stack(resized)).bool() if resized else torch.zeros(0, h, w, dtype=torch.bool)
-        out = {k: v for k, v in t.items() if k not in ('boxes', 'masks')}
+        if polygons is not None:
+            polygons = [[p * (w / W, h / H) for p in ps] for ps in polygons]
+        out = {k: v for k, v in t.items() if k not in ('boxes', 'masks', 'polygons')}
         if self.train:
             ch, cw = min(h, self.size), min(w, self.size)
             u = torch.rand(()).item()
@@ -1419,15 +1479,20 @@ class LargeScaleJitter:
             img, boxes = img[:, top:top + ch, left:left + cw], TF.crop(boxes, top, left, ch, cw)
             if masks is not None:
                 masks = masks[:, top:top + ch, left:left + cw]
-                boxes = torch.stack([masks_to_box(m) for m in masks]) if len(masks) else boxes.as_subclass(torch.Tensor)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                boxes = torch.stack([masks_to_box(m) for m in masks]) if len(masks) else boxes
+            elif polygons is not None:  # the window is size x size even past the image's edge, as detectron2's
+                polygons = [crop_polygons(ps, left, top, self.size) for ps in polygons]
+                boxes = torch.stack([polygons_box(ps) for ps in polygons]) if polygons else boxes
+            keep = (boxes[:, 2] - boxes[:, 0] > 1e-5) & (boxes[:, 3] - boxes[:, 1] > 1e-5)  # detectron2's nonempty
             out['labels'] = t['labels'][keep]
             boxes = boxes[keep]
-            if masks is not None:
-                masks = masks[keep]
+            masks = masks[keep] if masks is not None else None
+            polygons = [ps for ps, k in zip(polygons, keep.tolist()) if k] if polygons is not None else None
         out['boxes'] = boxes.as_subclass(torch.Tensor).float()
         if masks is not None:
             out['masks'] = masks
+        if polygons is not None:
+            out['polygons'] = polygons
         out['scale'], out['orig_size'] = (h / H, w / W), (H, W)
         return img, out
 

@@ -9,7 +9,7 @@ section 4.4. In reading order:
 - the simple feature pyramid: LayerNorm2d, ConvNorm, SimpleFeaturePyramid, Backbone (backbone.net + backbone.simfp_*)
 - the RPN: Anchors, FloatRPNHead, RPN (torchvision's, with detectron2's anchors and loss)
 - the ROI heads: pool_rois, BoxHead, BoxPredictor, MaskHead, scale_grad, match, fed_loss_classes, and the model,
-  CascadeMaskRCNN; its test-time scoring: maskness, soft_nms
+  CascadeMaskRCNN (its mask targets: polygons_in_boxes); its test-time scoring: maskness, soft_nms
 - released checkpoints and layer decay: D2_KEYS, load_detector (init_from), LAYER_DECAY (model.param_groups' rules)
 
     CascadeMaskRCNN(DetConfig(...))(images, sizes, targets) -> {loss name: scalar}           (training)
@@ -41,6 +41,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
+from data import mask_util, polygons_rle
 from model import (EMBEDDINGS, Attention, Block, EVAConfig, PatchEmbed, load_pretrained, load_whole, read_checkpoint,
                    resize_pos_embed, unwrap_state_dict)
 
@@ -506,13 +507,17 @@ class CascadeMaskRCNN(nn.Module):
 
     def mask_loss(self, features, boxes, matched, targets):
         """BCE of the ground-truth class's 28x28 logits on stage 1's foreground proposals; the target is the matched
-        mask cut to the proposal by ROIAlignV2 and thresholded at 0.5 (detectron2's mask_rcnn_loss, bitmasks)."""
+        instance in the proposal at 28x28 (detectron2's mask_rcnn_loss): its polygons rasterised there
+        (PolygonMasks.crop_and_resize), or its bitmap cut by ROIAlignV2 and thresholded at 0.5 (BitMasks')."""
         fg_boxes, masks, classes = [], [], []
         for b, m, t in zip(boxes, matched, targets):
             b, m = b[m >= 0], m[m >= 0]
             fg_boxes.append(b)
-            rois = torch.cat((m[:, None].to(b.dtype), b), 1)
-            masks.append(roi_align(t['masks'][:, None].float(), rois, 28, 1.0, 0, aligned=True)[:, 0] >= 0.5)
+            if 'polygons' in t:
+                masks.append(polygons_in_boxes([t['polygons'][k] for k in m.tolist()], b, 28))
+            else:
+                rois = torch.cat((m[:, None].to(b.dtype), b), 1)
+                masks.append(roi_align(t['masks'][:, None].float(), rois, 28, 1.0, 0, aligned=True)[:, 0] >= 0.5)
             classes.append(t['labels'][m])
         head = self.roi_heads.mask_head
         logits = head(pool_rois(features, fg_boxes, 14, self.config.canonical_box).to(head.predictor.weight.dtype))
@@ -558,6 +563,18 @@ class CascadeMaskRCNN(nn.Module):
                 if det.maskness > 0:
                     o['scores'] = o['scores'] * maskness(m, det.maskness)
         return out
+
+
+def polygons_in_boxes(polygons, boxes, size):
+    """Each instance's polygons (lists of (k, 2) arrays) rasterised in its box (n, 4) on a size x size grid -> (n, size,
+    size) bool on the boxes' device: detectron2's rasterize_polygons_within_box (shifted to the box's corner, scaled by
+    size / max(side, 0.1) in the box's float32, COCO's rasteriser), on the CPU as detectron2 does."""
+    out = np.zeros((len(boxes), size, size), np.uint8)
+    for i, (polys, box) in enumerate(zip(polygons, boxes.detach().float().cpu().numpy())):
+        scale = np.array([size / max(box[2] - box[0], 0.1), size / max(box[3] - box[1], 0.1)])
+        if polys:  # COCO's rasteriser takes no empty list (detectron2: an empty mask)
+            out[i] = mask_util.decode(polygons_rle([(p - box[:2]) * scale for p in polys], size, size))
+    return torch.from_numpy(out).bool().to(boxes.device)
 
 
 def maskness(masks, thresh=0.5):

@@ -224,6 +224,9 @@ def det_inputs(batch, size):
     sizes = batch['sizes'].to(device)
     inside = (ar[None, :, None] < sizes[:, 0, None, None]) & (ar[None, None, :] < sizes[:, 1, None, None])
     targets = [{k: t[k].to(device) for k in ('boxes', 'labels', 'masks') if k in t} for t in batch['targets']]
+    for t, raw in zip(targets, batch['targets']):
+        if 'polygons' in raw:  # polygons stay on the CPU, where their per-proposal targets are rasterised
+            t['polygons'] = raw['polygons']
     dropped = sum(t['dropped'] for t in batch['targets'])
     return (x * inside[:, None], batch['sizes'].tolist(), targets), {'bad_anns': dropped}
 

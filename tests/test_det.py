@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
@@ -270,6 +270,108 @@ def test_lsj_keeps_image_boxes_and_masks_consistent(tmp_path):
     torch.testing.assert_close(t['boxes'], target['boxes'] * 0.8)
 
 
+def detectron2_lsj_polygons(polygons, W, H, flip, h, w, left, top, size):
+    """detectron2's LSJ on an image's polygons as its code does it, step by step: HFlipTransform.apply_coords,
+    ResizeTransform.apply_coords, fvcore's CropTransform.apply_polygons (shapely), PolygonMasks.get_bounding_boxes and
+    filter_empty_instances -> (kept instances' polygons, their boxes, the keep flags)."""
+    import shapely.geometry as geometry
+    window = geometry.box(left, top, left + size, top + size).buffer(0.0)
+    out, boxes = [], []
+    for instance in polygons:
+        cropped = []
+        for p in instance:
+            p = p.copy()
+            if flip:
+                p[:, 0] = W - p[:, 0]
+            p[:, 0] = p[:, 0] * (w * 1.0 / W)
+            p[:, 1] = p[:, 1] * (h * 1.0 / H)
+            cut = geometry.Polygon(p).buffer(0.0).intersection(window)
+            if cut.is_empty:
+                continue
+            for piece in (cut.geoms if isinstance(cut, geometry.base.BaseMultipartGeometry) else [cut]):
+                if isinstance(piece, geometry.Polygon) and piece.is_valid:
+                    q = np.asarray(piece.exterior.coords)[:-1]
+                    q[:, 0] -= left
+                    q[:, 1] -= top
+                    cropped.append(q)
+        lo, hi = torch.tensor([math.inf, math.inf]), torch.zeros(2)
+        for q in cropped:
+            xy = torch.from_numpy(q).float()
+            lo, hi = torch.min(lo, xy.min(0).values), torch.max(hi, xy.max(0).values)
+        out.append(cropped)
+        boxes.append(torch.cat([lo, hi]))
+    boxes = torch.stack(boxes)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
+    keep &= torch.tensor([len(c) > 0 for c in out])
+    return [c for c, k in zip(out, keep) if k], boxes[keep], keep
+
+
+def test_lsj_cuts_polygons_as_detectron2_and_they_stay_on_their_objects():
+    """Polygon instances (a rectangle, a U whose arms a crop can part, a triangle, a self-crossing bow tie) through LSJ:
+    the polygons, boxes and kept instances equal detectron2's code run on the same draws, and each kept instance's
+    polygons rasterised on the output cover pixels of its own colour; by hand, the crop of a U across its arms."""
+    from data import crop_polygons, polygons_box, polygons_rle
+    shapes = [[(5, 10), (50, 10), (50, 40), (5, 40)], [(60, 50), (115, 50), (115, 85), (100, 85), (100, 62),
+              (75, 62), (75, 85), (60, 85)], [(80, 5), (118, 5), (99, 30)], [(10, 50), (40, 80), (40, 50), (10, 80)]]
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    pil = Image.new('RGB', (120, 90), (60, 60, 60))
+    for s, c in zip(shapes, colours):
+        ImageDraw.Draw(pil).polygon(s, fill=c)
+    img = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    polygons = [[np.array(s, np.float64)] for s in shapes]
+    target = {'boxes': torch.stack([polygons_box(ps) for ps in polygons]), 'labels': torch.arange(4),
+              'polygons': polygons}
+    lsj, seen = LargeScaleJitter(96, scale=(0.5, 2.0)), set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, t = lsj((img, target))
+        torch.manual_seed(seed)  # LSJ's draws in their order: flip, scale, crop offset
+        flip, s = bool(torch.rand(()) < 0.5), 0.5 + 1.5 * torch.rand(()).item()
+        r = min(96 * s / 90, 96 * s / 120)
+        h, w = round(90 * r), round(120 * r)
+        u = torch.rand(()).item()
+        top, left = round((h - min(h, 96)) * u), round((w - min(w, 96)) * u)
+        ref, boxes, keep = detectron2_lsj_polygons(polygons, 120, 90, flip, h, w, left, top, 96)
+        assert torch.equal(t['boxes'], boxes) and torch.equal(t['labels'], torch.arange(4)[keep])
+        assert [[p.tolist() for p in ps] for ps in t['polygons']] == [[p.tolist() for p in ps] for ps in ref]
+        seen.add(len(t['labels']))
+        H, W = out.shape[1:]
+        for ps, label in zip(t['polygons'], t['labels']):
+            m = torch.from_numpy(mask_util.decode(polygons_rle(ps, H, W))).bool()
+            inner = F.max_pool2d((~m)[None, None].float(), 5, 1, 2)[0, 0] == 0  # 2 px from any edge
+            if inner.any() and label < 3:  # (the bow tie's two lobes meet at a point: its colour is checked nowhere)
+                colour = out[:, inner].float().mean(1)
+                assert (colour - torch.tensor(colours[label]).float()).abs().max() < 30
+    assert seen - {4}, "the crops never dropped an object: the test did not exercise the crop"
+    # by hand: a U (arms x 0-10 and 20-30 over y 0-20, its base y 20-30) in the window x 0-30, y -15-15 leaves its
+    # arms' tops as two polygons, shifted by the window's corner (0, -15)
+    u_shape = np.array([[0., 0], [10, 0], [10, 20], [20, 20], [20, 0], [30, 0], [30, 30], [0, 30]])
+    pieces = crop_polygons([u_shape], 0, -15, 30)
+    assert sorted(polygons_box([p]).tolist() for p in pieces) == [[0, 15, 10, 30], [20, 15, 30, 30]]
+    assert polygons_box(crop_polygons([u_shape], 40, 0, 25)).tolist() == [math.inf, math.inf, 0, 0]  # nothing left
+
+
+def test_polygon_mask_targets_are_detectron2s_rasterised_in_each_proposal():
+    """polygons_in_boxes: by hand (a polygon filling its box, one filling its left half, a box under 0.1 px scaled by
+    1 / 0.1), and the same instance as polygons and as a bitmap cut by ROIAlign agree but for their edges."""
+    from det_model import polygons_in_boxes
+    from torchvision.ops import roi_align
+    square = [np.array([[10., 10], [38, 10], [38, 38], [10, 38]])]
+    half = [np.array([[10., 10], [24, 10], [24, 38], [10, 38]])]
+    m = polygons_in_boxes([square, half, square], torch.tensor([[10., 10, 38, 38]] * 2 + [[10, 10, 10.05, 38]]), 28)
+    assert m.shape == (3, 28, 28) and m[0].all()
+    assert m[1][:, :14].all() and not m[1][:, 14:].any()
+    assert m[2].all(1).tolist() == [True] * 28  # x scaled by 28 / 0.1: the first column alone spans the box
+    from data import polygons_rle
+    blob = [np.array([[20., 15], [70, 10], [80, 60], [45, 75], [15, 50]]), np.array([[85., 70], [95, 70], [90, 85]])]
+    bitmap = torch.from_numpy(mask_util.decode(polygons_rle(blob, 96, 96))).float()
+    boxes = torch.tensor([[15., 10, 80, 75], [10, 5, 60, 50], [30, 20, 97, 90]])
+    rois = torch.cat([torch.zeros(3, 1), boxes], 1)
+    cut = roi_align(bitmap[None, None], rois, 28, 1.0, 0, aligned=True)[:, 0] >= 0.5
+    agree = (polygons_in_boxes([blob] * 3, boxes, 28) == cut).float().mean()
+    assert 0.95 < agree < 1.0, agree
+
+
 def test_ground_truth_as_predictions_scores_ap_one(tmp_path):
     """The synthetic json read back by CocoDetection (RLE -> masks), the masks re-encoded as predictions: COCOeval
     (faster-coco-eval) gives box and mask AP 1.0; one box moved off gives less."""
@@ -306,13 +408,21 @@ def test_bad_annotations_are_skipped_named_and_counted(tmp_path, capsys):
     a[0]['bbox'] = [10, 10, 0, 5]  # degenerate box
     a[1]['segmentation'] = [[1, 2, 3, 4]]  # a 2-point polygon
     a[2]['category_id'] = 99  # unknown category
+    del a[3]['bbox']  # no box, a box of 3 numbers, of a string: that annotation only is skipped, its image kept
+    a[4]['bbox'] = a[4]['bbox'][:3]
+    a[5]['bbox'][1] = 'ten'
     bad_json = tmp_path / 'bad.json'
     bad_json.write_text(json.dumps(d))
     src = CocoDetection(str(bad_json), folder)
     dropped = sum(src.load(i)[1]['dropped'] for i in range(len(src)))
-    assert dropped == 3
+    assert dropped == 6 and len(src) == 4
     err = capsys.readouterr().err
     assert f"annotation {a[0]['id']}" in err and 'empty box' in err and 'polygon' in err and 'category 99' in err
+    assert err.count('no bbox of 4 numbers') == 3
+    del d['annotations'][0]['image_id']  # an annotation of no image: the json is refused, in one line
+    bad_json.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="bad.json: an entry of 'annotations' without an image_id"):
+        CocoDetection(str(bad_json), folder)
     (tmp_path / 'not_coco.json').write_text('{"images": []}')
     with pytest.raises(ValueError, match='not_coco.json is not a COCO-format instances json'):
         CocoDetection(str(tmp_path / 'not_coco.json'), folder)
@@ -332,10 +442,14 @@ def test_the_json_index_gives_what_the_json_says(tmp_path):
     for a in d['annotations']:  # (the annotations' ids: 1, 2, ...)
         a['iscrowd'] = int(a['image_id'] == d['images'][3]['id'])
         a['bbox'][2] += 70 * (a['id'] % 2)  # out of the image: clipped
-    x, y, w, h = d['annotations'][0]['bbox']
-    d['annotations'][0]['segmentation'] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon among the RLEs
+    assert any(a['image_id'] == d['images'][4]['id'] for a in d['annotations'])
+    for a in d['annotations']:  # a polygon among the RLEs (image 1), an image of polygons only (image 5)
+        x, y, w, h = a['bbox']
+        if a['id'] == d['annotations'][0]['id'] or a['image_id'] == d['images'][4]['id']:
+            a['segmentation'] = [[x, y, x + w, y, x + w, y + h, x, y + h], [x, y, x + 1, y, x, y + 1]]
     (tmp_path / 'odd.json').write_text(json.dumps(d))
     cats = sorted(c['id'] for c in d['categories'])
+    mixed = 0
     for train in (True, False):
         src = CocoDetection(str(tmp_path / 'odd.json'), folder, train=train)
         images = [im for im in d['images'] if not train or any(a['image_id'] == im['id'] and not a['iscrowd']
@@ -348,9 +462,17 @@ def test_the_json_index_gives_what_the_json_says(tmp_path):
             assert src.path(i) == os.path.join(folder, im.get('file_name', 'train/' + f"{im['id'] - 1:05d}.png"))
             assert t['image_id'] == im['id'] and t['boxes'].tolist() == boxes
             assert t['labels'].tolist() == [cats.index(a['category_id']) for a in anns]
+            if all(isinstance(a['segmentation'], list) for a in anns):  # polygons as they are, in (x, y) rows
+                assert 'masks' not in t and len(t['polygons']) == len(anns)
+                for ps, a in zip(t['polygons'], anns):
+                    assert [p.tolist() for p in ps] == [np.reshape(q, (-1, 2)).tolist() for q in a['segmentation']]
+                continue
+            mixed += any(isinstance(a['segmentation'], list) for a in anns)
             masks = [mask_util.decode(coco_rle(a['segmentation'], 64, 64)) for a in anns]
             assert t['masks'].shape == (len(anns), 64, 64) and all((m == t['masks'][k].numpy()).all()
                                                                     for k, m in enumerate(masks))
+            assert 'polygons' not in t
+    assert mixed == 2  # the polygon among RLEs, rasterised with them, in both splits
     shown = {(a['image_id'], a['category_id']) for a in d['annotations']}
     assert src.image_counts().tolist() == [sum((i, c) in shown for i in range(1, 7)) for c in cats]
 
@@ -417,6 +539,20 @@ def test_detector_trains_and_detects_in_float32_boxes():
     assert set(losses) == {'loss_rpn_cls', 'loss_rpn_loc', 'loss_mask'} | {f'loss_{k}_stage{s}' for k in
                                                                            ('cls', 'box_reg') for s in range(3)}
     assert all(v.isfinite() and v.dtype == torch.float32 for v in losses.values())
+    # two pixel-aligned rectangles as polygons and as bitmaps: the same 28x28 targets either way, so the same mask loss
+    # on the same proposals (an instance's polygons taken for another's would change it)
+    rects = [(20, 10, 50, 40), (2, 30, 22, 60)]
+    both = {'boxes': torch.tensor(rects, dtype=torch.float32), 'labels': torch.tensor([1, 3])}
+    bitmaps = torch.zeros(2, 64, 64, dtype=torch.bool)
+    for m, (x1, y1, x2, y2) in zip(bitmaps, rects):
+        m[y1:y2, x1:x2] = True
+    polygons = [[np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)] for x1, y1, x2, y2 in rects]
+    with torch.no_grad():
+        mask_loss = []
+        for kind in ({'masks': bitmaps}, {'polygons': polygons}, {'polygons': polygons[::-1]}):
+            torch.manual_seed(1)
+            mask_loss.append(model(x, [(64, 64), (64, 64)], [both | kind] * 2)['loss_mask'])
+    assert mask_loss[0] == mask_loss[1] != mask_loss[2]
     sum(losses.values()).backward()
     assert model.backbone.net.patch_embed.proj.weight.grad is None  # frozen
     assert model.backbone.net.blocks[0].attn.rel_pos_h.grad is not None
@@ -709,8 +845,16 @@ def test_a_missing_image_is_skipped_a_class_count_mismatch_stops_and_lvis_settin
                   timeout=300, check=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {js} has 4 categories, num_classes=5"
-    # LVIS's training settings on the same data: sigmoid CE, the federated loss weighted by image counts ^ 0.5 (in each
-    # stage's buffer, saved with the model, as detectron2 does), repeat-factor sampling
+    # LVIS's training settings on the same data with polygons (LVIS has only polygons; here each box's outline): sigmoid
+    # CE, the federated loss weighted by image counts ^ 0.5 (in each stage's buffer, saved with the model, as detectron2
+    # does), repeat-factor sampling
+    d = json.load(open(js))
+    for a in d['annotations']:
+        x, y, w, h = a['bbox']
+        a['segmentation'] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    js = str(tmp_path / 'polygons.json')
+    json.dump(d, open(js, 'w'))
+    assert 'polygons' in CocoDetection(js, folder).load(0)[1]
     run_stage('det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}', f'--train_images={folder}',
               f'--val_images={folder}', f'--out_dir={tmp_path}/lvis', '--sigmoid_ce=True', '--fed_classes=3',
               '--repeat_threshold=0.5', '--batch_size=4', '--micro_batch=4', '--max_iters=4', '--stop_step=2',
