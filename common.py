@@ -3,6 +3,7 @@ one DeepSpeed config, checkpoints, the log. A function enters only when three st
 schedule, evaluation or stage-specific branch. Inputs come as arguments; DeepSpeed is imported inside (fast --help).
 Stages import it before torch: OpenMP reads its wait policy once, when torch loads it.
 """
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -111,6 +112,17 @@ def resolve_dtype(dtype, cuda):
 def config_error(message):
     """A bad setting: one line from rank 0 and exit status 1 on every rank (no traceback per rank)."""
     raise SystemExit(f"error: {message}" if int(os.environ.get('RANK', '0')) == 0 else 1)
+
+
+@contextlib.contextmanager
+def input_errors():
+    """Around reading what a setting names (init_from, data folders, lists): a file that is missing, is not a
+    checkpoint, or holds another model or a class folder the run does not know (OSError or ValueError from the
+    readers) stops the run with one error line, the reader's first (not a traceback per rank)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        config_error(str(e).splitlines()[0].rstrip(':'))
 
 
 def require_files(**paths):

@@ -650,7 +650,10 @@ def load_detector(model, path):
     into backbone.net with load_pretrained's checks: only the relative-position tables are new.
     -> load_pretrained's report for an encoder, None for a whole detector."""
     ckpt = read_checkpoint(path)
-    if any(k.startswith('backbone.net.') for k in unwrap_state_dict(ckpt)[0]):
+    keys = unwrap_state_dict(ckpt)[0]
+    if any(k.startswith('decode_head.') for k in keys):
+        raise ValueError(f"{path} is a segmenter (decode_head.*): a detector starts from a detector or an encoder")
+    if any(k.startswith('backbone.net.') for k in keys):
         fed = '.fed_loss_cls_weights'  # LVIS's (set again from the training data; unused in evaluation)
         return load_whole(model, ckpt, path, 'detector', renames=D2_KEYS, unused=('pixel_mean', 'pixel_std', fed),
                           fresh=('.cls_score.', 'mask_head.predictor.', fed), optional=('roi_heads.mask_head.', fed),

@@ -34,8 +34,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
+from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
+                    stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -328,7 +329,8 @@ if task == 'det':
     with torch.device(device):
         model = CascadeMaskRCNN(model_cfg)
     if init_from:  # a whole detector (ours, detectron2's names) or an encoder under fresh heads
-        load_detector(model, init_from)
+        with input_errors():
+            load_detector(model, init_from)
     model_inputs, evaluate, decay_rules = det_inputs, evaluate_det, DET_LAYER_DECAY
 
 # -----------------------------------------------------------------------------
@@ -406,7 +408,8 @@ if task == 'seg':
     with torch.device(device):
         model = Segmenter(model_cfg)
     if init_from:  # a whole segmenter (ours, mmseg's names) or an encoder under fresh heads
-        load_segmenter(model, init_from)
+        with input_errors():
+            load_segmenter(model, init_from)
     model_inputs, evaluate, decay_rules = seg_inputs, evaluate_seg, SEG_LAYER_DECAY
 
 # -----------------------------------------------------------------------------

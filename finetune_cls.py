@@ -23,8 +23,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
+from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
+                    stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from torchvision.transforms import v2
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, load_rgb, make_loader, topk_hits,
                   train_batches)
-from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args
+from model import (EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args,
+                   unwrap_state_dict)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the IN-1K 336 px recipe (EVA-01's IN-1K fine-tuning script)
@@ -110,16 +112,31 @@ if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 
+with input_errors():  # not a checkpoint: one error line
+    init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
+if eval_only:  # evaluate or predict with the checkpoint's own head: its class count, and its class names if saved
+    head = unwrap_state_dict(init_ckpt)[0].get('head.weight') if init_from else None
+    if head is None:
+        config_error(f"{init_from} has no classifier head (head.weight) to evaluate or predict with")
+    if head.shape[0] != num_classes:
+        print0(f"num_classes {num_classes} -> {head.shape[0]}: the head of {init_from}")
+        num_classes = config['num_classes'] = head.shape[0]
+
 # -----------------------------------------------------------------------------
 # data: the training source (not for eval_only), whose class folders number every split (a val tree lacking a
-# class keeps the labels after it), then the validation set; the training transforms follow the eval_only exit
+# class keeps the labels after it), then the validation set; the training transforms follow the eval_only exit.
+# eval_only: the checkpoint's class names number the val folders, where it saved them
 classes = imagenet_classes(class_list) if class_list else None
 train_src = None
-if not (eval_only or predict):
-    train_src = image_source(data_path, img_size, synthetic_size, seed, classes)
-    classes = classes or getattr(train_src, 'classes', None)
-val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1, classes),
-                  eval_transform(img_size, crop_pct), seed)
+with input_errors():  # no such folder, no images, a class folder the class list lacks: one error line
+    if eval_only:
+        classes = classes or init_ckpt.get('classes')
+    else:
+        train_src = image_source(data_path, img_size, synthetic_size, seed, classes)
+        classes = classes or getattr(train_src, 'classes', None)
+    val_src = None if predict else image_source(val_data_path, img_size, val_size, seed + 1, classes)
+class_names = classes or list(getattr(train_src, 'SHAPES', ())[:num_classes]) or None  # saved with the weights
+val_set = Samples(val_src, eval_transform(img_size, crop_pct), seed) if val_src else None
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
 
@@ -130,9 +147,9 @@ cfg = eva_config(model_size, img_size=img_size, num_classes=num_classes, pooling
                  grad_checkpointing=grad_checkpointing)
 with torch.device(device):
     model = EVA(cfg)
-init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
 if init_from:
-    load_pretrained(model, init_ckpt, name=init_from)
+    with input_errors():  # another model's: one error line
+        load_pretrained(model, init_ckpt, name=init_from)
 # EVA-01 detaches the patch embedding's output (stop_grad_conv1) and leaves its parameters in the layer-0 optimizer
 # groups. DeepSpeed gives a parameter without a gradient a zero one, so there AdamW's moments stay 0 and only the
 # decoupled weight decay acts: the kernel shrinks by (1 - lr_0 * wd) a step (the bias has no decay), ~0.23% over the
@@ -147,7 +164,8 @@ ema_sd = init_ckpt.get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
-        load_pretrained(ema_model, {'model': ema_sd}, name=f"{init_from}'s model_ema")
+        with input_errors():
+            load_pretrained(ema_model, {'model': ema_sd}, name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
 del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g
@@ -234,14 +252,17 @@ def evaluate_all(nets, robust=False):
 
 
 def predict_files(net, paths):
-    """Each image's top-5 classes under net: ImageNet's names for 1000 classes, else those of the val set (class
-    folders, the synthetic shapes), else the class indices."""
+    """Each image's top-5 classes under net (the checkpoint's head): the class names the checkpoint saved (or
+    class_list's), else ImageNet's for 1000 classes, else the class indices. No val set is read."""
     from open_clip import IMAGENET_CLASSNAMES
-    names = (IMAGENET_CLASSNAMES if num_classes == 1000 else getattr(val_set.source, 'classes', None) or
-             getattr(val_set.source, 'SHAPES', None) or [str(c) for c in range(num_classes)])
+    names = classes or (IMAGENET_CLASSNAMES if num_classes == 1000 else [str(c) for c in range(num_classes)])
     net.eval()
     for path in paths:
-        x = eval_transform(img_size, crop_pct)(load_rgb(path))[None].to(device)
+        try:
+            x = eval_transform(img_size, crop_pct)(load_rgb(path))[None].to(device)
+        except Exception as e:  # one line per file that is not an image, and on to the next
+            print0(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+            continue
         with torch.no_grad():
             p = net(x).float().softmax(-1)[0]
         top = p.topk(min(5, num_classes)).indices.tolist()
@@ -370,7 +391,8 @@ while step < total_steps:
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config, 'best': best, 'ema': ema_sd},
                         {'last.pt': {'model': sd, 'model_ema': ema_sd, 'model_config': dataclasses.asdict(cfg),
-                                     'timm_args': timm_args(cfg), 'config': config, 'step': step, 'best': best}},
+                                     'timm_args': timm_args(cfg), 'config': config, 'step': step, 'best': best,
+                                     'classes': class_names}},
                         keep_ckpts)
         if epoch_end and is_best and rank == 0:  # best.pt: a copy of last.pt at the best epoch
             shutil.copyfile(os.path.join(out_dir, 'last.pt'), os.path.join(out_dir, 'best.pt.tmp'))

@@ -24,8 +24,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
+from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
+                    stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -173,9 +174,10 @@ def head_rows(ckpt):
     return {**ckpt, 'model': {**sd, 'head.weight': sd['head.weight'][rows], 'head.bias': sd['head.bias'][rows]}}
 
 
-init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
-if init_from:  # an image checkpoint's pos_embed is repeated over the frames, a video's interpolated in time
-    load_pretrained(model, head_rows(init_ckpt), name=init_from)
+with input_errors():  # not a checkpoint, or another model's: one error line
+    init_ckpt = read_checkpoint(init_from) if init_from else {}  # read once: EVA-g's file is GBs
+    if init_from:  # an image checkpoint's pos_embed is repeated over the frames, a video's interpolated in time
+        load_pretrained(model, head_rows(init_ckpt), name=init_from)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 ema_model = None  # float32, never trained directly; eval_only: the EMA weights init_from holds, if any
@@ -183,8 +185,9 @@ ema_sd = init_ckpt.get('model_ema') if eval_only else None
 if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
     ema_model = EVA(cfg).to(device).eval().requires_grad_(False)
     if isinstance(ema_sd, dict):
-        load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': init_ckpt.get('classes')}),
-                        name=f"{init_from}'s model_ema")
+        with input_errors():
+            load_pretrained(ema_model, head_rows({'model': ema_sd, 'classes': init_ckpt.get('classes')}),
+                            name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
 del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g

@@ -446,12 +446,18 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         if 'weights_only' not in str(e) and 'Unsupported global' not in str(e):
             raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
-        print(f"read_checkpoint: {path} holds non-tensor objects; loading it with weights_only=False (trusted file)")
-        return torch.load(path, map_location='cpu', weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as e:  # not a pickle torch can read at all: a text file, a numpy array, another framework's
+            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
+        print(f"read_checkpoint: {path} holds non-tensor objects; read with weights_only=False (a trusted file)")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors)")
+    return ckpt
 
 
 def unwrap_state_dict(ckpt):
@@ -524,8 +530,8 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
             continue
         out[k] = v
     if bad:
-        raise ValueError(f"checkpoint {src} does not fit the model:\n  " + "\n  ".join(bad[:10]) +
-                         (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""))
+        raise ValueError(f"checkpoint {src} does not fit the model ({len(bad)} keys, e.g. {bad[0]}):\n  " +
+                         "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""))
     missing = [k for k in target if k not in out]
     not_allowed = [k for k in missing if not k.startswith(tuple(allowed_missing))]
     if not_allowed:
@@ -573,7 +579,7 @@ def load_whole(model, ckpt, src, what, renames=(), unused=(), fresh=(), optional
     missing = [k for k in target if k not in sd and k not in new]
     bad += [f"{k}: not in the file" for k in missing if not any(o in k for o in optional)]
     if bad:
-        raise ValueError(f"{src} does not fit the {what} ({len(bad)} keys):\n  " + "\n  ".join(bad[:10]))
+        raise ValueError(f"{src} does not fit the {what} ({len(bad)} keys, e.g. {bad[0]}):\n  " + "\n  ".join(bad[:10]))
     model.load_state_dict(sd, strict=False)
     said = [f"load_whole: a whole {what}, {len(sd)} tensors from {src}"]
     if resized:

@@ -19,8 +19,9 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
+                    stop_signal)
 import torch
 import torch.distributed as dist
 
@@ -97,7 +98,8 @@ config['dtype'] = dtype
 # derived quantities
 micro_batch, grad_accum = batch_split(batch_size, micro_batch, world)
 config['micro_batch'] = micro_batch
-train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
+with input_errors():  # no such folder, no images: one error line
+    train_source = image_source(data_path, img_size, synthetic_size, seed, tensors=True)  # uint8 pipeline
 steps_per_epoch = len(train_source) // batch_size
 if steps_per_epoch == 0:
     config_error(f"{len(train_source)} training images are fewer than one batch of {batch_size}")
@@ -127,8 +129,9 @@ train_set = Samples(train_source, mim_transform(img_size, crop_scale, uint8=True
 sampler = ResumableSampler(len(train_set), world, rank, seed)
 val_set = None
 if val_data_path:
-    val_set = Samples(image_source(val_data_path, img_size, val_size, seed + 1), eval_transform(img_size, val_crop_pct),
-                      seed)
+    with input_errors():
+        val_source = image_source(val_data_path, img_size, val_size, seed + 1)
+    val_set = Samples(val_source, eval_transform(img_size, val_crop_pct), seed)
 # validation: the flat patch indices 0, 2, 4, ... masked in every image (EVA-01's evaluate_pt: on a 16-wide grid,
 # every other column, 128 of 256 patches), the same mask for every image, so the loss compares across runs
 val_mask = torch.arange(cfg.num_patches) % 2 == 0
@@ -139,7 +142,8 @@ torch.manual_seed(seed)  # the same init on every rank (DeepSpeed also broadcast
 with torch.device(device):  # initialising 1B parameters on the GPU takes seconds, on the CPU a minute
     model = EVA(cfg)
 if init_from:
-    load_pretrained(model, init_from)
+    with input_errors():  # not a checkpoint, or another model's: one error line
+        load_pretrained(model, init_from)
 if compile_blocks:
     model.compile_blocks()  # each block compiled in place (refused with checkpointing on CUDA)
 print0(f"student {model_size}: {sum(p.numel() for p in model.parameters()):,} parameters; teacher "

@@ -829,7 +829,10 @@ def load_segmenter(model, path):
     what the task adds to the encoder (fpn1 ... fpn4, or the adapter) is new. -> load_pretrained's report for an
     encoder, None for a whole segmenter."""
     ckpt = read_checkpoint(path)
-    if any(k.startswith('decode_head.') for k in unwrap_state_dict(ckpt)[0]):
+    keys = unwrap_state_dict(ckpt)[0]
+    if any(k.startswith(('roi_heads.', 'proposal_generator.')) for k in keys):
+        raise ValueError(f"{path} is a detector (roi_heads.*): a segmenter starts from a segmenter or an encoder")
+    if any(k.startswith('decode_head.') for k in keys):
         return load_whole(model, ckpt, path, 'segmenter', renames=MMSEG_KEYS, unused=('decode_head.conv_seg.',),
                           fresh=('.conv_seg.', '.cls_embed.'))
     encoder = ('patch_embed.', 'pos_embed', 'cls_token', 'blocks.')

@@ -22,8 +22,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
+from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
+                    stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -219,7 +220,8 @@ def load_clip(path):
     return True
 
 
-whole = load_clip(init_from) if init_from else False
+with input_errors():  # not a checkpoint, or another model's: one error line
+    whole = load_clip(init_from) if init_from else False
 if not whole and text_init_from and not eval_only:
     if local_rank != 0:
         dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it

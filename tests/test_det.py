@@ -751,8 +751,17 @@ def test_a_detector_loads_across_tasks_and_from_detectron2_names(tmp_path):
                 assert torch.equal(got[k], v), k
     wide = CascadeMaskRCNN(replace(tiny(), backbone=eva_config('eva_tiny', img_size=224, patch_size=16,
                                                                embed_dim=32)))
-    with pytest.raises(ValueError, match='does not fit the detector'):
+    with pytest.raises(ValueError, match=r'does not fit the detector \(86 keys, e.g. backbone.simfp_2.0.weight: file '):
         load_detector(wide, str(tmp_path / 'ours.pt'))
+    # a detector given to a segmenter, a segmenter to a detector: each called what it is
+    from seg_model import Segmenter, SegConfig, load_segmenter
+    seg = Segmenter(SegConfig(backbone=eva_config('eva_tiny', img_size=64, patch_size=16, depth=4), num_classes=3,
+                              taps=(0, 1, 2, 3), seg_channels=16, aux_channels=8))
+    torch.save({'model': seg.state_dict()}, tmp_path / 'seg.pt')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ours.pt'} is a detector"):
+        load_segmenter(seg, str(tmp_path / 'ours.pt'))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'seg.pt'} is a segmenter"):
+        load_detector(dst, str(tmp_path / 'seg.pt'))
 
 
 def detectron2_lvis_shapes(K=4, depth=2, global_blocks=(1,)):

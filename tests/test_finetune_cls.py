@@ -205,25 +205,38 @@ def test_an_unreadable_val_image_is_counted_not_scored(trained, tmp_path):
     """Samples stands in the next image for an unreadable one; evaluation must not score that stand-in twice."""
     out, _ = trained
     src = SyntheticShapes(6, 32, seed=2)
-    for i in range(6):
-        os.makedirs(tmp_path / 'val' / f'c{i % 2}', exist_ok=True)
-        src.load(i)[0].save(tmp_path / 'val' / f'c{i % 2}' / f'{i}.png')
+    for i in range(6):  # folders named as the checkpoint's classes, which number them
+        os.makedirs(tmp_path / 'val' / src.SHAPES[i % 2], exist_ok=True)
+        src.load(i)[0].save(tmp_path / 'val' / src.SHAPES[i % 2] / f'{i}.png')
     args = ['--eval_only=True', f'--init_from={out / "last.pt"}', f'--val_data_path={tmp_path / "val"}']
     finetune(tmp_path / 'clean', *args)
-    open(tmp_path / 'val' / 'c0' / '1_corrupt.png', 'wb').write(b'\x89PNG not an image')  # sorts before 2.png
+    open(tmp_path / 'val' / 'circle' / '1_corrupt.png', 'wb').write(b'\x89PNG not an image')  # sorts before 2.png
     log = finetune(tmp_path / 'bad', *args)
     clean, bad = (json.load(open(tmp_path / d / 'eval.json'))['model']['val'] for d in ('clean', 'bad'))
     assert clean['images'] == bad['images'] == 6 and clean['unreadable'] == 0 and bad['unreadable'] == 1
     assert bad['top1'] == clean['top1'] and '(6, 1 unreadable)' in log
+    os.rename(tmp_path / 'val' / 'circle', tmp_path / 'val' / 'c0')  # a folder that is none of the checkpoint's classes
+    r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--out_dir={tmp_path / "other"}', *args,
+                  check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'val'}: class folders not in the class list: c0", r.stderr[-2000:]
 
 
 def test_predict_prints_the_top5_of_the_ema_weights(trained, tmp_path):
+    """--predict takes the head, its class count and its class names from the checkpoint, whatever the config says
+    (here 4 classes and a val folder that does not exist); an unreadable file is one line; no head is one error."""
     out, _ = trained
     src = SyntheticShapes(2, 32, seed=3)
     paths = [str(tmp_path / f'{i}.png') for i in range(2)]
     for i, p in enumerate(paths):
         src.load(i)[0].save(p)
-    log = finetune(tmp_path / 'p', f'--init_from={out / "last.pt"}', f'--predict={",".join(paths)}')
+    (tmp_path / 'notes.png').write_text('not an image')
+    log = finetune(tmp_path / 'p', f'--init_from={out / "last.pt"}', '--num_classes=4', '--val_data_path=/no/such',
+                   f'--predict={paths[0]},{tmp_path / "notes.png"},{paths[1]}')
+    assert f"num_classes 4 -> 10: the head of {out / 'last.pt'}" in log
+    assert f"{tmp_path / 'notes.png'}: unreadable (" in log
+    ckpt = torch.load(out / 'last.pt', weights_only=False)
+    assert ckpt['classes'] == list(SyntheticShapes.SHAPES)
     ema = EVA(eva_config('eva_tiny', num_classes=10)).eval()
     ema.load_state_dict(torch.load(out / 'last.pt', weights_only=False)['model_ema'])
     with torch.no_grad():
@@ -232,6 +245,16 @@ def test_predict_prints_the_top5_of_the_ema_weights(trained, tmp_path):
         top = pr.topk(5)
         expect = ', '.join(f"{SyntheticShapes.SHAPES[c]} {v:.1%}" for v, c in zip(*(t.tolist() for t in top)))
         assert f"{p}: {expect}" in log, log[-1500:]
+    torch.save({'model': {k: v for k, v in ckpt['model'].items() if not k.startswith('head.')}}, tmp_path / 'enc.pt')
+    r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--init_from={tmp_path / "enc.pt"}',
+                  f'--predict={paths[0]}', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'enc.pt'} has no classifier head (head.weight) to evaluate or predict with"
+    (tmp_path / 'enc.pt').write_text('not a checkpoint')
+    r = run_stage('finetune_cls.py', 'config/finetune_cls_tiny.py', f'--init_from={tmp_path / "enc.pt"}',
+                  f'--predict={paths[0]}', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'enc.pt'} is not a PyTorch checkpoint"), r.stderr[-2000:]
 
 
 def test_more_class_folders_than_the_head_is_one_error_and_val_takes_the_training_classes(tmp_path):

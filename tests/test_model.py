@@ -1,7 +1,9 @@
 """model.py against independent references: timm's Eva, hand-written attention and interpolation, the official
 release's key list, torch's FLOP counter."""
 import math
+import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
 from conftest import run_stage
-from model import EVA, eva_config, load_pretrained, param_groups, resize_patch_embed, resize_pos_embed
+from model import (EVA, eva_config, load_pretrained, param_groups, read_checkpoint, resize_patch_embed,
+                   resize_pos_embed)
 
 
 
@@ -371,6 +374,19 @@ def test_flop_estimate_matches_torch_counter(monkeypatch):
 def test_missing_checkpoint_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pt'):
         load_pretrained(EVA(eva_config('eva_tiny')), str(tmp_path / 'nope.pt'))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    """A text file, a numpy array, a plain pickle, a list of tensors: one ValueError naming the file, from both
+    torch.load attempts (the weights_only=False retry included)."""
+    (tmp_path / 'notes.pt').write_text('hello')
+    np.save(tmp_path / 'array.npy', np.zeros(3))
+    (tmp_path / 'pickle.pt').write_bytes(pickle.dumps({'a': [1, 2]}))
+    torch.save([torch.zeros(2)], tmp_path / 'list.pt')
+    for name, why in (('notes.pt', 'not a PyTorch checkpoint'), ('array.npy', 'not a PyTorch checkpoint'),
+                      ('pickle.pt', 'not a PyTorch checkpoint'), ('list.pt', 'holds a list, not a checkpoint')):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} .*{why}"):
+            read_checkpoint(str(tmp_path / name))
 
 
 def test_wrong_width_names_key_and_shapes():
