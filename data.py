@@ -36,6 +36,7 @@ import fcntl
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -271,7 +272,8 @@ class ImageFiles:
         if not roots:
             raise ValueError("no image root given")
         self.class_list = classes  # None: the sorted folder names of each root
-        self.parts, self.starts = [], [0]  # per root: (base, index, dirs, files, label lookup or None); its start
+        self.roots, self.parts, self.starts = roots, [], [0]  # per root: (base, index, dirs, files, label lookup or
+        # None); its start
         for root in roots:
             if os.path.isdir(root):
                 index, how = cached_index('folder', [stamp(root, subfolders=True), self.EXTENSIONS],
@@ -330,6 +332,27 @@ class ImageFiles:
     def load(self, i):
         path, label = self.name(i), self.label(i)
         return (read_rgb(path) if self.tensors else load_rgb(path)), label
+
+    def check_labels(self, num_classes):
+        """Every file's label in 0 ... num_classes - 1, checked before a run starts (one byte a file): else one
+        ValueError naming the list file and line (or the folder), the label (none: a line without one, a file
+        outside the class folders), the file, and how many such files there are."""
+        for (base, index, _, _, lookup), root, start in zip(self.parts, self.roots, self.starts):
+            labels = index['label'] if lookup is None else lookup
+            bad = (labels < 0) | (labels >= num_classes)
+            bad = bad if lookup is None else bad[index['label']]  # a folder's files by their folder's label
+            if not bad.any():
+                continue
+            j = int(np.argmax(bad))
+            where = root
+            if lookup is None:  # the j-th non-blank line of the list
+                with open(root, 'rb') as f:
+                    lines = (n for n, line in enumerate(f, 1) if line.strip())
+                    where = f"{root} line {next(itertools.islice(lines, j, None))}"
+            label = self.label(start + j)
+            what = f"label {label}" if label != -1 else 'no label' if lookup is None else 'no class folder'
+            raise ValueError(f"{where}: {what} for {self.name(start + j)}, not one of the {num_classes} classes "
+                             f"({int(bad.sum())} such files)")
 
 
 class SyntheticShapes:

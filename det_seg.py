@@ -34,9 +34,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
-                    stop_signal, write_eval)
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
+                    write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist

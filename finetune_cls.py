@@ -23,9 +23,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
-                    stop_signal, write_eval)
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
+                    write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -298,6 +298,9 @@ if found > num_classes:
     config_error(f"data_path {data_path} has {found} classes, more than the head's num_classes={num_classes}")
 if found < num_classes and not class_list:
     print0(f"warning: data_path {data_path} has {found} classes, the head num_classes={num_classes}")
+for src in (train_src, val_set.source):  # a list's label outside the head (or none): one line naming file and line
+    with input_errors():
+        getattr(src, 'check_labels', lambda n: None)(num_classes)
 total_steps = epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "

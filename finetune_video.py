@@ -24,9 +24,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, input_errors, config_error, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint,
-                    stop_signal, write_eval)
+from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
+                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
+                    write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -124,7 +124,8 @@ def video_files(path, split):
     return VideoFiles(os.path.join(synthetic_dir, f'{split}.txt') if path == 'synthetic' else path, data_root)
 
 
-val_src = video_files(val_data_path, 'val')
+with input_errors():
+    val_src = video_files(val_data_path, 'val')
 if class_names:  # the head's class names, stored in last.pt
     names = [c.rstrip('\n') for c in open(class_names)]
 elif val_data_path == 'synthetic':
@@ -133,9 +134,8 @@ else:
     names = getattr(val_src, 'classes', None)  # class folders, or None (a list)
 if names is not None and len(names) != num_classes:
     config_error(f"{len(names)} class names (class_names or the val folders) for num_classes={num_classes}")
-found = int(val_src.labels.max()) + 1
-if found > num_classes:
-    config_error(f"val_data_path {val_data_path} has labels up to {found - 1}, the head num_classes={num_classes}")
+with input_errors():  # a label outside the head (or none) in either list: one line naming the file and line
+    val_src.check_labels(num_classes)
 val_single = Samples(val_src, VideoClips(num_frames, img_size, train=False), seed)  # per epoch: 1 clip, centre
 val_views = Samples(val_src, VideoClips(num_frames, img_size, train=False, clips=test_clips, crops=test_crops,
                                         random_clips=random_clips), seed)
@@ -248,7 +248,10 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training data: TSN clips, multi-scale crops, colour jitter, grayscale; mixup / cutmix on the batch
 train_tf = VideoClips(num_frames, img_size, color_jitter=color_jitter, grayscale=grayscale, multiscale=multiscale_crop)
-train_set = Samples(video_files(data_path, 'train'), train_tf, seed)
+with input_errors():
+    train_src = video_files(data_path, 'train')
+    train_src.check_labels(num_classes)
+train_set = Samples(train_src, train_tf, seed)
 steps_per_epoch = len(train_set) // batch_size
 if steps_per_epoch == 0:
     config_error(f"{len(train_set)} training videos are fewer than one batch of {batch_size}")

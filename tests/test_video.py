@@ -166,6 +166,32 @@ def test_unreadable_videos_are_skipped_named_and_counted(videos, tmp_path, capfd
     assert all(f"{tmp_path}/{n}" in err for n in ('empty.mp4', 'noise.mp4', 'missing.mp4'))
 
 
+def test_a_label_outside_the_head_is_one_line_naming_the_list_and_line(videos, tmp_path):
+    """check_labels by hand on a list (blank lines do not count as rows but do as lines) and on class folders; and the
+    stage refuses a bad training list before it trains (only the val list was checked)."""
+    good = [line.rsplit(' ', 1)[0] for line in open(os.path.join(videos, 'train.txt')).read().splitlines()]
+    for label, said in (('4', 'label 4'), ('-3', 'label -3'), ('', 'no label')):
+        (tmp_path / 'list.txt').write_text(f"{good[0]} 1\n\n{good[1]} 3\n{good[2]} {label}\n{good[3]} 9\n")
+        src = VideoFiles(str(tmp_path / 'list.txt'), root=videos)
+        with pytest.raises(ValueError) as e:
+            src.check_labels(4)
+        assert str(e.value) == (f"{tmp_path / 'list.txt'} line 4: {said} for {os.path.join(videos, good[2])}, not "
+                                "one of the 4 classes (2 such files)")
+    os.makedirs(tmp_path / 'tree' / 'a')
+    (tmp_path / 'tree' / 'a' / 'x.mp4').write_bytes(b'')
+    (tmp_path / 'tree' / 'loose.mp4').write_bytes(b'')
+    tree = tmp_path / 'tree'
+    with pytest.raises(ValueError, match=f"^{tree}: no class folder for {tree / 'loose.mp4'}, not one of the 1 "):
+        VideoFiles(str(tree)).check_labels(1)
+    (tmp_path / 'list.txt').write_text(f"{good[0]} 1\n{good[1]} 7\n")
+    r = run_stage('finetune_video.py', 'config/finetune_video_tiny.py', f'--out_dir={tmp_path / "out"}',
+                  f'--data_path={tmp_path / "list.txt"}', f'--val_data_path={videos}/val.txt', f'--data_root={videos}',
+                  '--num_classes=4', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'list.txt'} line 2: label 7 for {os.path.join(videos, good[1])}, not one of the 4 " \
+        "classes (1 such files)", r.stderr[-2000:]
+
+
 def test_k722_lists_by_hand(tmp_path):
     """K400 has 'changing wheel', K600 / K700 the newer 'changing wheel (not on bike)': one K722 class. Duplicated
     YouTube ids and a train video whose id is in another set's val are removed as EVA-01's notebook does."""
