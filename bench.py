@@ -256,7 +256,7 @@ def video_args(m, n, synthetic):  # (the synthetic videos have at most 24 classe
 
 def scenes_args(task, m, n, synthetic):  # det / seg on the synthetic scenes (10 shape kinds; seg: and the background)
     return [f'--task={task}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
-            f'--max_iters={n}', '--eval_interval=0', f'--save_interval={n + 1}',
+            f'--max_steps={n}', '--eval_interval=0', f'--save_interval={n + 1}',
             f'--num_classes={10 + (task == "seg")}']
 
 

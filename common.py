@@ -227,11 +227,18 @@ def atomic_save(obj, path):
     os.replace(path + '.tmp', path)
 
 
-def write_eval(out_dir, results):
-    """out_dir/eval.json from rank 0: what an evaluation of a checkpoint (eval_only, a stage's final one) found."""
-    if dist.get_rank() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_save(json.dumps(results, indent=1), os.path.join(out_dir, 'eval.json'))
+def write_eval(out_dir, results, eval_only=False):
+    """out_dir/eval.json from rank 0: what an evaluation of a checkpoint (eval_only, a stage's final one) found. An
+    eval_only run does not overwrite a training run's eval.json: beside one it writes eval_<init_from's name>.json."""
+    if dist.get_rank() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'eval.json')
+    if eval_only and os.path.exists(path) and not json.load(open(path)).get('eval_only'):
+        stem = os.path.splitext(os.path.basename(results['init_from']))[0]
+        path = os.path.join(out_dir, f'eval_{stem}.json')
+        print(f"{out_dir}/eval.json holds the training run's evaluation; this one goes to {path}")
+    atomic_save(json.dumps({**results, 'eval_only': eval_only}, indent=1), path)
 
 
 def full_state_dict(engine):

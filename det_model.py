@@ -640,16 +640,16 @@ D2_KEYS = ((r'^proposal_generator\.rpn_head\.conv\.conv(\d)\.', r'proposal_gener
            (r'^proposal_generator\.rpn_head\.anchor_deltas\.', 'proposal_generator.head.bbox_pred.'))
 
 
-def load_detector(model, path):
+def load_detector(model, path, ckpt=None):
     """init_from for detection. A whole detector (weights under 'model': our last.pt, EVA-01's released detectron2
     files through D2_KEYS), fitted to this one by model.load_whole: relative-position tables of another grid resized
     linearly (ViTDet's rule), the class layers of another class count (cls_score, the mask predictor) new, a mask head
     the file lacks new (COCO from the boxes-only Objects365 model, as EVA-01); detectron2's pixel mean / std buffers
     dropped, its federated-loss weights (an LVIS file's) taken, dropped or new as this model has the loss. Or an
     encoder (ideally `python model.py psz14to16` output, as EVA-01; a patch-14 one is resized the same way on the fly)
-    into backbone.net with load_pretrained's checks: only the relative-position tables are new.
-    -> load_pretrained's report for an encoder, None for a whole detector."""
-    ckpt = read_checkpoint(path)
+    into backbone.net with load_pretrained's checks: only the relative-position tables are new. ckpt: the file
+    already read (path names it). -> load_pretrained's report for an encoder, None for a whole detector."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     keys = unwrap_state_dict(ckpt)[0]
     if any(k.startswith('decode_head.') for k in keys):
         raise ValueError(f"{path} is a segmenter (decode_head.*): a detector starts from a detector or an encoder")

@@ -49,7 +49,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, 
                   write_synthetic_scenes)
 from det_model import LAYER_DECAY as DET_LAYER_DECAY
 from det_model import CascadeMaskRCNN, DetConfig, load_detector
-from model import eva_config, param_groups
+from model import checkpoint_step, eva_config, param_groups, read_checkpoint
 from seg_model import LAYER_DECAY as SEG_LAYER_DECAY
 from seg_model import Segmenter, SegConfig, confusion, load_segmenter, resize, seg_metrics, slide_inference
 
@@ -85,7 +85,7 @@ grad_checkpointing = True  # recompute blocks in backward: EVA-g at 1280 needs i
 # optimization
 batch_size = 64  # global batch (images)
 micro_batch = 1  # per GPU per forward; gradient accumulation fills the rest
-max_iters = 45_000  # optimizer steps
+max_steps = 45_000  # optimizer steps (detectron2 and mmseg: max_iter, max_iters)
 schedule = 'step'  # 'step': x0.1 at each of lr_steps (detectron2's); 'poly': linear decay to 0 (mmseg's poly, power 1)
 lr_steps = (40_000, 44_999)  # the lr drops x0.1 at each (0-based step index, as detectron2's milestones)
 warmup_iters = 500  # linear warmup ...
@@ -194,10 +194,11 @@ def synthetic_scenes(shapes):
 
 
 def report(metrics, line, step):
-    """The evaluation's line in the log, with its image counts, and out_dir/eval.json."""
+    """The evaluation's line in the log, with its image counts, and out_dir/eval.json (step: eval_only's, the one its
+    checkpoint records)."""
     unreadable = f", {metrics['unreadable']} unreadable" if metrics['unreadable'] else ''
     print0(f"step {step}: {line}  [{metrics['images']:,} images{unreadable}]")
-    write_eval(out_dir, {'init_from': init_from, 'step': step, 'test_size': test_size, **metrics})
+    write_eval(out_dir, {'init_from': init_from, 'step': step, 'test_size': test_size, **metrics}, eval_only)
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +310,10 @@ def coco_eval(results, image_ids=None):
     return out
 
 
+with input_errors():  # read once (EVA-g's file is GBs); not a checkpoint: one error line
+    init_ckpt = read_checkpoint(init_from) if init_from else {}
+init_step = checkpoint_step(init_ckpt) or 0  # what eval_only reports
+
 if task == 'det':
     jsons = {'val_json': val_json} if eval_only else {'val_json': val_json, 'train_json': train_json}
     require_files(**{k: v for k, v in jsons.items() if v != 'synthetic'})  # the demo's scenes are written below
@@ -330,7 +335,7 @@ if task == 'det':
         model = CascadeMaskRCNN(model_cfg)
     if init_from:  # a whole detector (ours, detectron2's names) or an encoder under fresh heads
         with input_errors():
-            load_detector(model, init_from)
+            load_detector(model, init_from, init_ckpt)
     model_inputs, evaluate, decay_rules = det_inputs, evaluate_det, DET_LAYER_DECAY
 
 # -----------------------------------------------------------------------------
@@ -409,13 +414,14 @@ if task == 'seg':
         model = Segmenter(model_cfg)
     if init_from:  # a whole segmenter (ours, mmseg's names) or an encoder under fresh heads
         with input_errors():
-            load_segmenter(model, init_from)
+            load_segmenter(model, init_from, init_ckpt)
     model_inputs, evaluate, decay_rules = seg_inputs, evaluate_seg, SEG_LAYER_DECAY
 
 # -----------------------------------------------------------------------------
 # eval_only: init_from on the val set, then exit (no training data, no engine)
+del init_ckpt  # not kept for the run: GBs of host memory for EVA-g
 if eval_only:
-    report(*evaluate(model.to(model_dtype) if cuda else model), 0)
+    report(*evaluate(model.to(model_dtype) if cuda else model), init_step)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -440,13 +446,13 @@ if steps_per_epoch == 0:
     config_error(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
        f"{len(train_set):,} train / {len(val_set):,} val images at {img_size} ({test_desc}), "
-       f"{max_iters:,} steps ({max_iters / steps_per_epoch:.1f} epochs); dtype {dtype}, ZeRO-{zero_stage}")
+       f"{max_steps:,} steps ({max_steps / steps_per_epoch:.1f} epochs); dtype {dtype}, ZeRO-{zero_stage}")
 
 
 def get_lr(step):
     """Linear warmup from lr x warmup_factor, times steps of x0.1 at lr_steps (detectron2's WarmupParamScheduler over a
-    MultiStepParamScheduler) or a linear decay to 0 at max_iters (mmcv's poly with power 1 and linear warmup)."""
-    f = 0.1 ** sum(step >= s for s in lr_steps) if schedule == 'step' else 1 - step / max_iters
+    MultiStepParamScheduler) or a linear decay to 0 at max_steps (mmcv's poly with power 1 and linear warmup)."""
+    f = 0.1 ** sum(step >= s for s in lr_steps) if schedule == 'step' else 1 - step / max_steps
     if step < warmup_iters:
         f *= warmup_factor + (1 - warmup_factor) * step / warmup_iters
     return lr * f
@@ -459,7 +465,7 @@ optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, **({
 engine, optimizer = deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_stage, dtype)
 step, client = resume(engine, out_dir, seed, config)  # 1. out_dir's latest checkpoint wins; 2. else init_from
 log = open_log(out_dir, {'config': config, 'world': world, 'grad_accum': grad_accum, 'start_step': step,
-                         'steps_per_epoch': steps_per_epoch, 'total_steps': max_iters}, wandb_project, wandb_run_name)
+                         'steps_per_epoch': steps_per_epoch, 'total_steps': max_steps}, wandb_project, wandb_run_name)
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -469,7 +475,7 @@ sums = {}  # loss terms summed over the steps since the last log line
 skips = {}  # samples skipped since then: bad_samples (unreadable images) and the task's own (det: bad_anns)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
 stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
-while step < max_iters:
+while step < max_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr_now * group['lr_scale']
@@ -486,7 +492,7 @@ while step < max_iters:
             skips[k] = skips.get(k, 0) + v
     step += 1
     n_logged += 1
-    if step % log_interval == 0 or step == max_iters:
+    if step % log_interval == 0 or step == max_steps:
         names, kinds = list(sums), list(skips)
         means = torch.stack([sums[k] for k in names]) / (n_logged * grad_accum)
         counts = torch.tensor([float(skips[k]) for k in kinds], device=device)
@@ -496,12 +502,12 @@ while step < max_iters:
         img_s = n_logged * batch_size / (time.time() - t_log)
         log({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': stats[0].item() / world, 'lr': lr_now,
              **engine_stats(engine), 'img_s': round(img_s, 2),
-             'eta_h': round((max_iters - step) * (time.time() - t_start) / (step - start_step) / 3600, 4),
+             'eta_h': round((max_steps - step) * (time.time() - t_start) / (step - start_step) / 3600, 4),
              **{k: round(stats[i].item() / world, 4) for i, k in enumerate(names) if i},
              **{k: int(stats[len(names) + i].item()) for i, k in enumerate(kinds)}})
         sums, skips = {}, {}
         t_log, n_logged = time.time(), 0
-    evaluate_now = step == max_iters or (eval_interval and step % eval_interval == 0)
+    evaluate_now = step == max_steps or (eval_interval and step % eval_interval == 0)
     if evaluate_now:
         metrics, line = evaluate(engine.module)
         report(metrics, line, step)
@@ -515,6 +521,6 @@ while step < max_iters:
         print0(f"stopped at step {step} ({'signal' if stopping else 'stop_step'}); the same command resumes")
         break
 if step > start_step:
-    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {max_iters})")
+    print0(f"{step - start_step} steps in {hms(time.time() - t_start)} (to step {step} of {max_steps})")
 dist.barrier()
 dist.destroy_process_group()

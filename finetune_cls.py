@@ -34,8 +34,8 @@ from torchvision.transforms import v2
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, load_rgb, make_loader, topk_hits,
                   train_batches)
-from model import (EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args,
-                   unwrap_state_dict)
+from model import (EVA, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
+                   timm_args, unwrap_state_dict)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the IN-1K 336 px recipe (EVA-01's IN-1K fine-tuning script)
@@ -83,6 +83,7 @@ ema_decay = 0.9999  # EMA of the weights, evaluated beside them; 0 disables
 # optimization
 batch_size = 512  # global batch
 micro_batch = 16  # per GPU per forward; gradient accumulation fills the rest
+max_steps = 0  # >0: the run's length in optimizer steps instead of epochs (every stage's spelling)
 epochs = 10  # over the training set
 warmup_epochs = 2.0  # linear warmup from 0
 lr = 3e-5  # peak learning rate (before layer decay)
@@ -168,6 +169,7 @@ if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
             load_pretrained(ema_model, {'model': ema_sd}, name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
+init_step = checkpoint_step(init_ckpt) or 0  # what eval_only reports
 del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g
 nets = {'model': model, **({'model_ema': ema_model} if ema_model is not None else {})}  # the engine trains model itself
 
@@ -276,7 +278,7 @@ if eval_only:
     if predict:
         predict_files(nets.get('model_ema', model), predict.split(','))
     else:
-        write_eval(out_dir, {'init_from': init_from, **evaluate_all(nets, robust=True)})
+        write_eval(out_dir, {'init_from': init_from, 'step': init_step, **evaluate_all(nets, robust=True)}, True)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -301,7 +303,7 @@ if found < num_classes and not class_list:
 for src in (train_src, val_set.source):  # a list's label outside the head (or none): one line naming file and line
     with input_errors():
         getattr(src, 'check_labels', lambda n: None)(num_classes)
-total_steps = epochs * steps_per_epoch
+total_steps = max_steps or epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
        f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch:,} steps/epoch, "

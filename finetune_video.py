@@ -35,7 +35,8 @@ from torchvision.transforms import v2
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, ResumableSampler, Samples, VideoClips, VideoFiles, make_loader,
                   normalize_batch, topk_hits, train_batches, write_synthetic_videos)
-from model import EVA, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint, timm_args
+from model import (EVA, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
+                   timm_args)
 
 # -----------------------------------------------------------------------------
 # config: defaults are the Kinetics-722 intermediate fine-tuning (EVA-01 video, kinetics722_intermediate_ft.yaml)
@@ -81,6 +82,7 @@ ema_decay = 0.0  # EMA of the weights, evaluated beside them (EVA-01's video run
 # optimization
 batch_size = 256  # global batch (clips)
 micro_batch = 2  # per GPU per forward; gradient accumulation fills the rest
+max_steps = 0  # >0: the run's length in optimizer steps instead of epochs (every stage's spelling)
 epochs = 40  # over the training set
 warmup_epochs = 5.0  # linear warmup from 0
 lr = 8e-6  # peak learning rate (before layer decay)
@@ -190,6 +192,7 @@ if (ema_decay > 0 and not eval_only) or isinstance(ema_sd, dict):
                             name=f"{init_from}'s model_ema")
     else:
         ema_model.load_state_dict(model.state_dict())
+init_step = checkpoint_step(init_ckpt) or 0  # what eval_only reports
 del init_ckpt, ema_sd  # not kept for the run: GBs of host memory for EVA-g
 nets = {'model': model, **({'model_ema': ema_model} if ema_model is not None else {})}  # the engine trains model itself
 
@@ -233,14 +236,14 @@ def evaluate_all(nets, dataset):
 def evaluate_views(step):
     """The paper's protocol: every view (test_clips x test_crops) of every video -> out_dir/eval.json."""
     results = evaluate_all(nets, val_views)
-    write_eval(out_dir, {'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results})
+    write_eval(out_dir, {'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results}, eval_only)
 
 
 # -----------------------------------------------------------------------------
 # eval_only: init_from (and the EMA weights its file holds) on every view of the val set, then exit (no training
 # data, no engine)
 if eval_only:
-    evaluate_views(0)
+    evaluate_views(init_step)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -255,7 +258,7 @@ train_set = Samples(train_src, train_tf, seed)
 steps_per_epoch = len(train_set) // batch_size
 if steps_per_epoch == 0:
     config_error(f"{len(train_set)} training videos are fewer than one batch of {batch_size}")
-total_steps = epochs * steps_per_epoch
+total_steps = max_steps or epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
        f"{len(train_set):,} train / {len(val_src):,} val videos, {num_frames} frames x {img_size} px, "

@@ -460,6 +460,12 @@ def read_checkpoint(path):
     return ckpt
 
 
+def checkpoint_step(ckpt):
+    """The training step a checkpoint records (ours: 'step'; detectron2's: 'iteration'), None where it has none."""
+    step = ckpt.get('step', ckpt.get('iteration'))
+    return int(step) if isinstance(step, (int, float)) else None
+
+
 def unwrap_state_dict(ckpt):
     """Find the encoder's state dict in any of the layouts: official EVA-01 ('model', 'module', EMA
     'model_ema'), timm ('state_dict'), open_clip EVA01-g-14 ('visual.trunk.' prefix), our checkpoints

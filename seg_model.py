@@ -821,14 +821,14 @@ MMSEG_KEYS = ((r'pixel_decoder\.(input_convs\.\d|lateral_convs\.0|output_convs\.
               (r'\.ffn\.dwconv\.dwconv\.', '.ffn.dwconv.'))
 
 
-def load_segmenter(model, path):
+def load_segmenter(model, path, ckpt=None):
     """init_from for segmentation. A whole segmenter (weights under 'model': our last.pt; under 'state_dict': EVA-01's
     released mmseg files through MMSEG_KEYS), fitted to this one by model.load_whole: the classifiers of another class
     count (conv_seg, cls_embed) new (ADE20K from the COCO-Stuff model, as EVA-01); the conv_seg that mmseg's
     BaseDecodeHead gives Mask2Former, unused, dropped. Or an encoder into backbone with load_pretrained's checks: only
-    what the task adds to the encoder (fpn1 ... fpn4, or the adapter) is new. -> load_pretrained's report for an
-    encoder, None for a whole segmenter."""
-    ckpt = read_checkpoint(path)
+    what the task adds to the encoder (fpn1 ... fpn4, or the adapter) is new. ckpt: the file already read (path
+    names it). -> load_pretrained's report for an encoder, None for a whole segmenter."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     keys = unwrap_state_dict(ckpt)[0]
     if any(k.startswith(('roi_heads.', 'proposal_generator.')) for k in keys):
         raise ValueError(f"{path} is a detector (roi_heads.*): a segmenter starts from a segmenter or an encoder")

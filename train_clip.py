@@ -77,6 +77,7 @@ grad_checkpointing = True  # recompute the blocks of both towers in backward (EV
 batch_size = 40_960  # global contrastive batch (256 GPUs x 160)
 micro_batch = 160  # per GPU; the contrastive batch is gathered over GPUs (an accumulated micro-batch is its own)
 samples_seen = 11_000_000_000  # training length in image-text pairs
+max_steps = 0  # >0: the run's length in optimizer steps instead of samples_seen (every stage's spelling)
 warmup_steps = 2000  # linear warmup from 0
 lr = 4e-4  # image tower peak lr (top block; lower blocks get layer_decay powers), also the temperature's
 text_lr = 4e-5  # text tower peak lr (top block)
@@ -309,7 +310,7 @@ def evaluate(net):
 # eval_only: init_from (a whole CLIP) on zero-shot classification and retrieval, then exit (no training data, no engine)
 if eval_only:
     model.to(model_dtype if cuda else torch.float32)
-    write_eval(out_dir, {'init_from': init_from, **evaluate(model)})
+    write_eval(out_dir, {'init_from': init_from, **evaluate(model)}, True)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -333,7 +334,7 @@ else:
     if steps_per_epoch == 0:
         config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
     data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
-total_steps = samples_seen // batch_size
+total_steps = max_steps or samples_seen // batch_size
 warmup_steps = min(warmup_steps, total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "
        f"{data_desc}; {total_steps:,} steps = {total_steps * batch_size:,} samples seen, warmup {warmup_steps:,}; "

@@ -150,7 +150,7 @@ def test_gathered_loss_and_gradients_equal_the_single_process_loss(tmp_path):
 def test_two_ranks_train_as_one(tmp_path):
     """The whole step through DeepSpeed: 2 ranks x 8 pairs and 1 rank x 16 give the same losses and weights
     (the 2 ranks also recompute both towers' blocks in backward: gradient checkpointing changes nothing)."""
-    common = ['--zeroshot_data=', '--batch_size=16', '--samples_seen=48', '--warmup_steps=1', '--log_interval=1',
+    common = ['--zeroshot_data=', '--batch_size=16', '--max_steps=3', '--warmup_steps=1', '--log_interval=1',
               '--eval_interval=3']
     train_clip(tmp_path / 'one', *common, '--micro_batch=16')
     train_clip(tmp_path / 'two', *common, '--micro_batch=8', '--grad_checkpointing=True', nproc=2)

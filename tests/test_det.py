@@ -590,7 +590,7 @@ def run(args, env_extra=None, nproc=1):
 def demo(tmp_path_factory):
     """A shortened demo: trains, evaluates at the end, writes last.pt."""
     d = tmp_path_factory.mktemp('det')
-    out = run([f'--out_dir={d}/run', f'--synthetic_dir={d}/scenes', '--max_iters=120', '--lr_steps=(100,)',
+    out = run([f'--out_dir={d}/run', f'--synthetic_dir={d}/scenes', '--max_steps=120', '--lr_steps=(100,)',
                '--warmup_iters=20', '--synthetic_size=256', '--log_interval=10', '--save_interval=100',
                '--keep_ckpts=2'])
     return d, out
@@ -609,13 +609,18 @@ def test_demo_learns(demo, check_curves):
 
 
 def test_eval_only_on_two_ranks_equals_one(demo):
+    """--eval_only of the demo's last.pt gives the training run's final numbers on 1 and 2 ranks, reports the step the
+    checkpoint records, and run in the training run's out_dir keeps its eval.json (eval_last.json beside it)."""
     d, _ = demo
     ev = json.load(open(d / 'run' / 'eval.json'))
+    assert ev['eval_only'] is False
     for nproc in (1, 2):
-        run([f'--out_dir={d}/eval{nproc}', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--eval_only=True',
+        out = d / 'run' if nproc == 2 else d / 'eval1'
+        run([f'--out_dir={out}', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--eval_only=True',
              f'--init_from={d}/run/last.pt'], nproc=nproc)
-        again = json.load(open(d / f'eval{nproc}' / 'eval.json'))
-        assert again['images'] == 32
+        again = json.load(open(out / ('eval_last.json' if nproc == 2 else 'eval.json')))
+        assert again['images'] == 32 and again['step'] == ev['step'] > 0 and again['eval_only'] is True
+        assert json.load(open(d / 'run' / 'eval.json')) == ev
         for kind in ('bbox', 'segm'):
             assert again[kind] == pytest.approx(ev[kind], abs=1e-6), (nproc, kind)
 
@@ -648,7 +653,7 @@ def test_resume_gives_the_same_losses(demo):
     import shutil
     shutil.copytree(d / 'run', d / 'resumed', ignore=shutil.ignore_patterns('step120'))
     (d / 'resumed' / 'ckpt' / 'latest').write_text('step100')
-    run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--max_iters=120', '--lr_steps=(100,)',
+    run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--max_steps=120', '--lr_steps=(100,)',
          '--warmup_iters=20', '--synthetic_size=256', '--log_interval=10', '--save_interval=100'])
     a = {r['step']: r['loss'] for r in log_rows(d / 'run') if 'loss' in r and r['step'] > 100}
     b = {r['step']: r['loss'] for r in log_rows(d / 'resumed') if 'loss' in r and r['step'] > 100}
@@ -866,7 +871,7 @@ def test_a_missing_image_is_skipped_a_class_count_mismatch_stops_and_lvis_settin
     assert 'polygons' in CocoDetection(js, folder).load(0)[1]
     run_stage('det_seg.py', 'config/det_tiny.py', f'--train_json={js}', f'--val_json={js}', f'--train_images={folder}',
               f'--val_images={folder}', f'--out_dir={tmp_path}/lvis', '--sigmoid_ce=True', '--fed_classes=3',
-              '--repeat_threshold=0.5', '--batch_size=4', '--micro_batch=4', '--max_iters=4', '--stop_step=2',
+              '--repeat_threshold=0.5', '--batch_size=4', '--micro_batch=4', '--max_steps=4', '--stop_step=2',
               '--log_interval=1', timeout=300)
     assert [r['step'] for r in log_rows(tmp_path / 'lvis') if 'loss' in r] == [1, 2]
     saved = torch.load(tmp_path / 'lvis' / 'ckpt' / 'step2' / 'mp_rank_00_model_states.pt', weights_only=False)
@@ -884,7 +889,7 @@ def test_recipe_schedules_follow_the_official_lazyconfigs():
                                        ('det_lvis_eva_g.py', 75_001, [70_000, 75_000])):
         cfg = {}
         exec(open(os.path.join(ROOT, 'config', name)).read(), cfg)
-        assert cfg['max_iters'] == max_iter
+        assert cfg['max_steps'] == max_iter
         for i in (0, milestones[0] - 1, milestones[0], max_iter - 2, max_iter - 1):
             official = [1.0, 0.1, 0.01][bisect.bisect_right(milestones, int((i / max_iter + 1e-6) * max_iter))]
             assert 0.1 ** sum(i >= s for s in cfg['lr_steps']) == pytest.approx(official), (name, i)

@@ -77,8 +77,9 @@ def test_timm_weights_evaluate_as_timm_does(trained, tmp_path):
 
 def test_resume_is_exact_with_mixup_cutmix_randaugment_ema(tmp_path, zero_stage=1):
     # ZeRO-1 as the configs run it; test_common resumes each of ZeRO 0 / 1 / 2 exactly on 2 ranks
-    # warmup_epochs 3 > epochs 2: the warmup is cut at the run's 8 steps (lr 1e-3 (s - 1) / 8 at step s)
-    args = ['--synthetic_size=256', '--epochs=2', '--log_interval=1', '--val_size=40', '--mixup=0.8', '--cutmix=1.0',
+    # 8 steps (--max_steps, every stage's spelling: 2 epochs of 4), warmup_epochs 3 > 2: the warmup is cut at the
+    # run's 8 steps (lr 1e-3 (s - 1) / 8 at step s)
+    args = ['--synthetic_size=256', '--max_steps=8', '--log_interval=1', '--val_size=40', '--mixup=0.8', '--cutmix=1.0',
             '--drop_path=0.1', '--rand_augment=True', '--freeze_patch_embed=True', '--warmup_epochs=3.0',
             f'--zero_stage={zero_stage}']
     finetune(tmp_path / 'full', *args)

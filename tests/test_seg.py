@@ -476,7 +476,7 @@ def run(args, nproc=1):
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp('seg')
-    out = run([f'--out_dir={d}/run', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=100',
+    out = run([f'--out_dir={d}/run', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_steps=100',
                '--save_interval=80', '--keep_ckpts=2'])
     return d, out
 
@@ -497,7 +497,7 @@ def test_demo_learns_with_the_adapter_and_mask2former(demo, check_curves):
 
 def test_demo_learns_with_upernet(demo):
     d, _ = demo
-    run([f'--out_dir={d}/upernet', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=100',
+    run([f'--out_dir={d}/upernet', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_steps=100',
          '--seg_head=upernet', '--adapter=False', '--save_interval=1000'])
     ev = json.load(open(d / 'upernet' / 'eval.json'))
     assert ev['images'] == 32 and ev['mIoU'] > BAR, ev
@@ -507,7 +507,7 @@ def test_demo_learns_with_upernet(demo):
 def test_plain_mask2former_run_trains_and_evaluates(demo):
     """Mask2Former on the plain encoder through fpn1-fpn4 (--adapter=False) from the stage script."""
     d, _ = demo
-    run([f'--out_dir={d}/plain', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=20',
+    run([f'--out_dir={d}/plain', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_steps=20',
          '--adapter=False', '--save_interval=1000'])
     losses = [r['loss'] for r in log_rows(d / 'plain') if 'loss' in r]
     ev = json.load(open(d / 'plain' / 'eval.json'))
@@ -516,7 +516,7 @@ def test_plain_mask2former_run_trains_and_evaluates(demo):
     assert 'backbone.fpn1.0.weight' in sd and not any('interactions' in k for k in sd)
     # the adapter's command on this out_dir (as README's seg lines once shared one): one short line, not 12 KB of keys
     r = run_stage('det_seg.py', 'config/seg_tiny.py', f'--out_dir={d}/plain', f'--synthetic_dir={d}/scenes',
-                  '--synthetic_size=256', '--max_iters=30', check=False)
+                  '--synthetic_size=256', '--max_steps=30', check=False)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith(f'error: {d}/plain/ckpt/step20 holds another model'), last[:500]
     assert 'adapter False -> True' in last and len(last) < 600, len(last)
@@ -572,7 +572,7 @@ def test_resume_gives_the_same_losses(demo):
     import shutil
     shutil.copytree(d / 'run', d / 'resumed', ignore=shutil.ignore_patterns('step100'))
     (d / 'resumed' / 'ckpt' / 'latest').write_text('step80')
-    run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_iters=100',
+    run([f'--out_dir={d}/resumed', f'--synthetic_dir={d}/scenes', '--synthetic_size=256', '--max_steps=100',
          '--save_interval=80'])
     a = {r['step']: r['loss'] for r in log_rows(d / 'run') if 'loss' in r and r['step'] > 80}
     b = {r['step']: r['loss'] for r in log_rows(d / 'resumed') if 'loss' in r and r['step'] > 80}

@@ -239,8 +239,8 @@ def finetune_video(out_dir, synthetic_dir, *args, nproc=1):
                      f'--synthetic_dir={synthetic_dir}', *args, nproc=nproc).stdout
 
 
-SHORT = ['--synthetic_size=64', '--batch_size=16', '--micro_batch=8', '--epochs=2', '--log_interval=1',
-         '--test_clips=2']  # 8 steps, 16 val videos
+SHORT = ['--synthetic_size=64', '--batch_size=16', '--micro_batch=8', '--max_steps=8', '--log_interval=1',
+         '--test_clips=2']  # 8 steps (2 epochs of 4; max_steps: every stage's spelling of a run's length), 16 videos
 
 
 def test_resume_is_exact_with_mixup_cutmix_and_jitter(tmp_path, zero_stage=1):
