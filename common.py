@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 import warnings
 
@@ -193,19 +194,37 @@ def fuse_zero_grad_checks(opt):
 
 
 def stop_signal():
-    """From now on SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice before it kills a job) do not kill the run:
-    -> stop(), 1.0 once one came to this process. The stage sums it over ranks with its log statistics, so that all
-    ranks stop after the same step, saves a checkpoint and exits 0. Repeats are ignored (torchrun passes a Ctrl-C on
-    to its workers, which had it already)."""
+    """From now on SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice before it kills a job) do not kill the run at
+    once: -> stop(), 1.0 once one came to this process. Training sums it over ranks with its log statistics, so that
+    all ranks stop after the same step, save a checkpoint and exit 0; an evaluation under way stops at its next batch
+    and is not reported (cut_short). A repeat within 2 s is the same signal (torchrun passes a Ctrl-C on to workers
+    that had it already); a later one ends the process at once, without a checkpoint."""
     got, pid = [], os.getpid()
 
     def note(signum, frame):  # DataLoader workers inherit it: they go on, quietly, until the loader ends them
-        if not got and os.getpid() == pid:
-            print0(f"{signal.Signals(signum).name}: stopping at the next log step, with a checkpoint")
-        got.append(signum)
+        if os.getpid() != pid:
+            return
+        name = signal.Signals(signum).name
+        if got and time.time() - got[0] >= 2:
+            print(f"{name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if not got:
+            print0(f"{name}: stopping at the next log step, with a checkpoint (an evaluation: at its next batch); "
+                   f"again to exit at once")
+            got.append(time.time())
     signal.signal(signal.SIGINT, note)
     signal.signal(signal.SIGTERM, note)
     return lambda: float(bool(got))
+
+
+def cut_short(stop, device):
+    """After an evaluation whose loops break on stop(): whether a signal cut it short on any rank (a collective, so
+    every rank answers the same); its numbers are then partial, and not reported."""
+    flag = torch.tensor([stop()], device=device)
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        print0("the evaluation was cut short by the signal: its numbers are not reported")
+    return flag.item() > 0
 
 
 def engine_stats(engine):

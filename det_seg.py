@@ -34,9 +34,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
-                    write_eval)
+from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
+                    save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -164,6 +164,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = device.type == 'cuda'
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
@@ -238,12 +239,14 @@ def evaluate_det(net):
     """COCO box (and mask) AP over the whole val set: each rank infers a disjoint share, predictions mapped back to
     the original images (boxes / scale, masks pasted at the original size and RLE-encoded), gathered on rank 0, which
     runs COCOeval (faster-coco-eval) against val_json. -> ({'bbox': {AP, AP50, ...}, 'segm': {...}, 'images',
-    'unreadable'}, a line for the log) on every rank."""
+    'unreadable'}, a line for the log) on every rank; None when a signal cut it short."""
     net.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
     results, unreadable, scored = [], 0, []
     for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda,
                              collate_fn=functools.partial(collate_detection, size=test_size)):
+        if stop():
+            break
         (x, sizes, _), _ = det_inputs(batch, test_size)
         for out, t, skipped in zip(net(x, sizes), batch['targets'], batch['skipped'].tolist()):
             unreadable += skipped
@@ -263,9 +266,11 @@ def evaluate_det(net):
                 if rles:
                     r['segmentation'] = {'size': rles[j]['size'], 'counts': rles[j]['counts'].decode()}
                 results.append(r)
+    net.train()
+    if cut_short(stop, device):
+        return None
     gathered = [None] * world
     dist.all_gather_object(gathered, (results, unreadable, scored))
-    net.train()
     metrics = {}
     if rank == 0:
         results, unreadable = [r for g in gathered for r in g[0]], sum(g[1] for g in gathered)
@@ -373,13 +378,15 @@ def evaluate_seg(net):
     ratio, up to a multiple of 32; a side under img_size padded with black), slid over with img_size windows, the
     logits resized to the original image and softmaxed; their sum's argmax against the label. The (K, K) confusions
     are summed over ranks (exact) -> (mIoU, mAcc, aAcc, per-class IoU, 'images', 'unreadable'; a line for the log) on
-    every rank."""
+    every rank; None when a signal cut it short."""
     net.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     counts = torch.zeros(2, dtype=torch.long, device=device)  # (images, unreadable)
     black = normalize_batch(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device), IMAGENET_MEAN, IMAGENET_STD)
     for batch in make_loader(val_set, sampler, 1, num_workers, cuda):  # one image: sizes differ
+        if stop():
+            break
         counts += torch.tensor([1, batch['skipped'].sum()], device=device)
         if batch['skipped'].any():  # Samples stood the next image in for an unreadable one: not scored twice
             continue
@@ -393,9 +400,11 @@ def evaluate_seg(net):
                 logits = slide_inference(net, xr.flip(-1) if flip else xr, num_classes, img_size, test_stride, black)
                 probs = probs + resize(logits.flip(-1) if flip else logits, (H, W)).softmax(1)
         conf += confusion(probs.argmax(1), label, num_classes)
+    net.train()
+    if cut_short(stop, device):
+        return None
     dist.all_reduce(conf)
     dist.all_reduce(counts)
-    net.train()
     metrics = {**seg_metrics(conf), 'images': int(counts[0] - counts[1]), 'unreadable': int(counts[1])}
     return metrics, f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
 
@@ -421,7 +430,10 @@ if task == 'seg':
 # eval_only: init_from on the val set, then exit (no training data, no engine)
 del init_ckpt  # not kept for the run: GBs of host memory for EVA-g
 if eval_only:
-    report(*evaluate(model.to(model_dtype) if cuda else model), init_step)
+    evaluated = evaluate(model.to(model_dtype) if cuda else model)
+    if evaluated is None:
+        sys.exit(130)  # cut short by Ctrl-C: nothing written
+    report(*evaluated, init_step)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -474,7 +486,7 @@ data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoc
 sums = {}  # loss terms summed over the steps since the last log line
 skips = {}  # samples skipped since then: bad_samples (unreadable images) and the task's own (det: bad_anns)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
-stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+stopping = False  # a signal (stop, set up at the start): save at the next log step and exit 0
 while step < max_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -509,9 +521,12 @@ while step < max_steps:
         t_log, n_logged = time.time(), 0
     evaluate_now = step == max_steps or (eval_interval and step % eval_interval == 0)
     if evaluate_now:
-        metrics, line = evaluate(engine.module)
-        report(metrics, line, step)
-        log({'step': step, 'eval': metrics}, echo=False)
+        evaluated = evaluate(engine.module)
+        if evaluated is None:  # cut short by a signal: not reported; save and stop
+            stopping = True
+        else:
+            report(*evaluated, step)
+            log({'step': step, 'eval': evaluated[0]}, echo=False)
     if step % save_interval == 0 or evaluate_now or step == stop_step or stopping:
         sd = full_state_dict(engine)  # a collective: every rank
         save_checkpoint(engine, out_dir, step, {'config': config},

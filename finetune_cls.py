@@ -23,9 +23,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
-                    write_eval)
+from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
+                    save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -104,6 +104,7 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 eval_only = eval_only or bool(predict)  # predict is an evaluation of a few files
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = device.type == 'cuda'
 if eval_only and not init_from:
     config_error("eval_only and predict need --init_from=CHECKPOINT")
@@ -184,6 +185,8 @@ def evaluate(net, dataset, classes=None, correct=None):
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
     stats = torch.zeros(4, dtype=torch.float64)  # (top-1 hits, top-5 hits, images scored, unreadable)
     for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
+        if stop():
+            break
         dt = next(net.parameters()).dtype
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and dt == torch.float32):
             logits = net(batch['image'].to(device, dt, non_blocking=True)).float().cpu()
@@ -234,9 +237,11 @@ def robustness_sets():
 
 def evaluate_all(nets, robust=False):
     """{name: net} -> {name: {set: result}} on the val set and, when robust, the robustness sets; printed as
-    one table with the average drop from the IN-1K val top-1 (the paper's summary of robustness)."""
+    one table with the average drop from the IN-1K val top-1 (the paper's summary of robustness). None: cut short."""
     sets = {'val': (val_set, None, None), **(robustness_sets() if robust else {})}
     results = {n: {s: evaluate(net, *args) for s, args in sets.items()} for n, net in nets.items()}
+    if cut_short(stop, device):
+        return None
     for n, res in results.items():
         extra = [s for s in res if s != 'val']
         if extra:
@@ -278,7 +283,10 @@ if eval_only:
     if predict:
         predict_files(nets.get('model_ema', model), predict.split(','))
     else:
-        write_eval(out_dir, {'init_from': init_from, 'step': init_step, **evaluate_all(nets, robust=True)}, True)
+        results = evaluate_all(nets, robust=True)
+        if results is None:
+            sys.exit(130)  # cut short by Ctrl-C: nothing written
+        write_eval(out_dir, {'init_from': init_from, 'step': init_step, **results}, True)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -348,7 +356,7 @@ data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, se
                      steps_per_epoch, step, num_workers, cuda)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
-stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+stopping = False  # a signal (stop, set up at the start): save at the next log step and exit 0
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -386,11 +394,14 @@ while step < total_steps:
     if epoch_end:
         print0(f"epoch {step / steps_per_epoch:.2f}:")
         results = evaluate_all(nets, robust=step == total_steps)
-        log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results}, echo=False)
-        top = max(r['val']['top1'] for r in results.values())
-        is_best = top > best['top1']
-        if is_best:
-            best = {'top1': top, 'step': step}
+        if results is None:  # cut short by a signal: not reported; save and stop
+            stopping, is_best = True, False
+        else:
+            log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results}, echo=False)
+            top = max(r['val']['top1'] for r in results.values())
+            is_best = top > best['top1']
+            if is_best:
+                best = {'top1': top, 'step': step}
     if save_ckpt and epoch_end or step == stop_step or stopping:
         ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
         sd = full_state_dict(engine)  # a collective: every rank

@@ -24,9 +24,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
-                    write_eval)
+from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
+                    save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -102,6 +102,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = device.type == 'cuda'
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
@@ -205,6 +206,8 @@ def evaluate(net, dataset):
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
     stats = torch.zeros(4, dtype=torch.float64)  # (top-1 hits, top-5 hits, videos scored, unreadable)
     for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda, loader_timeout):
+        if stop():
+            break
         dt, views = next(net.parameters()).dtype, batch['image'].to(device, non_blocking=True)  # (B, V, 3, T, S, S)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and dt == torch.float32):
             scores = sum(net(normalize_batch(views[:, v], IMAGENET_MEAN, IMAGENET_STD).to(dt)).float().softmax(-1)
@@ -222,9 +225,11 @@ def evaluate(net, dataset):
 
 
 def evaluate_all(nets, dataset):
-    """{name: net} -> {name: result}, printed on one line."""
+    """{name: net} -> {name: result}, printed on one line. None: cut short by a signal."""
     views = f"{dataset.transform.clips} clip(s) x {dataset.transform.crops} crop(s)"
     results = {n: evaluate(net, dataset) for n, net in nets.items()}
+    if cut_short(stop, device):
+        return None
     cells = []
     for n, r in results.items():
         unreadable = f", {r['unreadable']} unreadable" if r['unreadable'] else ''
@@ -234,8 +239,11 @@ def evaluate_all(nets, dataset):
 
 
 def evaluate_views(step):
-    """The paper's protocol: every view (test_clips x test_crops) of every video -> out_dir/eval.json."""
+    """The paper's protocol: every view (test_clips x test_crops) of every video -> out_dir/eval.json. A run cut
+    short by a signal writes nothing and exits 130."""
     results = evaluate_all(nets, val_views)
+    if results is None:
+        sys.exit(130)
     write_eval(out_dir, {'init_from': init_from, 'step': step, 'views': [test_clips, test_crops], **results}, eval_only)
 
 
@@ -304,7 +312,7 @@ data = train_batches(train_set, ResumableSampler(len(train_set), world, rank, se
                      steps_per_epoch, step, num_workers, cuda, loader_timeout)
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
-stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+stopping = False  # a signal (stop, set up at the start): save at the next log step and exit 0
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -344,11 +352,14 @@ while step < total_steps:
     if epoch_end:
         print0(f"epoch {step / steps_per_epoch:.2f}:")
         results = evaluate_all(nets, val_single)
-        log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results}, echo=False)
-        top = max(r['top1'] for r in results.values())
-        is_best = top > best['top1']
-        if is_best:
-            best = {'top1': top, 'step': step}
+        if results is None:  # cut short by a signal: not reported; save and stop
+            stopping, is_best = True, False
+        else:
+            log({'step': step, 'epoch': step / steps_per_epoch, 'eval': results}, echo=False)
+            top = max(r['top1'] for r in results.values())
+            is_best = top > best['top1']
+            if is_best:
+                best = {'top1': top, 'step': step}
     if save_ckpt and epoch_end or step == stop_step or stopping:
         ema_sd = {k: v.cpu() for k, v in ema_model.state_dict().items()} if ema_model is not None else None
         sd = full_state_dict(engine)  # a collective: every rank

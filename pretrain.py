@@ -19,8 +19,9 @@ import os
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal)
+from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
+                    save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
@@ -87,6 +88,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = device.type == 'cuda'
 require_files(init_from=init_from)
 if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
@@ -170,19 +172,23 @@ def get_lr(step):
 @torch.no_grad()
 def evaluate():
     """Validation loss: the mean over images of the negative cosine similarity at the val_mask positions (an
-    unreadable image's stand-in, the next one, left out)."""
+    unreadable image's stand-in, the next one, left out); None when a signal cut it short."""
     engine.eval()
     sampler = ResumableSampler(len(val_set), world, rank, shuffle=False, pad=False)  # each image once
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of per-image losses, images)
     for batch in make_loader(val_set, sampler, micro_batch, num_workers, cuda):
+        if stop():
+            break
         x = batch['image'].to(device, non_blocking=True)
         mask = val_mask.to(device).expand(x.shape[0], -1)
         pred = engine(x.to(model_dtype), mask)
         cos = torch.nn.functional.cosine_similarity(pred.float(), teacher(x)[mask].float(), dim=-1)
         ok = (batch['skipped'] == 0).to(device)
         total += torch.stack((-(cos.view(x.shape[0], -1).mean(1) * ok).sum().double(), ok.sum().double()))
-    dist.all_reduce(total)
     engine.train()
+    if cut_short(stop, device):
+        return None
+    dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
@@ -224,7 +230,7 @@ data = train_batches(train_set, sampler, micro_batch, grad_accum, steps_per_epoc
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 pending = None  # teacher_stream: the next micro-batch, prepared before this one's optimizer step
 t_log, n_logged, t_start, start_step = time.time(), 0, time.time(), step
-stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+stopping = False  # a signal (stop, set up at the start): save at the next log step and exit 0
 while step < total_steps:
     lr_now = get_lr(step)
     for group in optimizer.param_groups:
@@ -256,7 +262,11 @@ while step < total_steps:
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if val_set is not None and eval_interval and (step % eval_interval == 0 or step == total_steps):
-        log({'step': step, 'val_loss': evaluate()})
+        val_loss = evaluate()
+        if val_loss is None:  # cut short by a signal: not reported; save and stop
+            stopping = True
+        else:
+            log({'step': step, 'val_loss': val_loss})
     if ckpt_interval and (step % ckpt_interval == 0 or step == total_steps) or step == stop_step or stopping:
         epoch, within = divmod(step, steps_per_epoch)  # the data position, for the reader (resume derives it)
         position = {'epoch': epoch, 'samples_into_epoch': within * batch_size, 'images_seen': step * batch_size}

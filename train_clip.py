@@ -22,9 +22,9 @@ import sys
 import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
-from common import (batch_split, config_error, deepspeed_engine, engine_stats, full_state_dict, hms, init_distributed,
-                    input_errors, open_log, print0, require_files, resolve_dtype, resume, save_checkpoint, stop_signal,
-                    write_eval)
+from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
+                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
+                    save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -102,6 +102,7 @@ import open_clip  # noqa: E402 (after the configurator, so that --help is instan
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES  # noqa: E402
 
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
+stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = device.type == 'cuda'
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT (a clip.pt or an open_clip EVA-CLIP file)")
@@ -252,6 +253,8 @@ def zeroshot_eval(net):
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False, pad=False)
     stats = torch.zeros(3, dtype=torch.float64)  # (top-1 hits, top-5 hits, images)
     for batch in make_loader(dataset, sampler, micro_batch, num_workers, cuda):
+        if stop():
+            break
         logits = (net.encode_image(batch['image'].to(device, model_dtype)).float() @ weights.T).cpu()
         y = batch['label']
         scored = (y >= 0) & (batch['skipped'] == 0)  # an unreadable image's stand-in (the next one) is not scored
@@ -277,6 +280,8 @@ def retrieval_eval(net):
         full = torch.zeros(len(items), embed_dim, device=device)
         mine = list(range(rank, len(items), world))  # each rank a share, summed into the full matrix
         for i in range(0, len(mine), micro_batch):
+            if stop():
+                break
             idx = mine[i:i + micro_batch]
             full[idx] = encode([items[j] for j in idx]).float()
         dist.all_reduce(full)
@@ -290,19 +295,25 @@ def retrieval_eval(net):
 
 
 def evaluate(net):
+    """Zero-shot classification and retrieval, printed; None when a signal cut them short."""
     was_training = net.training
     net.eval()
     res = {}
     if zeroshot_set is not None:
         res['zeroshot'] = zeroshot_eval(net)
+    if retrieval_set is not None:
+        res['retrieval'] = retrieval_eval(net)
+    net.train(was_training)
+    if cut_short(stop, device):
+        return None
+    if 'zeroshot' in res:
         r = res['zeroshot']
         print0(f"zero-shot {zeroshot_data}: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  ({r['images']:,} images)")
-    if retrieval_set is not None:
-        res['retrieval'] = r = retrieval_eval(net)
+    if 'retrieval' in res:
+        r = res['retrieval']
         print0(f"retrieval {retrieval_data} ({r['images']:,} images, {r['captions']:,} captions): "
                f"image->text R@1/5/10 {r['i2t_r1']:.2f}/{r['i2t_r5']:.2f}/{r['i2t_r10']:.2f}  "
                f"text->image {r['t2i_r1']:.2f}/{r['t2i_r5']:.2f}/{r['t2i_r10']:.2f}")
-    net.train(was_training)
     return res
 
 
@@ -310,7 +321,10 @@ def evaluate(net):
 # eval_only: init_from (a whole CLIP) on zero-shot classification and retrieval, then exit (no training data, no engine)
 if eval_only:
     model.to(model_dtype if cuda else torch.float32)
-    write_eval(out_dir, {'init_from': init_from, **evaluate(model)}, True)
+    results = evaluate(model)
+    if results is None:
+        sys.exit(130)  # cut short by Ctrl-C: nothing written
+    write_eval(out_dir, {'init_from': init_from, **results}, True)
     dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
@@ -388,7 +402,7 @@ def clip_file(step):
 data = micro_batches()
 loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
 t_log, n_logged, t_start, start_step, state = time.time(), 0, time.time(), step, None
-stop, stopping = stop_signal(), False  # Ctrl-C / SIGTERM: save at the next log step and exit 0
+stopping = False  # a signal (stop, set up at the start): save at the next log step and exit 0
 while step < total_steps:
     factor = get_lr(step)
     for group in optimizer.param_groups:
@@ -419,7 +433,11 @@ while step < total_steps:
         loss_sum.zero_()
         t_log, n_logged = time.time(), 0
     if step % eval_interval == 0 or step == total_steps:
-        log({'step': step, 'eval': evaluate(engine.module)}, echo=False)
+        results = evaluate(engine.module)
+        if results is None:  # cut short by a signal: not reported; save and stop
+            stopping = True
+        else:
+            log({'step': step, 'eval': results}, echo=False)
     if step % eval_interval == 0 or step == total_steps or step == stop_step or stopping:
         state = clip_file(step)
         save_checkpoint(engine, out_dir, step, {'config': config}, {'clip.pt': state}, keep_ckpts)

@@ -137,6 +137,42 @@ def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path):
     assert sum('config' in r for r in rows) == 2 and json.load(open(tmp_path / 'config.json'))['max_steps'] == 2000
 
 
+def test_ctrl_c_cuts_an_evaluation_short_and_a_second_one_exits_at_once(tmp_path):
+    """A Ctrl-C during the validation at step 2 (100,000 images: minutes) stops it at its next batch, reports nothing
+    of it, and the run saves step 2 and exits 0; a second Ctrl-C 2 s or more after the first ends the run at once."""
+    base = [sys.executable, 'pretrain.py', *TINY, '--synthetic_size=256', '--batch_size=16', '--micro_batch=8',
+            '--max_steps=2000']
+
+    def start(out_dir, *args):
+        return subprocess.Popen(base + [f'--out_dir={out_dir}', *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def wait(cond):
+        deadline = time.time() + 120
+        while not cond() and time.time() < deadline:
+            time.sleep(0.2)
+
+    p = start(tmp_path / 'eval', '--val_data_path=synthetic', '--val_size=100000', '--eval_interval=2',
+              '--log_interval=1')
+    wait(lambda: os.path.exists(tmp_path / 'eval' / 'log.jsonl') and len(losses(tmp_path / 'eval')) >= 2)
+    t = time.time()
+    os.killpg(p.pid, signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and time.time() - t < 60, out[-3000:]
+    assert 'the evaluation was cut short by the signal' in out and 'stopped at step 2 (signal)' in out, out[-3000:]
+    assert not any('val_loss' in r for r in log_rows(tmp_path / 'eval'))
+    assert open(tmp_path / 'eval' / 'ckpt' / 'latest').read() == 'step2'
+    p = start(tmp_path / 'twice', '--log_interval=1000')  # the first Ctrl-C waits for step 1000's log line
+    wait(lambda: os.path.exists(tmp_path / 'twice' / 'log.jsonl'))
+    time.sleep(1)
+    os.killpg(p.pid, signal.SIGINT)
+    time.sleep(2.5)
+    os.killpg(p.pid, signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and 'SIGINT again: exiting now, without a checkpoint' in out, out[-3000:]
+    assert not os.path.exists(tmp_path / 'twice' / 'ckpt' / 'latest')
+
+
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     # seed 3: its first 8 samples all have 26 masked patches (see the precondition below)
     common = ['--synthetic_size=64', '--max_steps=1', '--batch_size=8', '--drop_path=0.0', '--ckpt_interval=1',
