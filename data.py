@@ -199,6 +199,17 @@ def cached_index(kind, key, build):
     return index, f"index {how} in {time.time() - start:.1f} s ({folder})"
 
 
+def synthetic_tmp(folder, what):
+    """The temporary folder a synthetic set is written into before its rename (folder.tmp<pid>), said once; those of
+    runs that died writing (their process gone) are removed first."""
+    for old in glob.glob(glob.escape(folder.rstrip('/')) + '.tmp*'):
+        pid = old.rsplit('.tmp', 1)[1]
+        if pid.isdigit() and not os.path.exists(f'/proc/{pid}'):
+            shutil.rmtree(old, ignore_errors=True)
+    say(f"writing {what} to {folder} (once)")
+    return folder.rstrip('/') + f'.tmp{os.getpid()}'
+
+
 def say(message):
     """A line on stdout from the first process only (the index's log: every rank reads the same)."""
     if int(os.environ.get('RANK', '0')) == 0:
@@ -1036,7 +1047,8 @@ def open_video(path):
     """A decord reader with one thread, made where it is used: in the DataLoader worker, one per sample as the official
     code (a reader made before the workers fork breaks, decord #294; one thread is the faster, #63)."""
     import decord
-    return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    decord.logging.set_level(decord.logging.QUIET)  # not ffmpeg's lines per bad file: our warning names it (decord's
+    return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)  # own one-line C++ log cannot be silenced)
 
 
 def read_frames(video, indices):
@@ -1112,7 +1124,7 @@ def write_synthetic_videos(folder, train_size=1024, val_size=256, num_classes=8,
     colours = [(wheel[round(12 * k / hues) % 12], k / hues) for k in range(hues)]
     classes = sorted(f"{c} moving {d}" for c, _ in colours for d in ('up', 'down'))
     W, H = size
-    shapes, tmp = SyntheticShapes(1, img_size=W), folder.rstrip('/') + f'.tmp{os.getpid()}'
+    shapes, tmp = SyntheticShapes(1, img_size=W), synthetic_tmp(folder, "synthetic videos (~20 s per 1,000 on 2 cores)")
     for split, n in (('train', train_size), ('val', val_size)):
         shapes.seed, lines = seed + (split == 'val'), []
         for i in range(n):
@@ -1553,7 +1565,7 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
                 labels=True)
     if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
         return folder
-    S, tmp = img_size, folder.rstrip('/') + f'.tmp{os.getpid()}'
+    S, tmp = img_size, synthetic_tmp(folder, "synthetic scenes")
     shapes = SyntheticShapes(1, img_size=S, num_classes=num_classes)
     categories = [{'id': k + 1, 'name': name} for k, name in enumerate(SyntheticShapes.SHAPES[:num_classes])]
     for split, n in (('train', train_size), ('val', val_size)):

@@ -213,7 +213,7 @@ def coco_source(json_path, images, train, classes=None):
     try:
         src = CocoDetection(json_path, images, masks=masks and train, train=train, classes=classes)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
-        config_error(f"{json_path}: {e}")
+        config_error(str(e) if json_path in str(e) else f"{json_path}: {e}")
     if len(src.categories) != num_classes:
         config_error(f"{json_path} has {len(src.categories)} categories, num_classes={num_classes}")
     return src
@@ -285,6 +285,11 @@ def evaluate_det(net):
     return metrics, line
 
 
+def percent(v):
+    """A COCOeval number in %; its -1 (no ground truth of that kind, e.g. no large objects) -> None (null in json)."""
+    return round(100 * float(v), 3) if v >= 0 else None
+
+
 def coco_eval(results, image_ids=None):
     """COCOeval_faster's 12 numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) in %, for boxes
     and, with masks, for masks, over image_ids (None: every image of val_json; an unreadable one is left out, as if
@@ -306,12 +311,12 @@ def coco_eval(results, image_ids=None):
         E.evaluate()
         E.accumulate()
         E.summarize()
-        out[kind] = {n: round(100 * float(v), 3) for n, v in zip(names[:6], E.stats)}
+        out[kind] = {n: percent(v) for n, v in zip(names[:6], E.stats)}
         if lvis_eval:  # with one maxDets: all_stats = (AP ... APl, AR, 0, 0, ARs, ARm, ARl, AR50, AR75, APr, APc, APf)
             lvis = {'APr': 14, 'APc': 15, 'APf': 16, 'AR': 6}
-            out[kind].update({n: round(100 * float(E.all_stats[i]), 3) for n, i in lvis.items()})
+            out[kind].update({n: percent(E.all_stats[i]) for n, i in lvis.items()})
         else:
-            out[kind].update({n: round(100 * float(v), 3) for n, v in zip(names[6:], E.stats[6:])})
+            out[kind].update({n: percent(v) for n, v in zip(names[6:], E.stats[6:])})
     return out
 
 
@@ -406,7 +411,10 @@ def evaluate_seg(net):
     dist.all_reduce(conf)
     dist.all_reduce(counts)
     metrics = {**seg_metrics(conf), 'images': int(counts[0] - counts[1]), 'unreadable': int(counts[1])}
-    return metrics, f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
+    line = f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
+    if num_classes <= 20:  # a few classes: each one's IoU in the log too (always in eval.json)
+        line += '  IoU per class: ' + ', '.join('-' if v is None else f'{v:.1f}' for v in metrics['IoU'])
+    return metrics, line
 
 
 if task == 'seg':

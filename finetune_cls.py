@@ -251,10 +251,11 @@ def evaluate_all(nets, robust=False):
             if s == 'avg_drop':
                 continue
             unreadable = f", {r['unreadable']} unreadable" if r['unreadable'] else ''
-            cells.append(f"{s} {r['top1']:.2f}/{r['top5']:.2f} ({r['images']:,}{unreadable})")
+            top5 = f"/{r['top5']:.2f}" if num_classes > 5 else ''  # with 5 classes or fewer top-5 is 100
+            cells.append(f"{s} {r['top1']:.2f}{top5} ({r['images']:,}{unreadable})")
         if extra:
             cells.append(f"| average drop from val {res['avg_drop']:.2f}")
-        print0(f"{n}: " + '  '.join(cells) + "  [top-1/top-5 (images)]")
+        print0(f"{n}: " + '  '.join(cells) + f"  [top-1{'/top-5' if num_classes > 5 else ''} (images)]")
     return results
 
 

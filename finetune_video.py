@@ -118,7 +118,6 @@ config['dtype'] = dtype
 # CLIP normalisation of the image stages)
 if val_data_path == 'synthetic' or (data_path == 'synthetic' and not eval_only):
     if rank == 0:
-        print0(f"synthetic videos in {synthetic_dir} (written once: ~20 s per 1,000 on 2 cores)")
         write_synthetic_videos(synthetic_dir, synthetic_size, synthetic_size // 4, num_classes, seed=seed)
     dist.barrier()
 
@@ -233,8 +232,9 @@ def evaluate_all(nets, dataset):
     cells = []
     for n, r in results.items():
         unreadable = f", {r['unreadable']} unreadable" if r['unreadable'] else ''
-        cells.append(f"{n} {r['top1']:.2f}/{r['top5']:.2f} ({r['videos']:,} videos{unreadable})")
-    print0(f"{views}: " + '  '.join(cells) + "  [top-1/top-5]")
+        top5 = f"/{r['top5']:.2f}" if num_classes > 5 else ''  # with 5 classes or fewer top-5 is 100
+        cells.append(f"{n} {r['top1']:.2f}{top5} ({r['videos']:,} videos{unreadable})")
+    print0(f"{views}: " + '  '.join(cells) + f"  [top-1{'/top-5' if num_classes > 5 else ''}]")
     return results
 
 

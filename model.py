@@ -529,7 +529,7 @@ def load_pretrained(model, path_or_state_dict, allowed_missing=HEAD_KEYS, verbos
             resized.append(f"pos_embed {old}x{old}->{cfg.grid}x{cfg.grid}" if frames == cfg.num_frames == 1 else
                            f"pos_embed {frames}x{old}x{old}->{cfg.num_frames}x{cfg.grid}x{cfg.grid}")
         elif k.startswith('head.') and v.shape != t.shape and v.shape[1:] == t.shape[1:]:
-            dropped.append(f"{k} ({v.shape[0]} classes, model has {t.shape[0]})")
+            dropped.append(f"{k} ({v.shape[0]} outputs, the model {t.shape[0]})")
             continue
         if v.shape != t.shape:
             bad.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")

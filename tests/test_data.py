@@ -293,3 +293,18 @@ def test_uint8_mim_pipeline_matches_the_pil_pipeline_sample_by_sample(tmp_path):
     a = d.abs()
     assert a.max() <= 6.01 and a.mean() < 0.15 and (a > 1.01).float().mean() < 1e-3, (a.max(), a.mean())
     assert abs(d.mean()) < 0.02, d.mean()
+
+
+def test_a_synthetic_set_written_once_and_the_leftovers_of_a_killed_writer_removed(tmp_path, capsys):
+    """A writer killed mid-way (Ctrl-C) leaves folder.tmp<pid>: the next writer removes it when that process is gone
+    (a live one's is left alone); 'writing' is said only when the set is written, not on every run."""
+    from data import write_synthetic_scenes
+    folder = str(tmp_path / 'scenes')
+    dead, live = tmp_path / 'scenes.tmp999999999', tmp_path / f'scenes.tmp{os.getppid()}'
+    dead.mkdir()
+    live.mkdir()
+    write_synthetic_scenes(folder, 2, 2, img_size=32)
+    assert not dead.exists() and live.exists() and os.path.exists(os.path.join(folder, 'meta.json'))
+    assert f"writing synthetic scenes to {folder}" in capsys.readouterr().out
+    write_synthetic_scenes(folder, 2, 2, img_size=32)
+    assert 'writing' not in capsys.readouterr().out

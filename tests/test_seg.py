@@ -490,6 +490,7 @@ def test_demo_learns_with_the_adapter_and_mask2former(demo, check_curves):
     d, out = demo
     ev = json.load(open(d / 'run' / 'eval.json'))
     assert ev['images'] == 32 and 'mIoU' in out
+    assert 'IoU per class: ' + ', '.join(f'{v:.1f}' for v in ev['IoU']) in out  # 5 classes: in the log line too
     assert ev['mIoU'] > BAR, ev
     check_curves(d / 'run', 'eval: metrics')
     assert 'backbone.interactions.3.extra_extractors.1.ffn.dwconv.weight' in torch.load(d / 'run' / 'last.pt')['model']
