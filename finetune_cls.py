@@ -260,10 +260,11 @@ def evaluate_all(nets, robust=False):
 
 
 def predict_files(net, paths):
-    """Each image's top-5 classes under net (the checkpoint's head): the class names the checkpoint saved (or
-    class_list's), else ImageNet's for 1000 classes, else the class indices. No val set is read."""
+    """Each image's top-5 classes under net (the checkpoint's head): ImageNet's names for 1000 classes (its folders,
+    wnids, sort in their order), else the class names the checkpoint saved (or class_list's), else the indices. No val
+    set is read."""
     from open_clip import IMAGENET_CLASSNAMES
-    names = classes or (IMAGENET_CLASSNAMES if num_classes == 1000 else [str(c) for c in range(num_classes)])
+    names = IMAGENET_CLASSNAMES if num_classes == 1000 else classes or [str(c) for c in range(num_classes)]
     net.eval()
     for path in paths:
         try:

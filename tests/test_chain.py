@@ -161,3 +161,19 @@ def test_curves_of_every_stage_and_a_half_written_line(ran, tmp_path):
     # the command line: a folder without a log is named
     r = run_stage('plot.py', tmp_path / 'nothing', check=False)
     assert r.returncode != 0 and 'has no log.jsonl' in r.stderr
+
+
+
+def test_demos_remeasures_a_readme_figure_and_says_whether_it_moved(tmp_path):
+    """demos.py runs the MIM demo as README writes it (1 thread, its own out_dir), reads its figures, which equal the
+    run's own log, and marks them moved (exit 1) exactly when they differ from what it recorded."""
+    r = run_stage('demos.py', '--only=pretrain', '--threads=1', f'--out_dir={tmp_path}', check=False)
+    got = json.load(open(tmp_path / 'results.json'))['pretrain_1t']
+    rows = log_rows(tmp_path / 'pretrain_1t')
+    assert got['loss'] == round([x['loss'] for x in rows if 'loss' in x][-1], 1)
+    assert got['val_loss'] == round([x['val_loss'] for x in rows if 'val_loss' in x][-1], 1)
+    assert got['command'] == 'python pretrain.py config/pretrain_tiny.py' and got['threads'] == 1
+    assert "pretrain at 1 thread(s)" in r.stdout and (r.returncode == 1) == ('MOVED from' in r.stdout), r.stdout
+    r = run_stage('demos.py', '--only=pretrain,nope', check=False)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "error: no demo nope; the demos: pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain"

@@ -1,0 +1,109 @@
+"""
+README's tiny-demo figures, re-measured: each demo command of README's table run as written (with its own out_dir
+under out/demos/), its figures read from the run's files and printed beside the ones this file last recorded, per
+thread count (OMP_NUM_THREADS: the tiny runs are bit-identical run to run on one machine and thread count, but move
+with the thread count; the spread a user should expect is the spread over thread counts).
+
+    python demos.py                                  # every demo at 1 and 2 threads (chain.py once): ~55 min
+    python demos.py --only=det,seg --threads=2       # some of them
+
+A figure that moved from RECORDED (a change to the code, the data order or the init draws) is marked; exit status 1
+then: README's table and RECORDED are re-measured in the same commit. Writes out/demos/results.json.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import plot
+
+# -----------------------------------------------------------------------------
+# config
+out_dir = 'out/demos'  # a folder per demo and thread count, and results.json
+only = ''  # demo names joined by ',' ('' = all): pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain
+threads = '1,2'  # OMP_NUM_THREADS values, joined by ','
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def last(run, key):
+    """The last value of `key` (a dotted path into a log row) in run/log.jsonl."""
+    rows = [r for r in plot.read_log(os.path.join(run, 'log.jsonl'))[0] if key.split('.')[0] in r]
+    v = rows[-1]
+    for part in key.split('.'):
+        v = v[part]
+    return v
+
+
+def eval_json(run, *keys):
+    v = json.load(open(os.path.join(run, 'eval.json')))
+    for part in keys:
+        v = v[part]
+    return v
+
+
+# name: (README's command after `python`, {figure: reader of the run folder})
+DEMOS = {
+    'pretrain': ('pretrain.py config/pretrain_tiny.py', {
+        'loss': lambda d: last(d, 'loss'), 'val_loss': lambda d: last(d, 'val_loss')}),
+    'cls': ('finetune_cls.py config/finetune_cls_tiny.py', {
+        'top1': lambda d: last(d, 'eval.model.val.top1'), 'top5': lambda d: last(d, 'eval.model.val.top5'),
+        'ema_top1': lambda d: last(d, 'eval.model_ema.val.top1')}),
+    'clip': ('train_clip.py config/clip_tiny.py', {
+        'loss': lambda d: last(d, 'loss'), 'zeroshot_top1': lambda d: last(d, 'eval.zeroshot.top1'),
+        'zeroshot_top5': lambda d: last(d, 'eval.zeroshot.top5')}),
+    'video': ('finetune_video.py config/finetune_video_tiny.py', {'top1': lambda d: eval_json(d, 'model', 'top1')}),
+    'det': ('det_seg.py config/det_tiny.py', {
+        'box_AP': lambda d: eval_json(d, 'bbox', 'AP'), 'box_AP50': lambda d: eval_json(d, 'bbox', 'AP50'),
+        'mask_AP': lambda d: eval_json(d, 'segm', 'AP'), 'mask_AP50': lambda d: eval_json(d, 'segm', 'AP50')}),
+    'seg': ('det_seg.py config/seg_tiny.py', {
+        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
+    'seg_fpn': ('det_seg.py config/seg_tiny.py --adapter=False', {
+        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
+    'seg_upernet': ('det_seg.py config/seg_tiny.py --adapter=False --seg_head=upernet', {
+        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
+    'chain': ('chain.py', {k: (lambda d, k=k: json.load(open(os.path.join(d, 'results.json')))['mean'][k])
+                           for k in ('cls_top1_scratch', 'cls_top1_mim', 'clip_top1_scratch', 'clip_top1_mim')}),
+}
+
+# the figures measured at each thread count on this repository's 2-core machine (README quotes them), rounded to 0.1
+RECORDED = {}
+
+# -----------------------------------------------------------------------------
+names = [n for n in DEMOS if not only or n in only.split(',')]
+unknown = sorted(set(only.split(',')) - set(DEMOS)) if only else []
+if unknown:
+    sys.exit(f"error: no demo {', '.join(unknown)}; the demos: {', '.join(DEMOS)}")
+results, moved = {}, []
+for n_threads in [int(t) for t in threads.split(',')]:
+    for name in names:
+        command, figures = DEMOS[name]
+        run = os.path.join(out_dir, f'{name}_{n_threads}t')
+        if name == 'chain' and n_threads != int(threads.split(',')[0]):
+            continue  # chain.py sets each of its runs' threads itself (cores / jobs): once
+        if os.path.exists(run):  # a fresh run each time: a finished out_dir would only be evaluated again
+            shutil.rmtree(run)
+        t = time.time()
+        args = [sys.executable, *command.split(), f'--out_dir={run}']
+        with open(run + '.stdout.log', 'w') as log:
+            r = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, OMP_NUM_THREADS=str(n_threads)))
+        wall = time.time() - t
+        if r.returncode:
+            sys.exit(f"error: {' '.join(args)} failed (exit {r.returncode}); its output: {run}.stdout.log")
+        got = {k: round(float(read(run)), 1) for k, read in figures.items()}
+        want = RECORDED.get(f'{name}_{n_threads}t')
+        mark = '' if want is None else '  (as recorded)' if want == got else f'  MOVED from {want}'
+        if want is not None and want != got:
+            moved.append(name)
+        results[f'{name}_{n_threads}t'] = {'command': f'python {command}', 'threads': n_threads,
+                                           'wall_s': round(wall), **got}
+        print(f"{name} at {n_threads} thread(s), {wall:.0f} s: {got}{mark}", flush=True)
+os.makedirs(out_dir, exist_ok=True)
+with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+print(f"{out_dir}/results.json" + (f"; moved: {', '.join(moved)}" if moved else ''))
+sys.exit(1 if moved else 0)
