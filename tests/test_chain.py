@@ -170,8 +170,8 @@ def test_demos_remeasures_a_readme_figure_and_says_whether_it_moved(tmp_path):
     r = run_stage('demos.py', '--only=pretrain', '--threads=1', f'--out_dir={tmp_path}', check=False)
     got = json.load(open(tmp_path / 'results.json'))['pretrain_1t']
     rows = log_rows(tmp_path / 'pretrain_1t')
-    assert got['loss'] == round([x['loss'] for x in rows if 'loss' in x][-1], 1)
-    assert got['val_loss'] == round([x['val_loss'] for x in rows if 'val_loss' in x][-1], 1)
+    assert got['loss'] == round([x['loss'] for x in rows if 'loss' in x][-1], 2)
+    assert got['val_loss'] == round([x['val_loss'] for x in rows if 'val_loss' in x][-1], 2)
     assert got['command'] == 'python pretrain.py config/pretrain_tiny.py' and got['threads'] == 1
     assert "pretrain at 1 thread(s)" in r.stdout and (r.returncode == 1) == ('MOVED from' in r.stdout), r.stdout
     r = run_stage('demos.py', '--only=pretrain,nope', check=False)
