@@ -283,8 +283,8 @@ class ImageFiles:
         if not roots:
             raise ValueError("no image root given")
         self.class_list = classes  # None: the sorted folder names of each root
-        self.roots, self.parts, self.starts = roots, [], [0]  # per root: (base, index, dirs, files, label lookup or
-        # None); its start
+        # per root: its path; (base, index, dirs, files, label lookup or None); its first sample's number
+        self.roots, self.parts, self.starts = roots, [], [0]
         for root in roots:
             if os.path.isdir(root):
                 index, how = cached_index('folder', [stamp(root, subfolders=True), self.EXTENSIONS],

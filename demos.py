@@ -29,43 +29,38 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def last(run, key):
-    """The last value of `key` (a dotted path into a log row) in run/log.jsonl."""
-    rows = [r for r in plot.read_log(os.path.join(run, 'log.jsonl'))[0] if key.split('.')[0] in r]
-    v = rows[-1]
-    for part in key.split('.'):
-        v = v[part]
+def read(run, where):
+    """A figure of a finished run: where = (file, dotted path); the file is 'log' (the last row of run/log.jsonl
+    holding the path's first key), 'eval' (run/eval.json) or 'results' (chain.py's run/results.json)."""
+    file, path = where
+    keys = path.split('.')
+    if file == 'log':
+        v = [r for r in plot.read_log(os.path.join(run, 'log.jsonl'))[0] if keys[0] in r][-1]
+    else:
+        v = json.load(open(os.path.join(run, 'eval.json' if file == 'eval' else 'results.json')))
+    for k in keys:
+        v = v[k]
     return v
 
 
-def eval_json(run, *keys):
-    v = json.load(open(os.path.join(run, 'eval.json')))
-    for part in keys:
-        v = v[part]
-    return v
-
-
-# name: (README's command after `python`, {figure: reader of the run folder})
+SEG = {'mIoU': ('eval', 'mIoU'), 'aAcc': ('eval', 'aAcc')}  # the three segmentation demos' figures
+# name: (README's command after `python`, {figure: where it is read})
 DEMOS = {
-    'pretrain': ('pretrain.py config/pretrain_tiny.py', {
-        'loss': lambda d: last(d, 'loss'), 'val_loss': lambda d: last(d, 'val_loss')}),
+    'pretrain': ('pretrain.py config/pretrain_tiny.py', {'loss': ('log', 'loss'), 'val_loss': ('log', 'val_loss')}),
     'cls': ('finetune_cls.py config/finetune_cls_tiny.py', {
-        'top1': lambda d: last(d, 'eval.model.val.top1'), 'top5': lambda d: last(d, 'eval.model.val.top5'),
-        'ema_top1': lambda d: last(d, 'eval.model_ema.val.top1')}),
+        'top1': ('log', 'eval.model.val.top1'), 'top5': ('log', 'eval.model.val.top5'),
+        'ema_top1': ('log', 'eval.model_ema.val.top1')}),
     'clip': ('train_clip.py config/clip_tiny.py', {
-        'loss': lambda d: last(d, 'loss'), 'zeroshot_top1': lambda d: last(d, 'eval.zeroshot.top1'),
-        'zeroshot_top5': lambda d: last(d, 'eval.zeroshot.top5')}),
-    'video': ('finetune_video.py config/finetune_video_tiny.py', {'top1': lambda d: eval_json(d, 'model', 'top1')}),
+        'loss': ('log', 'loss'), 'zeroshot_top1': ('log', 'eval.zeroshot.top1'),
+        'zeroshot_top5': ('log', 'eval.zeroshot.top5')}),
+    'video': ('finetune_video.py config/finetune_video_tiny.py', {'top1': ('eval', 'model.top1')}),
     'det': ('det_seg.py config/det_tiny.py', {
-        'box_AP': lambda d: eval_json(d, 'bbox', 'AP'), 'box_AP50': lambda d: eval_json(d, 'bbox', 'AP50'),
-        'mask_AP': lambda d: eval_json(d, 'segm', 'AP'), 'mask_AP50': lambda d: eval_json(d, 'segm', 'AP50')}),
-    'seg': ('det_seg.py config/seg_tiny.py', {
-        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
-    'seg_fpn': ('det_seg.py config/seg_tiny.py --adapter=False', {
-        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
-    'seg_upernet': ('det_seg.py config/seg_tiny.py --adapter=False --seg_head=upernet', {
-        'mIoU': lambda d: eval_json(d, 'mIoU'), 'aAcc': lambda d: eval_json(d, 'aAcc')}),
-    'chain': ('chain.py', {k: (lambda d, k=k: json.load(open(os.path.join(d, 'results.json')))['mean'][k])
+        'box_AP': ('eval', 'bbox.AP'), 'box_AP50': ('eval', 'bbox.AP50'), 'mask_AP': ('eval', 'segm.AP'),
+        'mask_AP50': ('eval', 'segm.AP50')}),
+    'seg': ('det_seg.py config/seg_tiny.py', SEG),
+    'seg_fpn': ('det_seg.py config/seg_tiny.py --adapter=False', SEG),
+    'seg_upernet': ('det_seg.py config/seg_tiny.py --adapter=False --seg_head=upernet', SEG),
+    'chain': ('chain.py', {k: ('results', f'mean.{k}')
                            for k in ('cls_top1_scratch', 'cls_top1_mim', 'clip_top1_scratch', 'clip_top1_mim')}),
 }
 
@@ -97,12 +92,13 @@ if unknown:
     sys.exit(f"error: no demo {', '.join(unknown)}; the demos: {', '.join(DEMOS)}")
 results, moved = {}, []
 os.makedirs(out_dir, exist_ok=True)
-for n_threads in [int(t) for t in threads.split(',')]:
+thread_counts = [int(t) for t in threads.split(',')]
+for n_threads in thread_counts:
     for name in names:
+        if name == 'chain' and n_threads != thread_counts[0]:
+            continue  # chain.py sets each of its runs' threads itself (cores / jobs): once
         command, figures = DEMOS[name]
         run = os.path.join(out_dir, f'{name}_{n_threads}t')
-        if name == 'chain' and n_threads != int(threads.split(',')[0]):
-            continue  # chain.py sets each of its runs' threads itself (cores / jobs): once
         if os.path.exists(run):  # a fresh run each time: a finished out_dir would only be evaluated again
             shutil.rmtree(run)
         t = time.time()
@@ -113,7 +109,7 @@ for n_threads in [int(t) for t in threads.split(',')]:
         wall = time.time() - t
         if r.returncode:
             sys.exit(f"error: {' '.join(args)} failed (exit {r.returncode}); its output: {run}.stdout.log")
-        got = {k: round(float(read(run)), 2) for k, read in figures.items()}
+        got = {k: round(float(read(run, where)), 2) for k, where in figures.items()}
         want = RECORDED.get(f'{name}_{n_threads}t')
         mark = '' if want is None else '  (as recorded)' if want == got else f'  MOVED from {want}'
         if want is not None and want != got:

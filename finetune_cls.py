@@ -311,8 +311,9 @@ if found > num_classes:
 if found < num_classes and not class_list:
     print0(f"warning: data_path {data_path} has {found} classes, the head num_classes={num_classes}")
 for src in (train_src, val_set.source):  # a list's label outside the head (or none): one line naming file and line
-    with input_errors():
-        getattr(src, 'check_labels', lambda n: None)(num_classes)
+    if isinstance(src, ImageFiles):
+        with input_errors():
+            src.check_labels(num_classes)
 total_steps = max_steps or epochs * steps_per_epoch
 warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "

@@ -445,15 +445,14 @@ def read_checkpoint(path):
     argparse.Namespace: then fully, a trusted file). A missing or non-checkpoint file is named in the error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        if 'weights_only' not in str(e) and 'Unsupported global' not in str(e):
-            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
+    for weights_only in (True, False):  # the second try only for objects weights_only refuses
         try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:  # not a pickle torch can read at all: a text file, a numpy array, another framework's
-            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
+            ckpt = torch.load(path, map_location='cpu', weights_only=weights_only)
+            break
+        except Exception as e:  # not a pickle torch can read (a text file, a numpy array), or refused objects
+            if not weights_only or ('weights_only' not in str(e) and 'Unsupported global' not in str(e)):
+                raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__} {e})") from None
+    if not weights_only:
         print(f"read_checkpoint: {path} holds non-tensor objects; read with weights_only=False (a trusted file)")
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors)")
