@@ -1,0 +1,178 @@
+"""The GPU-memory projection's parts (memory.py) against independent references: the live-memory counter against
+torch's own MemTracker; the same training step on CPU tensors and on meta tensors; the attention stand-in against
+the shapes of aten's flash / memory-efficient kernels; DeepSpeed ZeRO-1 run on meta tensors with a fake process group
+against DeepSpeed ZeRO-1 run on CPU tensors over gloo (1 and 2 ranks, accumulation 2, a small reduce bucket).
+Run as a script, this file is that ZeRO step's worker: python tests/test_memory.py cpu|meta OUT [WORLD RANK]."""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import memory
+import model
+
+
+def tiny_step(device, ckpt, mem, steps=2):
+    """eva_mini, AdamW, `steps` steps of 8 images at 64 px; phases forward / backward / step."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = model.EVA(model.eva_config('eva_mini', img_size=64, num_classes=10, grad_checkpointing=ckpt))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
+        x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    track = getattr(mem, 'track_external', None)  # MemTracker's way of being told about tensors made before it
+    if track:
+        track(m, opt, x, y)
+    else:
+        mem.track([*m.parameters(), *m.buffers()], 'weights')
+        mem.track([x, y], 'data')
+    phase = getattr(mem, 'in_phase', lambda name, kind=None: memory.contextlib.nullcontext())
+    with mem:
+        for _ in range(steps):
+            with phase('forward', 'activations'):
+                loss = F.cross_entropy(m(x), y)
+            with phase('backward'):
+                loss.backward()
+            with phase('step'):
+                opt.step()
+                opt.zero_grad()
+            if track:
+                mem.reset_mod_stats()  # MemTracker refuses a second forward of a module otherwise
+
+
+def test_counter_equals_torch_memtracker():
+    """Bytes as they are (MemTracker rounds only on CUDA), on meta tensors: the same peak, to the byte, with and
+    without gradient checkpointing (SDPA's math fallback: its N x N softmax makes the activations large here)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    for ckpt in (False, True):
+        tracker, ours = MemTracker(), memory.LiveMemory('meta', block=1)
+        tiny_step('meta', ckpt, tracker)
+        tiny_step('meta', ckpt, ours)
+        assert ours.peak == tracker.get_tracker_snapshot('peak')[torch.device('meta')]['Total']
+        assert ours.peak > 10 * 2 ** 20 and ours.peak_phase == 'backward'
+
+
+def test_meta_step_counts_as_the_same_step_on_cpu_tensors():
+    """The accounting is the device's, not the meta device's: every phase's peak equal on CPU tensors (with data)
+    and on meta tensors, at the allocator's 512-byte blocks (Adam's step counts stay on the host in both)."""
+    for ckpt in (False, True):
+        runs = {}
+        for device in ('cpu', 'meta'):
+            runs[device] = memory.LiveMemory(device)
+            with memory.cuda_attention():
+                tiny_step(device, ckpt, runs[device])
+        assert runs['cpu'].phase_peaks == runs['meta'].phase_peaks
+        assert runs['cpu'].peak_kinds == runs['meta'].peak_kinds
+        # the kinds add up, and the gradients of checkpointing's recompute are what the backward peak holds
+        assert sum(runs['meta'].peak_kinds.values()) == runs['meta'].peak
+
+
+def test_attention_stand_in_has_the_cuda_kernels_outputs():
+    B, H, N, hd = 2, 3, 50, 8
+    q, k, v = (torch.empty(B, H, N, hd, device='meta', dtype=torch.float16, requires_grad=True) for _ in range(3))
+    bias = torch.empty(B, H, N, N, device='meta', dtype=torch.float16, requires_grad=True)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+    efficient = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)
+    mem = memory.LiveMemory('meta')
+    with mem, memory.cuda_attention():
+        out = F.scaled_dot_product_attention(q, k, v)
+        out_b = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    for ours, theirs in ((out, flash), (out_b, efficient)):
+        assert ours.shape == theirs[0].shape and ours.dtype == theirs[0].dtype
+    assert out_b.stride() == efficient[0].stride() == (N * H * hd, hd, H * hd, 1)  # (B, N, H, hd) in memory
+    assert flash[0].is_contiguous()  # aten's meta flash kernel: (B, H, N, hd); CUDA's writes (B, N, H, hd) as above
+    assert out.stride() == out_b.stride()
+    # saved for the backward: the fp32 log-sum-exp, (B, H, N) for flash, N padded to 32 for the efficient kernel
+    lse = [t for t in out.grad_fn.saved_tensors if t is not None and t.dtype == torch.float32]
+    lse_b = [t for t in out_b.grad_fn.saved_tensors if t is not None and t.dtype == torch.float32]
+    assert [t.shape for t in lse] == [flash[1].shape] == [(B, H, N)]
+    assert [t.shape for t in lse_b] == [efficient[1].shape] == [(B, H, 64)]
+    # EVA's x.transpose(1, 2).flatten(2) of the output is a view: no copy of B x N x D per block
+    assert out.transpose(1, 2).flatten(2).untyped_storage()._cdata == out.untyped_storage()._cdata
+    with mem, memory.cuda_attention(), mem.in_phase('backward'):
+        dq, dk, dv, dbias = torch.autograd.grad(out_b.sum(), (q, k, v, bias))
+    assert dq.shape == q.shape and dbias.shape == bias.shape and dbias.dtype == torch.float16
+    # the backward's fp32 workspaces (dq_accum: B x 128 x H x 32, softmax_d: B x H x 128) were counted, then freed,
+    # before the bias gradient was made
+    workspace = B * 128 * H * 32 * 4 + B * H * 128 * 4
+    assert mem.phase_peaks['backward'] - mem.now >= workspace - memory.round_up(dbias.untyped_storage().nbytes(), 512)
+    # and torch.utils.checkpoint's recompute sees the same tensors as the forward (its metadata check passes)
+    with torch.device('meta'):
+        m = model.EVA(model.eva_config('eva_mini', img_size=64, num_classes=10, grad_checkpointing=True))
+    with memory.cuda_attention():
+        m(torch.empty(2, 3, 64, 64, device='meta')).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# DeepSpeed ZeRO-1: on meta tensors with a fake process group, against CPU tensors over gloo
+
+
+def zero_step(where, out, world=1, rank=0):
+    """eva_tiny (a classifier of 32 px images) under common.deepspeed_engine in fp32 (a CPU cannot run DeepSpeed
+    fp16), ZeRO-1 with a 20,000-element reduce bucket, 2 micro-steps of 4 images per optimizer step, 2 steps, layer
+    decay's param groups; every phase's peak (bytes) to OUT.RANK.json."""
+    import common
+    import deepspeed
+    if where == 'cpu':
+        rank, _, world, device = common.init_distributed()
+        ctx = memory.contextlib.nullcontext()
+    else:
+        device, ctx = torch.device('meta'), memory.deepspeed_on_meta(world, rank)
+    initialize = deepspeed.initialize
+
+    def small_bucket(*a, config, **k):
+        config['zero_optimization'].update(reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+        return initialize(*a, config=config, **k)
+    deepspeed.initialize = small_bucket
+    with ctx:
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = model.EVA(model.eva_config('eva_tiny', img_size=32, num_classes=10))
+            x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        opt = torch.optim.AdamW(model.param_groups(m, 0.05, 0.9), lr=1e-3)
+        mem = memory.LiveMemory(device.type)
+        mem.track([*m.parameters(), *m.buffers()], 'weights')
+        mem.track([x, y], 'data')
+        with mem, memory.cuda_attention():
+            with mem.in_phase('init'):
+                engine, opt = common.deepspeed_engine(m, opt, batch_size=8 * world, micro_batch=4, grad_clip=1.0,
+                                                      zero_stage=1, dtype='fp32')
+                mem.forget(memory.deepspeed_shapes(opt))
+            for step in range(2):
+                for micro in range(2):
+                    with mem.in_phase(f'forward{micro}', 'activations'):
+                        loss = F.cross_entropy(engine(x), y)
+                    with mem.in_phase(f'backward{micro}'):
+                        engine.backward(loss)
+                    with mem.in_phase(f'step{micro}'):
+                        engine.step()
+        shapes = sum(memory.round_up(t.untyped_storage().nbytes(), 512) for t in memory.deepspeed_shapes(opt))
+        with open(f'{out}.{rank}.json', 'w') as f:
+            json.dump({'phase_peaks': mem.phase_peaks, 'peak': mem.peak, 'groups': len(opt.param_groups),
+                       'shapes': shapes, 'steps': engine.global_steps}, f)
+
+
+def test_deepspeed_zero1_on_meta_equals_deepspeed_on_cpu(tmp_path):
+    from conftest import ROOT, run_stage
+    env = {'PYTHONPATH': ROOT}  # this file runs as the worker
+    for world in (1, 2):
+        run_stage(__file__, 'cpu', tmp_path / f'cpu{world}', nproc=world, env=env)
+        for rank in range(world):  # a process each: the fake group and DeepSpeed's state are per process
+            run_stage(__file__, 'meta', tmp_path / f'meta{world}', world, rank, env=env)
+            cpu = json.load(open(tmp_path / f'cpu{world}.{rank}.json'))
+            meta = json.load(open(tmp_path / f'meta{world}.{rank}.json'))
+            assert cpu['steps'] == meta['steps'] == 2 and cpu['groups'] == meta['groups'] > 2
+            # every phase after start-up to the byte (DeepSpeed's flat buffers, fp32 partition, Adam moments, reduce
+            # buckets, gradients held between micro-steps); start-up also held DeepSpeed's shape-only meta copies
+            init = cpu['phase_peaks'].pop('init'), meta['phase_peaks'].pop('init')
+            assert cpu['phase_peaks'] == meta['phase_peaks'] and cpu['peak'] == meta['peak']
+            assert init[0] <= init[1] <= init[0] + meta['shapes']
+        if world == 2:  # half the optimizer state on each rank: less than the world of one holds
+            assert meta['peak'] < json.load(open(tmp_path / 'meta1.0.json'))['peak']
+
+
+if __name__ == '__main__':
+    zero_step(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+    os._exit(0)  # (the gloo group's threads)
