@@ -13,6 +13,8 @@ MIM input pipeline against torchvision's.
     python bench.py --mode=data                        # input pipeline, images/s per CPU core
     python bench.py --mode=targets                     # the performance targets in one run, each said met or not
     python bench.py --mode=table --rows=mim64,clip     # rows of the README's table (ROWS), each saved as it ends
+    python bench.py --mode=memory                      # each row's GPU memory projected on a CPU, world 1 and 16
+    python bench.py --mode=memory_row --stage=pretrain --micro_batch=32 --grad_checkpointing=True  # one row
     python bench.py --model_size=eva_tiny --img_size=32 --micro_batch=8 --teacher_model=tiny --steps=3 --warmup=2
                                                        # a CPU smoke run (correctness only, never a speed claim)
 
@@ -29,6 +31,13 @@ teacher's forward (matmul FLOPs; CLIP: both towers; det and seg: none) against t
 on a GPU, fp32 on a CPU). The projected per-GPU peak under ZeRO-1 over N ranks subtracts (1 - 1/N) of the fp32
 master weights and Adam moments (12 bytes per trained parameter) that one rank holds whole here: an upper bound
 (gradient buckets and transient fp32 gradients are not subtracted).
+
+Memory mode runs the same stage script, for two optimizer steps, on the meta device under memory.py's counter
+(memory_worker): no GPU, no data in the tensors; the stage makes a GPU's choices (fp16, fused AdamW), DeepSpeed runs
+its own ZeRO code as rank r of N through a fake process group, attention allocates what the CUDA kernels do. Each
+row at world 1 (as step mode measures it, to check against a GPU) and at --zero_ranks ranks with the recipe's batch
+(--memory_ranks: which ranks); the last step's peak, as max_memory_allocated would give it, plus a device need
+(fragmentation, CUDA context, NCCL: printed, settable) against --gpu_gib.
 
 Importable (`import bench`: the command line is under __main__). The stages' own knowledge is one row each in
 STAGES (a Stage: script, recipe, synthetic-data arguments, FLOP count, whether timm's Eva can stand in). deepspeed
@@ -169,6 +178,164 @@ def worker(job):
         runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
 
 
+def memory_worker(job):
+    """In the subprocess: the stage script as __main__ on meta tensors (no data in them, no GPU), as rank
+    job['rank'] of job['world'], under memory.LiveMemory, stopped after job['steps'] optimizer steps; the peaks of
+    the last one (the steady state: Adam's moments exist from the first) -> run_dir/memory.json. The stage makes
+    a GPU's choices (common.on_gpu: fp16, fused AdamW, an fp16 teacher), DeepSpeed gets CUDA's overlap_comm and runs
+    its own ZeRO code (memory.deepspeed_on_meta), attention allocates what the CUDA kernels do."""
+    import warnings
+
+    import torch.optim.optimizer as optim_base
+
+    import memory
+    world, rank = job['world'], job['rank']
+    mem = memory.LiveMemory('meta', explain=12)
+    common.GPU_TYPES.add('meta')
+    common.init_distributed = lambda num_workers=0: (rank, 0, world, torch.device('meta'))
+    common.resume = lambda *a, **k: (0, {})  # a fresh run (rank 0's choice of checkpoint cannot reach another rank)
+    fused = optim_base._get_fused_kernels_supported_devices
+    optim_base._get_fused_kernels_supported_devices = lambda: fused() + ['meta']  # AdamW(fused=True), as on a GPU
+    warnings.filterwarnings('ignore', "'pin_memory' argument is set as true")  # (the GPU's loader on a CPU host)
+    teachers, engines, boundaries = [], [], [0]
+
+    class Done(Exception):
+        pass
+
+    def phase(cls, method, name, kind, after=None):  # a method of cls counted as a phase of the step
+        inner = getattr(cls, method)
+
+        def wrapped(self, *a, **k):
+            with mem.in_phase(name(self) if callable(name) else name, kind):
+                out = inner(self, *a, **k)
+            if after:
+                after(self)
+            return out
+        setattr(cls, method, wrapped)
+
+    def after_step(engine):
+        if engine.global_steps == boundaries[0]:  # (counted at every boundary, an fp16 step skipped or not)
+            return
+        boundaries[0] = engine.global_steps
+        if boundaries[0] == job['steps']:
+            raise Done
+        if boundaries[0] == job['steps'] - 1:  # from here on the peaks are the last step's; what persists is named
+            opt = engine.optimizer
+            mem.reset_peaks()
+            mem.track([x for t in teachers for x in (*t.parameters(), *t.buffers())], 'teacher')
+            mem.track(getattr(opt, 'bit16_groups_flat', []), 'weights (fp16, flat)')
+            mem.track(getattr(opt, 'single_partition_of_fp32_groups', []), 'master weights (fp32 partition)')
+            mem.track([v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v)], 'Adam')
+
+    with memory.deepspeed_on_meta(world, rank):
+        import deepspeed
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+        initialize = deepspeed.initialize
+
+        def engine_on_meta(*a, config, **k):
+            config['zero_optimization'].update(overlap_comm=True, **job['zero_config'])  # CUDA's, as common sets it
+            with mem.in_phase('DeepSpeed start-up'):
+                out = initialize(*a, config=config, **k)
+            mem.forget(memory.deepspeed_shapes(out[1]))
+            engines.append(out[0])
+            return out
+        deepspeed.initialize = engine_on_meta
+        phase(DeepSpeedEngine, 'forward', 'forward', 'activations')
+        phase(DeepSpeedEngine, 'backward', lambda e: 'backward' if e.is_gradient_accumulation_boundary() else
+              'backward (accumulating)', 'gradients and temporaries')
+        phase(DeepSpeedEngine, 'step', lambda e: 'optimizer step' if e.is_gradient_accumulation_boundary() else
+              'micro-step end', 'optimizer step temporaries', after_step)
+        if hasattr(DeepSpeedZeroOptimizer, 'setup_buckets'):  # the reduce buckets, made at a micro-step's first hook
+            phase(DeepSpeedZeroOptimizer, 'setup_buckets', lambda o: mem.phase, 'reduce buckets')
+        phase(model.CLIPTeacher, 'forward', 'teacher', 'teacher targets')
+        init_teacher = model.CLIPTeacher.__init__
+        model.CLIPTeacher.__init__ = lambda self, *a, **k: (init_teacher(self, *a, **k), teachers.append(self))[0]
+        sys.argv = [job['script'], *job['args']]
+        try:
+            with mem, memory.cuda_attention(), mem.in_phase('the loop', 'start-up'):
+                runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
+        except Done:
+            pass
+    if boundaries[0] < job['steps']:
+        raise SystemExit(f"{job['script']} ended after {boundaries[0]} of {job['steps']} optimizer steps")
+    res = dict(mem.summary(), peak_bytes=mem.peak, world=world, rank=rank,
+               micro_batch=engines[0].train_micro_batch_size_per_gpu(),
+               accumulation=engines[0].gradient_accumulation_steps(),
+               trained_params=sum(p.numel() for p in engines[0].module.parameters() if p.requires_grad))
+    with open(os.path.join(job['run_dir'], 'memory.json'), 'w') as f:
+        json.dump(res, f, indent=1)
+
+
+def memory_row():
+    """This stage's step at bench's settings, projected at world 1 (batch = micro-batch, as step mode measures it)
+    and at zero_ranks ranks (the recipe's batch, accumulated): each rank a run of memory_worker in a subprocess."""
+    res = {'stage': stage, 'img_size': img_size, 'micro_batch': micro_batch, 'grad_checkpointing': grad_checkpointing,
+           'constants': {k: config[k] for k in ('gpu_gib', 'fragmentation', 'context_gib', 'nccl_gib',
+                                                'workspace_gib')}, 'worlds': {}}
+    for world in sorted({1, zero_ranks}):
+        runs = []
+        for rank in [0] if world == 1 else [int(r) for r in memory_ranks.split(',')]:
+            run_dir = os.path.join(out_dir, f'{stage}_memory_world{world}_rank{rank}')
+            job = dict(step_job('ours', run_dir, 2, world, workers=0), world=world, rank=rank, steps=2)  # (host)
+            with open(os.path.join(run_dir, 'output.txt'), 'w') as out:
+                r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py')], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env=dict(os.environ, BENCH_JOB=json.dumps(job)))
+            if r.returncode:
+                tail = open(os.path.join(run_dir, 'output.txt')).read()[-3000:]
+                raise SystemExit(f"{S.script} on meta, rank {rank} of {world}, failed; {run_dir}/output.txt ends:\n"
+                                 f"{tail}")
+            runs.append(json.load(open(os.path.join(run_dir, 'memory.json'))))
+        worst = max(runs, key=lambda r: r['peak_bytes'])
+        allocated = worst['peak_gib'] + workspace_gib
+        need = allocated * (1 + fragmentation) + context_gib + (nccl_gib if world > 1 else 0)
+        res['worlds'][world] = dict(worst, allocated_gib=round(allocated, 2), device_need_gib=round(need, 2),
+                                    fits=need <= gpu_gib, ranks=[r['rank'] for r in runs])
+        w = res['worlds'][world]
+        print(f"{stage}, {model_size} at {img_size}, world {world} x micro-batch {w['micro_batch']} x accumulation "
+              f"{w['accumulation']}, checkpointing {grad_checkpointing}: {allocated:.2f} GiB allocated at the peak "
+              f"({w['peak_phase']}, rank {w['rank']}), device need {need:.2f} GiB "
+              f"({'fits' if w['fits'] else 'does NOT fit'} {gpu_gib} GiB)", flush=True)
+        print('  at the peak: ' + ', '.join(f'{k} {v:.2f}' for k, v in w['at_peak'].items() if v >= 0.01))
+        print('  phase peaks: ' + ', '.join(f'{k} {v:.2f}' for k, v in w['phase_peaks'].items()))
+        print('  largest: ' + '; '.join(w['largest'][:6]), flush=True)
+    return res
+
+
+MEMORY_ROWS = 'mim32_ckpt,mim32,mim64,cls336,cls560_ckpt,clip,video8,video16'  # memory mode's default rows
+
+
+def memory_mode():
+    """Memory rows (ROWS' settings, and 'mim32': the MIM recipe as config/pretrain_eva_g.py ships it), each a
+    bench.py memory_row run of its own; -> out_dir/memory.md, a row per world."""
+    names = [r for r in (rows or MEMORY_ROWS).split(',') if r]
+    known = {**ROWS, 'mim32': ['--stage=pretrain', '--micro_batch=32', '--grad_checkpointing=False']}
+    unknown = [r for r in names if r not in known or r == 'data']
+    if unknown:
+        raise SystemExit(f"unknown memory rows {unknown}; known: {', '.join(k for k in known if k != 'data')}")
+    passed = [a for a in sys.argv[1:] if a.split('=')[0] not in ('--mode', '--out_dir', '--rows')]
+    res, table = {}, os.path.join(out_dir, 'memory.md')
+    lines = ['| row | world x micro-batch x accumulation | allocated peak, projected (GiB) | peak in | device need '
+             f'(GiB) | fits {gpu_gib} GiB |', '|---|---|---|---|---|---|']
+    for name in names:
+        d = os.path.join(out_dir, name)
+        args = [a for a in known[name] if not a.startswith('--reference')]
+        print(f"-- {name}: python bench.py --mode=memory_row {' '.join(args)}", flush=True)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *passed, '--mode=memory_row', *args,
+                            f'--out_dir={d}'], cwd=ROOT)
+        if r.returncode:
+            res[name] = None
+            continue
+        res[name] = json.load(open(os.path.join(d, 'bench_memory_row.json')))
+        for world, w in res[name]['worlds'].items():
+            lines.append(f"| {name} | {world} x {w['micro_batch']} x {w['accumulation']} | {w['allocated_gib']:.2f} | "
+                         f"{w['peak_phase']} | {w['device_need_gib']:.2f} | {'yes' if w['fits'] else 'NO'} |")
+    with open(table, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return res
+
+
 def matmul_tflops():
     """Measured dense matmul rate: fp16 8192^3 on a GPU, fp32 1024^3 on a CPU (TFLOP/s)."""
     cuda = torch.cuda.is_available()
@@ -222,6 +389,12 @@ index_lists = '1e6,1e7,3e7'  # index mode: image lists of these many lines (merg
 index_jsons = '1.7e6'  # index mode: Objects365-shaped jsons of these many images (Objects365 v2: 1.7M)
 index_boxes_per_image = 15  # index mode: boxes of each json image (Objects365 v2: ~25M boxes / 1.7M images)
 index_worker_samples = 10_000  # index mode: samples each of two DataLoader workers reads (their memory before, after)
+memory_ranks = '0'  # memory mode: the ranks of zero_ranks projected, a run each (the largest peak is reported)
+gpu_gib = 22.0  # memory mode: usable GiB of the GPU a row must fit ("24 GB" cards: 24e9 bytes, 22.4 GiB, less ECC)
+fragmentation = 0.10  # memory mode: the caching allocator's reserved-over-allocated, an allowance (not modelled)
+context_gib = 0.6  # memory mode: the CUDA context, outside the allocator (lazy module loading)
+nccl_gib = 0.5  # memory mode: NCCL's buffers when there is more than one rank, outside the allocator
+workspace_gib = 0.07  # memory mode: cuBLAS / cuBLASLt workspaces, inside the allocator (max_memory_allocated)
 # -----------------------------------------------------------------------------
 # step mode's stages: one row each (STAGES) with everything bench.py knows of it
 
@@ -321,25 +494,46 @@ STAGES = {  # pretrain at micro-batch 64, the MIM target's (the recipe runs 32);
 }
 
 
-def run_step(impl):
-    """One stage run of warmup + steps steps, stopped once they are logged (a stage's end-of-run evaluation and
-    checkpoint are not the step, and cost minutes at EVA-g); -> per-step rates (timed steps), peak GiB, wall s."""
-    run_dir = os.path.join(out_dir, f'{stage}_{impl}')
+def recipe_setting(key, files):
+    """A setting as the stage script would read it: the last config file that sets it, else the script's default."""
+    for path in reversed(files):
+        ns = {}
+        exec(open(os.path.join(ROOT, path)).read(), ns)
+        if key in ns:
+            return ns[key]
+    for node in ast.parse(open(os.path.join(ROOT, S.script)).read()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, 'id', None) for t in node.targets] == [key]:
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{S.script} has no setting {key}")
+
+
+def step_job(impl, run_dir, n, world=1, workers=None):
+    """A run of the stage script for `n` optimizer steps in a fresh run_dir, as a job for worker / memory_worker:
+    world 1 at batch = micro-batch (no accumulation), as step mode measures it; a larger world at the recipe's batch
+    (the stage's config), accumulated as the recipe does on that many ranks."""
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
-    n, m = warmup + steps, micro_batch
+    m = micro_batch
     ckpt, comp = grad_checkpointing and impl != 'no_checkpointing', compile_blocks and not impl.startswith('timm')
     extra = stage_args.split()
     files = [a for a in extra if not a.startswith('--')] or [S.base_config] * bool(S.base_config)
     args = [*files, f'--out_dir={run_dir}', f'--model_size={model_size}', f'--img_size={img_size}',
-            f'--micro_batch={m}', f'--batch_size={m}', f'--grad_checkpointing={ckpt}', f'--dtype={dtype}',
-            f'--num_workers={num_workers}', '--log_interval=1']
+            f'--micro_batch={m}', *[f'--batch_size={m}'] * (world == 1), f'--grad_checkpointing={ckpt}',
+            f'--dtype={dtype}', f'--num_workers={num_workers if workers is None else workers}', '--log_interval=1']
     args += [f'--compile_blocks={comp}'] * S.compiles
     synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
-    args += S.args(m, n, synthetic)
-    job = {'script': S.script, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
-           'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO}
+    args += S.args(m if world == 1 else recipe_setting('batch_size', files), n, synthetic)  # a step's images
+    return {'script': S.script, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
+            'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO}
+
+
+def run_step(impl):
+    """One stage run of warmup + steps steps, stopped once they are logged (a stage's end-of-run evaluation and
+    checkpoint are not the step, and cost minutes at EVA-g); -> per-step rates (timed steps), peak GiB, wall s."""
+    run_dir = os.path.join(out_dir, f'{stage}_{impl}')
+    n = warmup + steps
+    job = step_job(impl, run_dir, n)
     if profile and impl == 'ours':  # profiled steps are slower: this run's rates are marked 'profiled'
         job.update(profile=os.path.abspath(run_dir), wait=max(warmup - 1, 0))
     env, log_path, t = dict(os.environ, BENCH_JOB=json.dumps(job)), os.path.join(run_dir, 'log.jsonl'), time.time()
@@ -733,8 +927,9 @@ def targets(res):
 
 
 if __name__ == '__main__':
-    if 'BENCH_JOB' in os.environ:  # a run's own subprocess (run_step): the stage script
-        worker(json.loads(os.environ['BENCH_JOB']))
+    if 'BENCH_JOB' in os.environ:  # a run's own subprocess (run_step, memory_row): the stage script
+        job = json.loads(os.environ['BENCH_JOB'])
+        (memory_worker if 'world' in job else worker)(job)
         raise SystemExit(0)
     exec(open(os.path.join(ROOT, 'configurator.py')).read())
     config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
@@ -754,7 +949,8 @@ if __name__ == '__main__':
         raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
     os.makedirs(out_dir, exist_ok=True)
-    modes = {'data': data_mode, 'index': index_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode}
+    modes = {'data': data_mode, 'index': index_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode,
+             'memory': memory_mode, 'memory_row': memory_row}
     result = modes[mode]()
     with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
         json.dump(result, f, indent=1)

@@ -100,6 +100,15 @@ def init_distributed(num_workers=0):
     return rank, local_rank, world, torch.device('cuda', local_rank) if cuda else torch.device('cpu')
 
 
+GPU_TYPES = {'cuda'}  # the device types a stage makes a GPU's choices for; bench.py's memory projection adds 'meta'
+
+
+def on_gpu(device):
+    """Whether a stage makes a GPU's choices for `device` (fp16, fused AdamW, an fp16 teacher, pinned memory): a
+    CUDA device, or the meta device on which bench.py's memory projection runs the stage in a GPU's place."""
+    return device.type in GPU_TYPES
+
+
 def resolve_dtype(dtype, cuda):
     """-> (name, torch dtype); DeepSpeed runs fp16 only on CUDA, so a CPU trains in fp32 instead (said once)."""
     if dtype not in DTYPES:

@@ -35,8 +35,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
-                    save_checkpoint, stop_signal, write_eval)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
+                    resume, save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -165,7 +165,7 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
-cuda = device.type == 'cuda'
+cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the memory projection's meta device)
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
 if task not in ('det', 'seg') or schedule not in ('step', 'poly'):

@@ -6,7 +6,7 @@ peak is what torch.cuda.max_memory_allocated would report. What the meta device 
 in by hand, each piece here:
   LiveMemory          the counter: live storages by identity (views share one), their kind (weights, gradients,
                       activations, ...), the peak, the peak of each phase, the largest storages at the peak; .item()
-                      of a meta tensor answers as a healthy step would (no overflow, a finite norm)
+                      of a meta tensor answers as a healthy step would (0: no overflow, no stop signal)
   cuda_attention      F.scaled_dot_product_attention replaced by what the CUDA flash / memory-efficient kernels
                       allocate (on meta and CPU the math fallback would keep an fp32 N x N softmax)
   deepspeed_on_meta   DeepSpeed's own ZeRO code on meta tensors, as any rank of any world in one process (torch's
@@ -14,8 +14,8 @@ in by hand, each piece here:
 
     python -m pytest tests/test_memory.py   # against torch's MemTracker, CPU tensors, aten's attention, DeepSpeed
 
-Only the CPU (for deepspeed_on_meta: DeepSpeed's CPU accelerator, which asks no device) is needed. Stage rows that
-run each stage's own step under these are not here yet.
+Only the CPU (for deepspeed_on_meta: DeepSpeed's CPU accelerator, which asks no device) is needed. bench.py's memory
+mode runs each stage script under these (memory_worker); the data-dependent counts of det and seg are not in yet.
 """
 import contextlib
 import heapq
@@ -33,9 +33,15 @@ GiB = 2 ** 30
 BLOCK = 512  # the CUDA caching allocator's smallest block: every allocation is rounded up to it
 
 
-# .item() / bool() of a meta tensor (the values are not there): DeepSpeed's "has a gradient overflowed?" is False and
-# a norm is a finite 1.0, so that the step goes the way of a healthy one
-META_SCALARS = {False: 0, True: 1.0}
+# .item() / bool() of a meta tensor (the values are not there) is 0: no gradient overflow (DeepSpeed), no stop
+# signal summed over ranks (the stages), a zero norm, so that the step goes the way of a healthy one
+META_SCALARS = {False: 0, True: 0.0}
+aten = torch.ops.aten
+BOOL_INDEXED = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
+
+
+def is_meta_mask(t):
+    return isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.device.type == 'meta'
 
 
 class LiveMemory(TorchDispatchMode):
@@ -50,15 +56,25 @@ class LiveMemory(TorchDispatchMode):
         self.block = block  # 1: bytes as they are (torch's MemTracker off CUDA)
         self.live = {}  # storage key -> [bytes, kind, what made it]
         self.hosted = set()  # storage keys never counted (host)
+        self.counts = {}  # meta bool storage key -> (its count of True, its elements), from the data it was copied from
         self.now, self.peak, self.peak_phase = 0, 0, None
         self.kinds, self.peak_kinds = Counter(), {}
         self.phase, self.current_kind, self.phase_peaks = 'setup', 'other', {}
         self.explain, self.top, self.top_at = explain, [], 0  # top: the `explain` largest at the peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == 'meta':
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and args[0].device.type == 'meta':
             return META_SCALARS[args[0].dtype.is_floating_point]
-        out = func(*args, **(kwargs or {}))
+        if func is aten.nonzero.default and args[0].device.type == 'meta':
+            return self.nonzero(args[0])
+        if func in BOOL_INDEXED and any(is_meta_mask(i) for i in args[1]):  # x[mask], x[mask] = y, their grads
+            indices = [j for i in args[1] for j in (self.nonzero(i).unbind(1) if is_meta_mask(i) else [i])]
+            args = (args[0], indices, *args[2:])
+        out = func(*args, **kwargs)
+        if func is aten._to_copy.default and out.dtype == torch.bool and out.device.type == 'meta' and \
+                args[0].device.type != 'meta':  # a mask from the data (MIM's): its count of True is known
+            self.counts[out.untyped_storage()._cdata] = (int(args[0].sum()), args[0].numel())
         if func is torch.ops.aten.lift_fresh.default:  # torch.tensor(python values): made on the host, where a GPU
             self.host(out)  # run keeps it (Adam's step counts) unless it is copied to the device (a new storage)
             return out
@@ -94,6 +110,22 @@ class LiveMemory(TorchDispatchMode):
                 self.top = heapq.nlargest(self.explain, self.live.values(), key=lambda e: e[0])
                 self.top = [list(e) for e in self.top]
                 self.top_at = self.now
+
+    def nonzero(self, mask):
+        """A meta mask's nonzero(), (True count, mask.dim()) long, counted: the count is the one its data had when
+        it was copied to the device (a mask computed on the device has none: an error names it)."""
+        count = self.counts.get(mask.untyped_storage()._cdata)
+        if count is None or count[1] != mask.numel():
+            raise NotImplementedError(f"memory projection: the count of True in a {tuple(mask.shape)} mask is not "
+                                      f"known (only masks copied from data to the device are counted)")
+        out = torch.empty(count[0], mask.dim(), dtype=torch.long, device='meta')
+        self.add(out, self.current_kind, 'nonzero', retag=False)
+        return out
+
+    def reset_peaks(self):
+        """Peaks from here on (what is live now is counted in them)."""
+        self.peak, self.peak_phase, self.peak_kinds = self.now, self.phase, dict(self.kinds)
+        self.phase_peaks, self.top, self.top_at = {self.phase: self.now}, [], 0
 
     def host(self, t):
         """t's storage is host memory, never counted (a CPU run's stand-in for what a GPU run keeps on the host)."""
@@ -138,6 +170,7 @@ class LiveMemory(TorchDispatchMode):
         gib = lambda b: round(b / GiB, 4)  # noqa: E731
         return {'peak_gib': gib(self.peak), 'peak_phase': self.peak_phase,
                 'at_peak': {k: gib(v) for k, v in sorted(self.peak_kinds.items(), key=lambda kv: -kv[1]) if v},
+                'at_peak_bytes': {k: v for k, v in self.peak_kinds.items() if v},
                 'phase_peaks': {k: gib(v) for k, v in self.phase_peaks.items()},
                 'largest': [f'{gib(n)} GiB {kind} ({what})' for n, kind, what in self.top]}
 
@@ -236,9 +269,16 @@ def deepspeed_on_meta(world, rank):
     acc.is_fp16_supported = lambda: True  # a GPU's; the CPU accelerator's answer depends on the host CPU
     os.environ.update(RANK=str(rank), LOCAL_RANK='0', WORLD_SIZE=str(world))
     dist.init_process_group('fake', rank=rank, world_size=world, store=FakeStore())
+    # the fake group moves no data, and an object collective would unpickle garbage: each rank keeps its own objects
+    # (a fresh run's ranks hold the same ones) and hears its own from every rank
+    objects = dist.broadcast_object_list, dist.all_gather_object
+    dist.broadcast_object_list = lambda object_list, src=0, group=None, device=None, group_src=None: None
+    dist.all_gather_object = lambda object_list, obj, group=None: object_list.__setitem__(slice(None),
+                                                                                          [obj] * len(object_list))
     try:
         yield
     finally:
+        dist.broadcast_object_list, dist.all_gather_object = objects
         dist.destroy_process_group()
         for k, v in saved.items():
             setattr(acc, k, v)

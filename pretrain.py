@@ -20,8 +20,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, open_log, print0, require_files, resolve_dtype, resume,
-                    save_checkpoint, stop_signal)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
+                    resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
@@ -89,7 +89,7 @@ config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from config
 # -----------------------------------------------------------------------------
 rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's env, or one process
 stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
-cuda = device.type == 'cuda'
+cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the memory projection's meta device)
 require_files(init_from=init_from)
 if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
     print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path (or '')")

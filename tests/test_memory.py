@@ -1,17 +1,20 @@
 """The GPU-memory projection's parts (memory.py) against independent references: the live-memory counter against
 torch's own MemTracker; the same training step on CPU tensors and on meta tensors; the attention stand-in against
 the shapes of aten's flash / memory-efficient kernels; DeepSpeed ZeRO-1 run on meta tensors with a fake process group
-against DeepSpeed ZeRO-1 run on CPU tensors over gloo (1 and 2 ranks, accumulation 2, a small reduce bucket).
+against DeepSpeed ZeRO-1 run on CPU tensors over gloo (1 and 2 ranks, accumulation 2, a small reduce bucket);
+bench.py's memory mode (pretrain.py itself on meta) against the one step measured on a GPU, and over 2 ranks.
 Run as a script, this file is that ZeRO step's worker: python tests/test_memory.py cpu|meta OUT [WORLD RANK]."""
 import json
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import memory
 import model
+from model import CLIPTeacher
 
 
 def tiny_step(device, ckpt, mem, steps=2):
@@ -171,6 +174,49 @@ def test_deepspeed_zero1_on_meta_equals_deepspeed_on_cpu(tmp_path):
             assert init[0] <= init[1] <= init[0] + meta['shapes']
         if world == 2:  # half the optimizer state on each rank: less than the world of one holds
             assert meta['peak'] < json.load(open(tmp_path / 'meta1.0.json'))['peak']
+
+
+# -----------------------------------------------------------------------------
+# bench.py's memory mode: the stage script itself on meta tensors
+
+
+def memory_row(tmp_path, *args):
+    from conftest import run_stage
+    out = run_stage('bench.py', '--mode=memory_row', f'--out_dir={tmp_path}', *args, timeout=600).stdout
+    return json.load(open(tmp_path / 'bench_memory_row.json')), out
+
+
+def test_memory_mode_reproduces_the_h200_anchor(tmp_path):
+    """pretrain.py's EVA-g MIM step at micro-batch 32 with checkpointing on one rank, ZeRO-1 fp16, measured on an
+    H200 on 2026-11-26: 21.4 GiB max_memory_allocated. Its peak is DeepSpeed's optimizer step, 22 bytes per trained
+    parameter (fp16 weights and gradients, fp32 master, Adam's two moments, the step's fp16 flatten and fp32 copy)."""
+    res, out = memory_row(tmp_path, '--stage=pretrain', '--micro_batch=32', '--grad_checkpointing=True',
+                          '--zero_ranks=1')
+    w = res['worlds']['1']
+    assert abs(w['allocated_gib'] - 21.4) <= 0.3 and w['peak_phase'] == 'optimizer step'
+    n = w['trained_params']
+    assert n == 1_012_229_632  # DESIGN.md: the MIM model (EVA-g + mask token + lm_head)
+    assert w['at_peak']['Adam'] == pytest.approx(8 * n / 2 ** 30, rel=1e-3)
+    assert w['at_peak']['master weights (fp32 partition)'] == pytest.approx(4 * n / 2 ** 30, rel=1e-3)
+    assert w['micro_batch'] == 32 and w['accumulation'] == 1 and '21.40 GiB allocated' in out
+
+
+def test_memory_mode_shards_over_ranks(tmp_path):
+    """A tiny MIM run on meta at 2 ranks, both projected: the fp32 master and Adam's moments are halved (DeepSpeed's
+    partitions, with their alignment padding), the model is the script's, the recipe's batch is accumulated."""
+    res, out = memory_row(tmp_path, '--stage=pretrain', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8',
+                          '--teacher_model=tiny', '--num_workers=0', '--zero_ranks=2', '--memory_ranks=0,1',
+                          '--stage_args=config/pretrain_tiny.py')  # its batch: 32
+    one, two = res['worlds']['1'], res['worlds']['2']
+    assert two['ranks'] == [0, 1] and (one['accumulation'], two['accumulation']) == (1, 2)
+    width = CLIPTeacher('tiny', '', 32, 4).out_dim
+    student = model.EVA(model.eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=width))
+    n = sum(p.numel() for p in student.parameters())
+    assert one['trained_params'] == two['trained_params'] == n
+    for kind, per_param in (('Adam', 8), ('master weights (fp32 partition)', 4)):  # (a few 512-byte blocks more)
+        assert one['at_peak_bytes'][kind] == pytest.approx(per_param * n, rel=0.01)
+        assert two['at_peak_bytes'][kind] == pytest.approx(one['at_peak_bytes'][kind] / 2, rel=0.01)
+    assert 'world 2 x micro-batch 8 x accumulation 2' in out
 
 
 if __name__ == '__main__':
