@@ -47,7 +47,11 @@ teacher_args = ''  # more --key=value settings for the teacher's train_clip.py r
 mim_args = '--model_size=eva_mini --batch_size=64 --micro_batch=64 --synthetic_size=12288'  # more pretrain.py settings
 cls_args = '--model_size=eva_mini --epochs=3 --lr=2e-3'  # more settings for both finetune_cls.py runs of a seed
 clip_args = '--model_size=eva_mini --samples_seen=12800 --eval_interval=200'  # both train_clip.py runs of a seed
-pictures = True  # curves.png per run, mim.png, chain.png
+# the fine-tuning sweep (README: "which gain survives"): both arms of every seed fine-tuned at each of sweep_lrs for
+# each of sweep_epochs (on top of cls_args), so that each arm is read at its own best lr and at a longer budget
+sweep_lrs = ''  # fine-tuning lrs joined by ',' ('' = no sweep); README's sweep: 5e-4,1e-3,2e-3,4e-3
+sweep_epochs = '3,9'  # the sweep's budgets in epochs, joined by ','
+pictures = True  # curves.png per run, mim.png, chain.png (and sweep.png with a sweep)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
 # -----------------------------------------------------------------------------
@@ -83,7 +87,25 @@ def runs():
                                                f'--seed={s}'), []))
         out.append((f's{s}/clip_scratch', stage('train_clip.py', clip_config, f's{s}/clip_scratch', clip_args,
                                                 f'--seed={s}'), []))
+    for s, init, epochs, lr in sweep_points():  # last: the table above comes first
+        mim = os.path.join(out_dir, f's{s}', 'mim', 'eva_mim.pt')
+        more = [f'--init_from={mim}'] if init == 'mim' else []
+        name = sweep_name(s, init, epochs, lr)
+        extra = f'{cls_args} --epochs={epochs} --lr={lr:g}'  # after cls_args: a later --key wins
+        out.append((name, stage('finetune_cls.py', cls_config, name, extra, f'--seed={s}', *more),
+                    [f's{s}/mim'] if more else []))
     return out
+
+
+def sweep_points():
+    """-> [(seed, init, epochs, lr)] of the sweep, the MIM arm first (it waits on MIM)."""
+    lrs = [float(x) for x in sweep_lrs.split(',') if x]
+    budgets = [int(x) for x in sweep_epochs.split(',') if x]
+    return [(s, init, e, lr) for init in ('mim', 'scratch') for s in range(seeds) for e in budgets for lr in lrs]
+
+
+def sweep_name(seed, init, epochs, lr):
+    return f's{seed}/sweep/{init}_e{epochs}_lr{lr:g}'
 
 
 def done_file(name):
@@ -159,7 +181,14 @@ def results():
         seeds_out.append(r)
     mean = {k: sum(r[k] for r in seeds_out) / len(seeds_out) for k in seeds_out[0] if k != 'seed'}
     teacher = last_eval('teacher')['eval']['zeroshot']
-    return {'seeds': seeds_out, 'mean': mean, 'teacher_top1': teacher['top1'], 'teacher_top5': teacher['top5']}
+    out = {'seeds': seeds_out, 'mean': mean, 'teacher_top1': teacher['top1'], 'teacher_top5': teacher['top5']}
+    if sweep_points():  # {init: {epochs: {lr: [top-1 per seed]}}}, final weights as above
+        sweep = {}
+        for s, init, epochs, lr in sweep_points():
+            top1 = last_eval(sweep_name(s, init, epochs, lr))['eval']['model']['val']['top1']
+            sweep.setdefault(init, {}).setdefault(str(epochs), {}).setdefault(f'{lr:g}', []).append(top1)
+        out['sweep'], out['sweep_best'] = sweep, sweep_best(sweep)
+    return out
 
 
 def table(res):
@@ -177,6 +206,41 @@ def table(res):
     return '\n'.join(lines)
 
 
+def sweep_best(sweep):
+    """-> {epochs: {init: {'lr', 'top1'}, 'gain'}}: each arm's best lr by its mean top-1 over seeds, and the gain
+    of MIM's best over scratch's best."""
+    out = {}
+    for e in sweep['mim']:
+        out[e] = {}
+        for init in ('scratch', 'mim'):
+            means = {lr: sum(v) / len(v) for lr, v in sweep[init][e].items()}
+            lr = max(means, key=means.get)
+            out[e][init] = {'lr': lr, 'top1': means[lr]}
+        out[e]['gain'] = out[e]['mim']['top1'] - out[e]['scratch']['top1']
+    return out
+
+
+def sweep_table(sweep):
+    """Fine-tune top-1, mean over seeds (each seed in brackets), per budget, arm and lr; each arm's best lr and the
+    gain of MIM's best over scratch's best."""
+    budgets, best = list(sweep['mim']), sweep_best(sweep)
+    lrs = list(sweep['mim'][budgets[0]])
+    lines = ['| epochs | init | ' + ' | '.join(f'lr {lr}' for lr in lrs) + ' | best | gain at the best lrs |',
+             '|---|---|' + '---|' * len(lrs) + '---|---|']
+    for e in budgets:
+        for init in ('scratch', 'mim'):
+            runs = sweep[init][e]
+            cells = ' | '.join(f"{sum(runs[lr]) / len(runs[lr]):.1f} (" + ', '.join(f'{x:.1f}' for x in runs[lr]) +
+                               ')' for lr in lrs)
+            b = best[e][init]
+            gain = f"{best[e]['gain']:+.1f}" if init == 'mim' else ''
+            lines.append(f"| {e} | {'from MIM' if init == 'mim' else 'scratch'} | {cells} | {b['top1']:.1f} at "
+                         f"{b['lr']} | {gain} |")
+    n = len(sweep['mim'][budgets[0]][lrs[0]])
+    lines.append(f"\nFine-tune top-1 (%): the mean over {n} seeds (each seed in brackets), final weights.")
+    return '\n'.join(lines)
+
+
 if __name__ == '__main__':
     for f in (clip_config, mim_config, cls_config):
         if not os.path.isfile(config_path(f)):
@@ -186,7 +250,7 @@ if __name__ == '__main__':
     res = dict(results(), wall_s=round(wall), config=config)
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(res, f, indent=1)
-    text = table(res)
+    text = table(res) + ('\n\n' + sweep_table(res['sweep']) if 'sweep' in res else '')
     with open(os.path.join(out_dir, 'table.md'), 'w') as f:
         f.write(text + '\n')
     print(f"\n{text}\n\n{len(runs())} runs, {wall:.0f} s in this start; {out_dir}/results.json, {out_dir}/table.md")
@@ -195,3 +259,5 @@ if __name__ == '__main__':
         for name, _, _ in runs():
             print(plot.plot_curves(os.path.join(out_dir, name)))
         print(plot.plot_mim(os.path.join(out_dir, 's0', 'mim')))
+        if 'sweep' in res:
+            print(plot.plot_sweep(res['sweep'], os.path.join(out_dir, 'sweep.png')))

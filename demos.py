@@ -4,7 +4,7 @@ under out/demos/), its figures read from the run's files and printed beside the 
 thread count (OMP_NUM_THREADS: the tiny runs are bit-identical run to run on one machine and thread count, but move
 with the thread count; the spread a user should expect is the spread over thread counts).
 
-    python demos.py                                  # every demo at 1 and 2 threads (chain.py once): ~55 min
+    python demos.py                                  # every demo at 1 and 2 threads (the chains once): ~2.5 h
     python demos.py --only=det,seg --threads=2       # some of them
 
 A figure that moved from RECORDED (a change to the code, the data order or the init draws) is marked; exit status 1
@@ -22,7 +22,8 @@ import plot
 # -----------------------------------------------------------------------------
 # config
 out_dir = 'out/demos'  # a folder per demo and thread count, and results.json
-only = ''  # demo names joined by ',' ('' = all): pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain
+only = ''  # demo names joined by ',' ('' = all): pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain,
+#   chain_sweep
 threads = '1,2'  # OMP_NUM_THREADS values, joined by ','
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -62,6 +63,10 @@ DEMOS = {
     'seg_upernet': ('det_seg.py config/seg_tiny.py --adapter=False --seg_head=upernet', SEG),
     'chain': ('chain.py', {k: ('results', f'mean.{k}')
                            for k in ('cls_top1_scratch', 'cls_top1_mim', 'clip_top1_scratch', 'clip_top1_mim')}),
+    # the chain's fine-tuning sweep (README): each arm at its best lr, 3 and 9 epochs, 2 seeds; ~1.5 h on 2 cores
+    'chain_sweep': ('chain.py --seeds=2 --sweep_lrs=2.5e-4,5e-4,1e-3,2e-3,4e-3 --sweep_epochs=3,9',
+                    {f'{e}_{k}': ('results', f'sweep_best.{e}.{k}') for e in (3, 9)
+                     for k in ('scratch.top1', 'mim.top1', 'gain')}),
 }
 
 # the figures measured at each thread count on this repository's 2-core machine, 2026-12-03 (README quotes them)
@@ -95,7 +100,7 @@ os.makedirs(out_dir, exist_ok=True)
 thread_counts = [int(t) for t in threads.split(',')]
 for n_threads in thread_counts:
     for name in names:
-        if name == 'chain' and n_threads != thread_counts[0]:
+        if name.startswith('chain') and n_threads != thread_counts[0]:
             continue  # chain.py sets each of its runs' threads itself (cores / jobs): once
         command, figures = DEMOS[name]
         run = os.path.join(out_dir, f'{name}_{n_threads}t')

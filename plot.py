@@ -199,6 +199,32 @@ def plot_chain(results, out):
     return out
 
 
+def plot_sweep(sweep, out):
+    """chain.py's fine-tuning sweep ({init: {epochs: {lr: [top-1 per seed]}}}) -> top-1 against the lr, one line
+    per arm and budget (the mean over seeds; each seed a dot). -> the file written."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    budgets = list(sweep['mim'])
+    for init, colour in (('scratch', '#999999'), ('mim', '#1f77b4')):
+        for e, style in zip(budgets, ('--', '-', ':', '-.')):
+            lrs = [float(lr) for lr in sweep[init][e]]
+            vals = list(sweep[init][e].values())
+            label = f"{'from MIM' if init == 'mim' else 'from scratch'}, {e} epochs"
+            ax.plot(lrs, [np.mean(v) for v in vals], ls=style, color=colour, marker='o', ms=3, label=label)
+            for lr, v in zip(lrs, vals):
+                ax.scatter([lr] * len(v), v, color=colour, s=6, alpha=0.5)
+    ax.axhline(10, color='k', ls=':', lw=0.8)  # chance: 10 classes
+    ax.set_xscale('log')
+    ax.set_xlabel('fine-tuning peak lr', fontsize=8)
+    ax.set_ylabel('top-1 (%)', fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title('fine-tuning: each arm at each lr and budget (lines: mean over seeds; dots: seeds)', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] in ('-h', '--help'):
         print(__doc__.strip())

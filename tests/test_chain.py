@@ -163,6 +163,32 @@ def test_curves_of_every_stage_and_a_half_written_line(ran, tmp_path):
     assert r.returncode != 0 and 'has no log.jsonl' in r.stderr
 
 
+def test_the_sweep_fine_tunes_both_arms_at_each_lr_and_budget(ran):
+    """chain.py's fine-tuning sweep on top of a finished chain: only the new runs start; each has its arm's init,
+    its lr and its budget; the table reads each arm's mean over seeds and its best lr from the runs' own logs."""
+    out, _ = ran
+    stdout = chain(out, '--sweep_lrs=1e-3,3e-3', '--sweep_epochs=1', '--pictures=False')
+    assert stdout.count(' start ') == 8 and ' start s0/cls' not in stdout  # 2 seeds x 2 arms x 2 lrs x 1 budget
+    sweep = json.load(open(out / 'results.json'))['sweep']
+    means = {}
+    for init in ('scratch', 'mim'):
+        assert list(sweep[init]) == ['1'] and list(sweep[init]['1']) == ['0.001', '0.003']
+        for lr in ('0.001', '0.003'):
+            top1 = []
+            for s in (0, 1):
+                run = out / f's{s}' / 'sweep' / f'{init}_e1_lr{lr}'
+                c = json.load(open(run / 'config.json'))
+                assert (c['lr'], c['epochs'], c['seed']) == (float(lr), 1, s)
+                assert c['init_from'] == ('' if init == 'scratch' else str(out / f's{s}' / 'mim' / 'eva_mim.pt'))
+                top1.append(last(out, f's{s}/sweep/{init}_e1_lr{lr}', 'eval')['eval']['model']['val']['top1'])
+            assert sweep[init]['1'][lr] == top1
+            means[init, lr] = np.mean(top1)
+    best = {init: max(('0.001', '0.003'), key=lambda lr: means[init, lr]) for init in ('scratch', 'mim')}
+    table = (out / 'table.md').read_text()
+    gain = means['mim', best['mim']] - means['scratch', best['scratch']]
+    assert f"{means['mim', best['mim']]:.1f} at {best['mim']} | {gain:+.1f} |" in table
+    assert f"| 1 | scratch | {means['scratch', '0.001']:.1f} (" in table
+
 
 def test_demos_remeasures_a_readme_figure_and_says_whether_it_moved(tmp_path):
     """demos.py runs the MIM demo as README writes it (1 thread, its own out_dir), reads its figures, which equal the
@@ -176,4 +202,4 @@ def test_demos_remeasures_a_readme_figure_and_says_whether_it_moved(tmp_path):
     assert "pretrain at 1 thread(s)" in r.stdout and (r.returncode == 1) == ('MOVED from' in r.stdout), r.stdout
     r = run_stage('demos.py', '--only=pretrain,nope', check=False)
     assert r.returncode == 1 and r.stderr.strip() == \
-        "error: no demo nope; the demos: pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain"
+        "error: no demo nope; the demos: pretrain, cls, clip, video, det, seg, seg_fpn, seg_upernet, chain, chain_sweep"
