@@ -50,6 +50,7 @@ ToTensor, Normalize and the same mask generator, and compares the two outputs' s
 untimed pass with every pipeline's generator seeded per image).
 """
 import ast
+import contextlib
 import json
 import os
 import runpy
@@ -123,6 +124,20 @@ def timm_eva_class():
     return TimmEVA
 
 
+def around(cls, method, context, then=None):
+    """cls.method patched to run inside context(self) (a phase of the step: a profiler range, a memory phase),
+    then to call then(self)."""
+    inner = getattr(cls, method)
+
+    def wrapped(self, *a, **k):
+        with context(self):
+            out = inner(self, *a, **k)
+        if then:
+            then(self)
+        return out
+    setattr(cls, method, wrapped)
+
+
 def worker(job):
     """In the subprocess: run a stage script as __main__ with the job's arguments (and timm's Eva as the model
     class for the reference), as `python script ARGS` would."""
@@ -159,22 +174,14 @@ def worker(job):
     kinds = torch.profiler.ProfilerActivity
     activities = [kinds.CPU, kinds.CUDA] if cuda else [kinds.CPU]
 
-    def named(cls, method, label, then=None):  # the step's phases as labelled ranges in the trace
-        inner = getattr(cls, method)
-
-        def wrapped(*a, **k):
-            with torch.profiler.record_function(label):
-                out = inner(*a, **k)
-            if then:
-                then()
-            return out
-        setattr(cls, method, wrapped)
+    def named(label):  # the step's phases as labelled ranges in the trace
+        return lambda self: torch.profiler.record_function(label)
     steps = torch.profiler.schedule(wait=job['wait'], warmup=1, active=2)
     with torch.profiler.profile(activities=activities, schedule=steps, on_trace_ready=write) as prof:
-        named(DeepSpeedEngine, 'forward', 'student_forward')
-        named(DeepSpeedEngine, 'backward', 'student_backward')
-        named(DeepSpeedEngine, 'step', 'optimizer_step', then=prof.step)
-        named(model.CLIPTeacher, 'forward', 'teacher_forward')
+        around(DeepSpeedEngine, 'forward', named('student_forward'))
+        around(DeepSpeedEngine, 'backward', named('student_backward'))
+        around(DeepSpeedEngine, 'step', named('optimizer_step'), then=lambda engine: prof.step())
+        around(model.CLIPTeacher, 'forward', named('teacher_forward'))
         runpy.run_path(os.path.join(ROOT, job['script']), run_name='__main__')
 
 
@@ -202,16 +209,8 @@ def memory_worker(job):
     class Done(Exception):
         pass
 
-    def phase(cls, method, name, kind, after=None):  # a method of cls counted as a phase of the step
-        inner = getattr(cls, method)
-
-        def wrapped(self, *a, **k):
-            with mem.in_phase(name(self) if callable(name) else name, kind):
-                out = inner(self, *a, **k)
-            if after:
-                after(self)
-            return out
-        setattr(cls, method, wrapped)
+    def phase(name, kind):  # a method counted as a phase of the step (name: a string, or one of the object)
+        return lambda self: mem.in_phase(name(self) if callable(name) else name, kind)
 
     def after_step(engine):
         if engine.global_steps == boundaries[0]:  # (counted at every boundary, an fp16 step skipped or not)
@@ -241,16 +240,15 @@ def memory_worker(job):
             engines.append(out[0])
             return out
         deepspeed.initialize = engine_on_meta
-        phase(DeepSpeedEngine, 'forward', 'forward', 'activations')
-        phase(DeepSpeedEngine, 'backward', lambda e: 'backward' if e.is_gradient_accumulation_boundary() else
-              'backward (accumulating)', 'gradients and temporaries')
-        phase(DeepSpeedEngine, 'step', lambda e: 'optimizer step' if e.is_gradient_accumulation_boundary() else
-              'micro-step end', 'optimizer step temporaries', after_step)
+        around(DeepSpeedEngine, 'forward', phase('forward', 'activations'))
+        around(DeepSpeedEngine, 'backward', phase(lambda e: 'backward' if e.is_gradient_accumulation_boundary() else
+                                                  'backward (accumulating)', 'gradients and temporaries'))
+        around(DeepSpeedEngine, 'step', phase(lambda e: 'optimizer step' if e.is_gradient_accumulation_boundary() else
+                                              'micro-step end', 'optimizer step temporaries'), then=after_step)
         if hasattr(DeepSpeedZeroOptimizer, 'setup_buckets'):  # the reduce buckets, made at a micro-step's first hook
-            phase(DeepSpeedZeroOptimizer, 'setup_buckets', lambda o: mem.phase, 'reduce buckets')
-        phase(model.CLIPTeacher, 'forward', 'teacher', 'teacher targets')
-        init_teacher = model.CLIPTeacher.__init__
-        model.CLIPTeacher.__init__ = lambda self, *a, **k: (init_teacher(self, *a, **k), teachers.append(self))[0]
+            around(DeepSpeedZeroOptimizer, 'setup_buckets', phase(lambda o: mem.phase, 'reduce buckets'))
+        around(model.CLIPTeacher, 'forward', phase('teacher', 'teacher targets'))
+        around(model.CLIPTeacher, '__init__', lambda t: contextlib.nullcontext(), then=teachers.append)
         sys.argv = [job['script'], *job['args']]
         try:
             with mem, memory.cuda_attention(), mem.in_phase('the loop', 'start-up'):
