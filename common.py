@@ -160,8 +160,13 @@ def deepspeed_engine(model, optimizer, batch_size, micro_batch, grad_clip, zero_
     import deepspeed
     ds_config = {'train_batch_size': batch_size, 'train_micro_batch_size_per_gpu': micro_batch,
                  'gradient_clipping': grad_clip, 'steps_per_print': 1 << 30,  # the stage logs, DeepSpeed not
-                 # overlap_comm reduces gradients during the backward on GPUs; EVA-01 used 5e8-element buckets
-                 'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'reduce_bucket_size': 5e8,
+                 # overlap_comm reduces gradients during the backward on GPUs. EVA-01's reduce buckets held 5e8
+                 # elements, two of them in fp16 from a micro-step's first gradient to the step: 1.9 GiB on every
+                 # GPU. 1e8 lowers the peak at 16 ranks by 0.25-1.5 GiB (bench.py --mode=memory: MIM 1.5, seg 0.8,
+                 # CLIP 0.25: the gradient partition is then made earlier in the backward) for 8 more reductions
+                 # of EVA-g's 1B per step, each still 190 MB, where NCCL runs at full bandwidth (~10-100 us more a
+                 # call: not measured here)
+                 'zero_optimization': {'stage': zero_stage, 'contiguous_gradients': True, 'reduce_bucket_size': 1e8,
                                        'allgather_bucket_size': 5e8, 'overlap_comm': torch.cuda.is_available()},
                  # EVA-01's fp16 loss scale (its create_ds_config): dynamic from 2^16, halved after 2 overflowing
                  # steps in a row (hysteresis), doubled after 500 clean ones; an overflowing step is skipped
@@ -241,7 +246,8 @@ def engine_stats(engine):
     norm, cuda = engine.get_global_grad_norm(), torch.cuda.is_available()
     return {'grad_norm': None if norm is None else float(norm), 'skipped': engine.skipped_steps,
             'loss_scale': engine.optimizer.cur_scale if engine.fp16_enabled() else None,
-            'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+            'mem_gb': round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            'reserved_gb': round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}  # (+ fragments)
 
 
 def atomic_save(obj, path):
@@ -425,7 +431,7 @@ def resume(engine, out_dir, seed, config):
 ROW_FORMAT = {'epoch': 'ep {:.2f}', 'loss': 'loss {:.4f}', 'lr': 'lr {:.2e}', 'grad_norm': 'gnorm {:.3f}',
               'loss_scale': 'loss scale {:g}', 'skipped': 'skipped {}', 'img_s': '{:.1f} img/s',
               'samples_s': '{:.1f} samples/s', 'mfu': 'mfu {:.1%}', 'mem_gb': 'mem {:.1f} GiB',
-              'bad_samples': 'bad {}', 'eta_h': 'eta {}'}
+              'reserved_gb': 'reserved {:.1f} GiB', 'bad_samples': 'bad {}', 'eta_h': 'eta {}'}
 
 
 def hms(seconds):

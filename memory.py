@@ -6,7 +6,9 @@ peak is what torch.cuda.max_memory_allocated would report. What the meta device 
 in by hand, each piece here:
   LiveMemory          the counter: live storages by identity (views share one), their kind (weights, gradients,
                       activations, ...), the peak, the peak of each phase, the largest storages at the peak; .item()
-                      of a meta tensor answers as a healthy step would (0: no overflow, no stop signal)
+                      of a meta tensor answers as a healthy step would (0: no overflow, no stop signal); what the
+                      values would decide: a mask's count of True (from the data it was copied from, carried
+                      through casts, | and cat; else a policy, selecting()), unique's count, NMS's boxes kept
   cuda_attention      F.scaled_dot_product_attention replaced by what the CUDA flash / memory-efficient kernels
                       allocate (on meta and CPU the math fallback would keep an fp32 N x N softmax)
   deepspeed_on_meta   DeepSpeed's own ZeRO code on meta tensors, as any rank of any world in one process (torch's
@@ -15,7 +17,7 @@ in by hand, each piece here:
     python -m pytest tests/test_memory.py   # against torch's MemTracker, CPU tensors, aten's attention, DeepSpeed
 
 Only the CPU (for deepspeed_on_meta: DeepSpeed's CPU accelerator, which asks no device) is needed. bench.py's memory
-mode runs each stage script under these (memory_worker); the data-dependent counts of det and seg are not in yet.
+mode runs each stage script under these (memory_worker), with det's and seg's counts as named policies.
 """
 import contextlib
 import heapq
@@ -38,10 +40,16 @@ BLOCK = 512  # the CUDA caching allocator's smallest block: every allocation is 
 META_SCALARS = {False: 0, True: 0.0}
 aten = torch.ops.aten
 BOOL_INDEXED = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
+PUTS = BOOL_INDEXED[1:]  # x[mask] = values: the count of True is values' length, unless values broadcast
+UNIQUE = (aten._unique2.default, aten.unique_dim.default, aten._unique.default)
+# a count of True carried from masks to what is made of them: a cast keeps it, | and cat add them up (| of the
+# disjoint positive and negative samples of a sampler, cat of images' masks)
+COUNT_KEPT, COUNT_ADDED = (aten._to_copy.default, aten.clone.default), (aten.bitwise_or.Tensor, aten.cat.default)
+NMS = 'torchvision::nms'  # (torchvision's, by name: this file needs no torchvision) its meta kernel wants fake tensors
 
 
 def is_meta_mask(t):
-    return isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.device.type == 'meta'
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) and t.device.type == 'meta'
 
 
 class LiveMemory(TorchDispatchMode):
@@ -50,13 +58,16 @@ class LiveMemory(TorchDispatchMode):
     storage gets the kind that was set last (kind('activations'), or a phase's), or the one track() gives it.
     -> .peak (bytes), .peak_kinds and .peak_phase at it, .phase_peaks, .top (the largest storages at the peak)."""
 
-    def __init__(self, device='meta', explain=0, block=BLOCK):
+    def __init__(self, device='meta', explain=0, block=BLOCK, fraction=None, unique=None):
         super().__init__()
         self.device = torch.device(device)  # the one counted: the GPU's stand-in (not the host's, e.g. Adam's steps)
         self.block = block  # 1: bytes as they are (torch's MemTracker off CUDA)
         self.live = {}  # storage key -> [bytes, kind, what made it]
         self.hosted = set()  # storage keys never counted (host)
-        self.counts = {}  # meta bool storage key -> (its count of True, its elements), from the data it was copied from
+        self.counts = {}  # meta mask storage key -> (its count of True, its elements): from data, a policy, its inputs
+        # the policies for what the values would decide (None: an error names the op): the share of a mask made on
+        # the device that is True (and of boxes NMS keeps), as selecting() sets it; the values unique() finds
+        self.fraction, self.unique_count = fraction, unique
         self.now, self.peak, self.peak_phase = 0, 0, None
         self.kinds, self.peak_kinds = Counter(), {}
         self.phase, self.current_kind, self.phase_peaks = 'setup', 'other', {}
@@ -64,17 +75,35 @@ class LiveMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and args[0].device.type == 'meta':
+        on_meta = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == 'meta'
+        if func is aten._local_scalar_dense.default and on_meta:
             return META_SCALARS[args[0].dtype.is_floating_point]
-        if func is aten.nonzero.default and args[0].device.type == 'meta':
+        if func is aten._to_copy.default and on_meta and torch.device(kwargs.get('device') or 'meta').type != 'meta':
+            # copied out to the host (.cpu(), for host-side work such as the Hungarian matching): zeros
+            return torch.zeros(args[0].shape, dtype=kwargs.get('dtype') or args[0].dtype, device=kwargs['device'])
+        if func is aten.nonzero.default and on_meta:
             return self.nonzero(args[0])
+        if func in UNIQUE and on_meta:
+            return self.unique(func, *args)
+        if on_meta and func.name() == NMS:  # the boxes kept: the policy's share of them, the highest scored first
+            return self.made(torch.empty(self.selected(len(args[0]), 'NMS of boxes'), dtype=torch.long,
+                                         device='meta'), 'nms')
         if func in BOOL_INDEXED and any(is_meta_mask(i) for i in args[1]):  # x[mask], x[mask] = y, their grads
-            indices = [j for i in args[1] for j in (self.nonzero(i).unbind(1) if is_meta_mask(i) else [i])]
+            # x[mask] = values: as many True as values has rows (unless they broadcast)
+            rows = func in PUTS and len(args[1]) == 1 and args[2].dim() == args[0].dim() - args[1][0].dim() + 1
+            n = len(args[2]) if rows else None
+            indices = [j for i in args[1] for j in (self.nonzero(i, n).unbind(1) if is_meta_mask(i) else [i])]
             args = (args[0], indices, *args[2:])
         out = func(*args, **kwargs)
-        if func is aten._to_copy.default and out.dtype == torch.bool and out.device.type == 'meta' and \
-                args[0].device.type != 'meta':  # a mask from the data (MIM's): its count of True is known
-            self.counts[out.untyped_storage()._cdata] = (int(args[0].sum()), args[0].numel())
+        if func in COUNT_KEPT and is_meta_mask(out):
+            if args[0].device.type != 'meta':  # a mask from the data (MIM's): its count of True is known
+                self.count(out, int((args[0] != 0).sum()))
+            elif self.counted(args[0]):
+                self.count(out, self.counts[args[0].untyped_storage()._cdata][0])
+        if func in COUNT_ADDED and is_meta_mask(out):
+            masks = args[0] if func is aten.cat.default else args[:2]
+            if all(self.counted(m) for m in masks):
+                self.count(out, min(sum(self.counts[m.untyped_storage()._cdata][0] for m in masks), out.numel()))
         if func is torch.ops.aten.lift_fresh.default:  # torch.tensor(python values): made on the host, where a GPU
             self.host(out)  # run keeps it (Adam's step counts) unless it is copied to the device (a new storage)
             return out
@@ -82,6 +111,58 @@ class LiveMemory(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.add(t, self.current_kind, func.__name__, retag=False)
         return out
+
+    def made(self, t, what):
+        """t, made here for an op (not by it), counted as the op's output would be."""
+        self.add(t, self.current_kind, what, retag=False)
+        return t
+
+    def count(self, mask, n):
+        """The meta mask `mask` holds n True (from the data, a policy, or the masks it was made of)."""
+        self.counts[mask.untyped_storage()._cdata] = (n, mask.numel())
+
+    def counted(self, t):
+        count = self.counts.get(t.untyped_storage()._cdata) if is_meta_mask(t) else None
+        return count is not None and count[1] == t.numel()
+
+    def selected(self, n, what):
+        """How many of n elements a mask made on the device selects: the policy's share (selecting())."""
+        if self.fraction is None:
+            raise NotImplementedError(f"memory projection: the count of True in {what} is not known (only masks "
+                                      f"copied from data to the device are counted; no selecting() policy is set)")
+        return min(n, round(self.fraction * n))
+
+    @contextlib.contextmanager
+    def selecting(self, fraction):
+        """Inside, a mask made on the device (whose count of True is not known) selects `fraction` of its elements,
+        and NMS keeps that share of its boxes: a policy for what the values would decide (det's proposals)."""
+        before, self.fraction = self.fraction, fraction
+        try:
+            yield self
+        finally:
+            self.fraction = before
+
+    def nonzero(self, mask, n=None):
+        """A meta mask's nonzero(), (count of True, mask.dim()) long, counted: the count is the one its data had
+        when it was copied to the device, or the one carried from the masks it was made of, else n (the rows of
+        x[mask] = values), else the selecting() policy's."""
+        if self.counted(mask):
+            n = self.counts[mask.untyped_storage()._cdata][0]
+        elif n is None:
+            n = self.selected(mask.numel(), f"a {tuple(mask.shape)} mask")
+        return self.made(torch.empty(n, mask.dim(), dtype=torch.long, device='meta'), 'nonzero')
+
+    def unique(self, func, x, sorted=True, return_inverse=False, return_counts=False, *rest):
+        """x.unique() on meta: the policy's count of distinct values (e.g. the classes in a segmentation crop)."""
+        if self.unique_count is None:
+            raise NotImplementedError(f"memory projection: the distinct values of a {tuple(x.shape)} tensor are not "
+                                      f"known (no unique count set)")
+        n = min(x.numel(), self.unique_count)
+        values = self.made(x.new_empty(n), 'unique')
+        inverse = self.made(x.new_empty(x.shape if return_inverse else 0, dtype=torch.long), 'unique')
+        if func is aten._unique.default:
+            return values, inverse
+        return values, inverse, self.made(x.new_empty(n if return_counts else 0, dtype=torch.long), 'unique')
 
     def add(self, t, kind, what, retag=True):
         """Count t's storage (once) as `kind`; retag: a storage already counted takes this kind."""
@@ -111,17 +192,6 @@ class LiveMemory(TorchDispatchMode):
                 self.top = [list(e) for e in self.top]
                 self.top_at = self.now
 
-    def nonzero(self, mask):
-        """A meta mask's nonzero(), (True count, mask.dim()) long, counted: the count is the one its data had when
-        it was copied to the device (a mask computed on the device has none: an error names it)."""
-        count = self.counts.get(mask.untyped_storage()._cdata)
-        if count is None or count[1] != mask.numel():
-            raise NotImplementedError(f"memory projection: the count of True in a {tuple(mask.shape)} mask is not "
-                                      f"known (only masks copied from data to the device are counted)")
-        out = torch.empty(count[0], mask.dim(), dtype=torch.long, device='meta')
-        self.add(out, self.current_kind, 'nonzero', retag=False)
-        return out
-
     def reset_peaks(self):
         """Peaks from here on (what is live now is counted in them)."""
         self.peak, self.peak_phase, self.peak_kinds = self.now, self.phase, dict(self.kinds)
@@ -134,6 +204,7 @@ class LiveMemory(TorchDispatchMode):
         weakref.finalize(s, self.hosted.discard, s._cdata)
 
     def free(self, key):
+        self.counts.pop(key, None)  # (a new storage may take its key)
         entry = self.live.pop(key, None)  # (None: forgotten)
         if entry is not None:
             self.now -= entry[0]

@@ -492,10 +492,14 @@ class PixelDecoder(nn.Module):
     """Mask2Former's MSDeformAttnPixelDecoder: the stride-32, 16, 8 maps projected to C (1x1 conv + GN), with sine
     positions + a learned level embedding, through `layers` deformable encoder layers attending across the three
     levels; the stride-4 map joins FPN-style (lateral 1x1 + GN, plus the upsampled stride-8 output, 3x3 conv + GN +
-    ReLU) -> (mask features (B, C, H/4, W/4) through a 1x1 conv, [the encoded stride-32, 16, 8 maps])."""
+    ReLU) -> (mask features (B, C, H/4, W/4) through a 1x1 conv, [the encoded stride-32, 16, 8 maps]). With
+    grad_checkpointing its encoder layers are recomputed in the backward: ms_deform_attn keeps its float32 samples
+    for the weighted sum's gradient (EVA-g at 896: 0.75 GiB a layer, 4.5 GiB in all; bench.py --mode=memory), which
+    mmcv's CUDA kernel (EVA-01's) never holds."""
 
-    def __init__(self, D, C, heads, layers, points, ffn):
+    def __init__(self, D, C, heads, layers, points, ffn, grad_checkpointing=False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         self.input_convs = nn.ModuleList(gn_conv(D, C, 1, bias=True) for _ in range(3))
         self.level_encoding = nn.Embedding(3, C)
         nn.init.normal_(self.level_encoding.weight)
@@ -517,7 +521,10 @@ class PixelDecoder(nn.Module):
         ref = reference_points(shapes, maps[0].device)[None].expand(len(maps[0]), -1, -1)
         x = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, S, C)
         for layer in self.encoder:
-            x = layer(x, pos, ref, shapes)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, pos, ref, shapes, use_reentrant=False)
+            else:
+                x = layer(x, pos, ref, shapes)
         outs = [t.transpose(1, 2).unflatten(2, s) for t, s in zip(x.split([h * w for h, w in shapes], 1), shapes)]
         fine = self.output_conv(self.lateral_conv(feats[0]) + resize(outs[-1], feats[0].shape[-2:]))
         return self.mask_feature(fine), outs
@@ -553,7 +560,8 @@ class Mask2FormerHead(nn.Module):
     def __init__(self, D, seg):
         super().__init__()
         C, self.heads = seg.seg_channels, seg.attn_heads
-        self.pixel_decoder = PixelDecoder(D, C, seg.attn_heads, seg.enc_layers, 4, seg.ffn_dim)
+        self.pixel_decoder = PixelDecoder(D, C, seg.attn_heads, seg.enc_layers, 4, seg.ffn_dim,
+                                          seg.backbone.grad_checkpointing)
         layers = [DecoderLayer(C, seg.attn_heads, seg.ffn_dim) for _ in range(seg.dec_layers)]
         self.transformer_decoder = nn.ModuleList(layers)
         self.post_norm = nn.LayerNorm(C)

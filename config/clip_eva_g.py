@@ -23,6 +23,8 @@ EVA stage: under ZeRO-1 the optimizer sees flat partitions of many tensors, so L
 be computed over arbitrary slices. AdamW at a 4e-4 peak is within the range open_clip trains CLIP ViT-L/H with from
 scratch at similar batches (5e-4 to 1e-3), and the layer decay keeps the MIM-initialised lower blocks near
 4e-4 * 0.85^41 = 5e-7. The temperature starts at ln(1/0.07) with the image lr and is clamped at 100.
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (micro-batch 160, checkpointing) 13.5 / 15.9 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/clip_eva_g'
 log_interval = 50

@@ -14,6 +14,9 @@ Arithmetic: global batch 512 = 64 GPUs x micro-batch 8 (on 8 GPUs: micro 16 x 4 
 IN-1K 1,281,167 images -> 2,502 steps per epoch, 10 epochs = 25,020 steps, 2 warmup epochs = 5,004.
 pos_embed is resized 16x16 -> 24x24 on load. Expected: 89.6 top-1 (EMA weights); IN-V2 81.6, ReaL 90.8,
 IN-A 86.2, IN-R 88.3, Sketch 67.7 (the paper reports these for the 560 px model; 336 is close).
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (micro-batch 8, no checkpointing) 17.2 / 20.0 GiB; on 24 GB GPUs with headroom add
+--grad_checkpointing=True: 10.5 / 12.7 GiB.
 """
 out_dir = 'out/finetune_in1k_336'
 num_classes = 1000

@@ -14,6 +14,8 @@ Arithmetic: global batch 512 = 64 GPUs x micro-batch 8 (on 8 GPUs: micro 16 x 4 
 IN-1K 1,281,167 images -> 2,502 steps per epoch, 15 epochs = 37,530 steps, 2 warmup epochs = 5,004.
 pos_embed is resized 16x16 -> 40x40 on load. Expected: 89.7 top-1 (EMA weights); IN-V2 81.6, ReaL 90.8,
 IN-A 86.2, IN-R 88.3, Sketch 67.7, ObjectNet 60.9 (Table 4).
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (micro-batch 8, checkpointing) 11.8 / 14.1 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/finetune_in1k_560'
 num_classes = 1000

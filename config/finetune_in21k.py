@@ -10,6 +10,9 @@ IN-21K (fall11, 21,841 classes, ~14.2M images) -> ~3,466 steps per epoch, 60 epo
 The class index is the sorted WordNet id of the class folder (the order of released 21K heads).
 Expected: no number is reported for this stage in the paper; its output initialises the IN-1K fine-tunes, which
 reach 89.6 (336 px) and 89.7 (560 px) top-1.
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (micro-batch 64, no checkpointing) 34.3 / 38.8 GiB: 40 GB A100s (the paper's), with
+little to spare; on 24 GB GPUs add --grad_checkpointing=True: 8.8 / 10.8 GiB.
 """
 out_dir = 'out/finetune_in21k'
 num_classes = 21841

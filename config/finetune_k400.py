@@ -11,6 +11,8 @@ k722_to_k400_mapping.npy, which build_kinetics_lists also writes); pos_embed goe
 interpolation on load. Global batch 256 = 128 GPUs x 2 or 256 x 1 (EVA-01's logs: micro-batch 1, 2 accumulation steps).
 Expected: 89.7 top-1 / 98.3 top-5 on the 19,760 K400 val videos, 16 frames x 4 clips x 3 crops;
 the 4 clips are random TSN draws as EVA-01's test (seeded here), so reruns of the official protocol differ by ~0.2.
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (16 frames, micro-batch 2, checkpointing) 6.3 / 8.1 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/finetune_k400'
 data_path = 'lists/k400_train.txt'

@@ -12,6 +12,8 @@ interpolation on load. Global batch 256 = 128 GPUs x 2 or 256 x 1 (EVA-01's logs
 Expected: 82.9 top-1 / 96.1 top-5 (a third epoch gave 82.7 in the official log) on the 33,914 K700 val videos,
 16 frames x 4 clips x 3 crops; the 4 clips are random TSN draws as EVA-01's test (seeded here), so reruns of the
 official protocol differ by ~0.2.
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (16 frames, micro-batch 2, checkpointing) 6.3 / 8.1 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/finetune_k700'
 data_path = 'lists/k700_train.txt'

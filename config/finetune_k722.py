@@ -10,6 +10,9 @@ Arithmetic: global batch 256 = 128 GPUs x micro-batch 2 (on 8 GPUs: 2 x 16 accum
 EVA-01 listed it, 629,248 videos -> 2,458 steps per epoch, 40 epochs = 98,320 steps, 5 warmup epochs = 12,290;
 cosine from 8e-6 to 8e-8. The official run took ~2.3 days on 128 A100s (26.5 GB per GPU with checkpointing).
 Expected: 84.9 top-1 / 96.8 top-5 on K722 val (69,692 videos), 8 frames, 4 clips x 3 crops (one view: 82.8).
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (8 frames, micro-batch 2, checkpointing) 5.6 / 7.3 GiB: 24 GB GPUs too (the 26.5 GB above is
+EVA-01's code on A100s, not ours, and not yet checked against a GPU run of ours).
 """
 out_dir = 'out/finetune_k722'
 data_path = 'lists/k722_train.txt'

@@ -14,6 +14,9 @@ Model: as config/seg_cocostuff_eva_g.py (ViT-Adapter + Mask2Former); the COCO-St
 starts afresh for 150 + 1 classes.
 Expected: 61.5 mIoU single-scale / 62.3 multi-scale (the paper's Table 8; EVA-01 seg/README.md's single-scale
 evaluation of the released model: mIoU 61.47, aAcc 87.15, mAcc 75.75).
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as shipped (896, micro-batch 1, checkpointing: the backbone, the adapter and the pixel decoder's layers) 11.5 /
+13.8 GiB: 24 GB GPUs too; at --micro_batch=2 15.8 / 18.5 GiB.
 """
 task = 'seg'
 out_dir = 'out/seg_ade20k'

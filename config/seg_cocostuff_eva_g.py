@@ -13,6 +13,8 @@ Model (EVA-01's): the encoder with a ViT-Adapter (interactions after blocks 9, 1
 points, value ratio 0.5, ConvFFN ratio 0.25, stem 64) under Mask2Former (200 queries, 8 decoder layers, 6 deformable
 pixel-decoder layers, 1024 channels). --adapter=False: the plain encoder through BEiT's fpn1-fpn4; --seg_head=upernet.
 Expected: 53.4 mIoU (the paper's Table 8; EVA-01 seg/README.md: mIoU 53.36, aAcc 74.08, mAcc 66.09).
+Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
+as the ADE20K recipe (896, micro-batch 1, checkpointing): 11.5 / 13.8 GiB, 24 GB GPUs too.
 """
 task = 'seg'
 out_dir = 'out/seg_cocostuff'

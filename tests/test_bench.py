@@ -64,10 +64,19 @@ def test_step_mode_runs_both_stages_and_reports(tmp_path):
     phases = [e['name'] for e in trace if e.get('cat') == 'user_annotation']
     for phase in ('teacher_forward', 'student_forward', 'student_backward', 'optimizer_step'):
         assert phases.count(phase) == 2, (phase, phases)
-    bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2', '--warmup=1',
-          '--num_workers=0', '--reference=', f'--out_dir={tmp_path}')
+    assert ours['peak_gb'] is ours['reserved_gb'] is ours['projected_gb'] is None  # (a CPU; no projected row)
+    # beside the measured memory, the projection of the same settings from a memory-mode file (made up here)
+    rows = {'mine': {'stage': 'finetune', 'model_size': 'eva_tiny', 'img_size': 32, 'micro_batch': 8,
+                     'grad_checkpointing': False, 'stage_args': '', 'zero_config': '',
+                     'worlds': {'1': {'allocated_gib': 1.23}}}}
+    rows['other'] = {**rows['mine'], 'micro_batch': 4, 'worlds': {'1': {'allocated_gib': 9.9}}}
+    (tmp_path / 'projection.json').write_text(json.dumps(rows))
+    out = bench('--stage=finetune', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8', '--steps=2',
+                '--warmup=1', '--num_workers=0', '--reference=', f'--out_dir={tmp_path}',
+                f"--projection={tmp_path / 'projection.json'}")
     res = json.load(open(tmp_path / 'bench_step.json'))
     assert list(res['runs']) == ['ours'] and res['runs']['ours']['samples_s'] > 0
+    assert res['runs']['ours']['projected_gb'] == 1.23 and '| projected 1.23 GiB' in out
     assert not (tmp_path / 'finetune_ours' / 'last.pt').exists()  # save_ckpt=False: no checkpoint writing timed
 
 
@@ -144,17 +153,20 @@ def test_data_mode_compares_pipelines(tmp_path):
 def test_targets_and_table_rows(tmp_path):
     """targets mode runs its rows (here without the compiled one: minutes on a CPU) and any other row asked for, each
     in its own folder, the table written row by row, every target said met, not met, or without a value."""
+    projection = tmp_path / 'projection.json'  # memory mode's rows: the 16-rank figure of mim32_ckpt is a target
+    projection.write_text(json.dumps({'mim32_ckpt': {'worlds': {'16': {'allocated_gib': 7.5}}}}))
     out = bench('--mode=targets', '--rows=mim64,mim32_ckpt,data,video8', '--model_size=eva_tiny', '--img_size=32',
                 '--teacher_model=tiny', '--steps=1', '--warmup=1', '--num_workers=0', '--data_images=8',
-                '--data_passes=1', f'--out_dir={tmp_path}')
+                '--data_passes=1', f'--out_dir={tmp_path}', f'--projection={projection}')
     res = json.load(open(tmp_path / 'bench_targets.json'))
-    assert [c['bound'] for c in res['checks']] == [1.25, 0.5, 1.0, 20.0, 1.5]
+    assert [c['bound'] for c in res['checks']] == [1.25, 0.5, 1.0, 20.0, 1.5, 0.03]
     step = res['mim64']['runs']['ours']
     assert res['checks'][0]['value'] == step['vs']['timm'] and res['checks'][1]['value'] == step['mfu']
     assert res['mim64']['micro_batch'] == 64 and list(res['mim64']['runs']) == ['ours', 'timm', 'timm_our_engine']
     assert res['checks'][2]['value'] is None  # the compiled row did not run: no value, never a guess
-    assert res['checks'][3]['value'] is None  # no GPU memory on a CPU: reported, never faked
-    assert out.count('no value') == 2 and out.count('met') == 3
+    assert res['checks'][3]['value'] == 7.5  # (at most 20: met)
+    assert res['checks'][5]['value'] is None  # no GPU memory on a CPU to hold to its projection: never faked
+    assert out.count('no value') == 2 and out.count('met') == 4
     ckpt = res['mim32_ckpt']
     assert ckpt['grad_checkpointing'] is True and list(ckpt['runs']) == ['ours', 'no_checkpointing']
     assert 'runs at' in out  # the cost of checkpointing, stated

@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
+import bench
 import memory
 import model
 from model import CLIPTeacher
@@ -108,6 +110,66 @@ def test_attention_stand_in_has_the_cuda_kernels_outputs():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+def test_counts_follow_the_data_and_the_policies():
+    """What the values would decide, on meta: a mask copied from the data keeps its count of True through a cast, |
+    of disjoint masks and cat, as the same ops on CPU tensors give; a mask made on the device selects the policy's
+    share (NMS keeps it too), unique finds the policy's count, x[mask] = values takes values' rows; a copy out to
+    the host is zeros; without a policy, an error names the mask."""
+    a, b = torch.zeros(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)
+    a[:7], b[10:15] = True, True
+    x = torch.randn(40, 4)
+
+    def shapes(a, b, x):
+        u = (a.to(torch.uint8) | b.to(torch.uint8)).bool()  # torchvision's sampler: uint8 masks, or-ed, cast
+        return [t.shape for t in (x[a], x[u], torch.cat([x, x])[torch.cat([a, b])], u.nonzero(), x[a.clone()])]
+    with memory.LiveMemory('meta'):
+        on_meta = shapes(a.to('meta'), b.to('meta'), x.to('meta'))
+    assert on_meta == shapes(a, b, x) == [(7, 4), (12, 4), (12, 4), (12, 1), (7, 4)]
+    with memory.LiveMemory('meta', fraction=0.25, unique=6) as mem:
+        xm = torch.empty(40, 4, device='meta')
+        made = xm[:, 0] > 0
+        assert xm[made].shape == (10, 4)
+        with mem.selecting(0.5):
+            assert made.nonzero().shape == (20, 1)
+            assert torchvision.ops.nms(xm, xm[:, 0], 0.5).shape == (20,)
+        labels = torch.empty(8, 8, dtype=torch.long, device='meta')
+        assert labels.unique().shape == (6,) and [t.shape for t in labels.unique(return_counts=True)] == [(6,), (6,)]
+        y = xm.clone()
+        y[made] = torch.zeros(13, 4, device='meta')  # (13 True, whatever the policy says)
+        y[made] = 0
+        assert torch.equal(xm.cpu(), torch.zeros(40, 4)) and xm.sum().item() == 0
+    with pytest.raises(NotImplementedError, match=r'count of True in a \(40,\) mask'):
+        with memory.LiveMemory('meta'):
+            (torch.empty(40, device='meta') > 0).nonzero()
+
+
+def test_det_policies_set_the_detectors_counts(monkeypatch):
+    """bench.py's det policies on a tiny cascade on meta: the targets are det_objects full-size ground truths, each
+    cascade stage pools roi_batch boxes per image (the sampler's full sample, kept by every stage at det_kept 1.0),
+    the mask head the positive share of them; the targets are held as data (bytes by hand)."""
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+    from test_det import tiny
+
+    import det_model
+    for owner, name in ((BalancedPositiveNegativeSampler, '__call__'), (det_model.CascadeMaskRCNN, 'forward'),
+                        (det_model.CascadeMaskRCNN, 'mask_loss'), (det_model, 'pool_rois')):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    mem, rows = memory.LiveMemory('meta', fraction=1.0), {}
+    bench.det_policies(mem, objects=5)
+    with mem, torch.device('meta'):
+        det = tiny()  # 128 px, roi_batch 32, roi_positive 0.25, rpn_post_nms 50
+        net = det_model.CascadeMaskRCNN(det)
+        heads = [*net.roi_heads.box_head, net.roi_heads.mask_head]
+        for i, head in enumerate(heads):
+            head.register_forward_pre_hook(lambda m, x, i=i: rows.__setitem__(i, len(x[0])))
+        targets = [dict(boxes=torch.empty(2, 4), labels=torch.empty(2, dtype=torch.long),
+                        masks=torch.empty(2, 128, 128, dtype=torch.bool)) for _ in range(3)]
+        losses = net(torch.empty(3, 3, 128, 128), [(128, 128)] * 3, targets)
+        sum(losses.values()).backward()
+    assert rows == {0: 3 * 32, 1: 3 * 32, 2: 3 * 32, 3: 3 * 8}
+    assert mem.kinds['data'] == 3 * (5 * 128 * 128 + 512 + 512)  # masks 80 KiB; boxes, labels a 512-byte block each
+
+
 # -----------------------------------------------------------------------------
 # DeepSpeed ZeRO-1: on meta tensors with a fake process group, against CPU tensors over gloo
 
@@ -135,7 +197,7 @@ def zero_step(where, out, world=1, rank=0):
             m = model.EVA(model.eva_config('eva_tiny', img_size=32, num_classes=10))
             x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
         opt = torch.optim.AdamW(model.param_groups(m, 0.05, 0.9), lr=1e-3)
-        mem = memory.LiveMemory(device.type)
+        mem, held = memory.LiveMemory(device.type), []
         mem.track([*m.parameters(), *m.buffers()], 'weights')
         mem.track([x, y], 'data')
         with mem, memory.cuda_attention():
@@ -143,6 +205,13 @@ def zero_step(where, out, world=1, rank=0):
                 engine, opt = common.deepspeed_engine(m, opt, batch_size=8 * world, micro_batch=4, grad_clip=1.0,
                                                       zero_stage=1, dtype='fp32')
                 mem.forget(memory.deepspeed_shapes(opt))
+            release = opt._release_ipg_buffers
+
+            def released():  # the rank's gradient partition (made at a boundary) as DeepSpeed lets it go
+                if opt.grads_in_partition is not None:
+                    held.append(opt.grads_in_partition.numel())
+                release()
+            opt._release_ipg_buffers = released
             for step in range(2):
                 for micro in range(2):
                     with mem.in_phase(f'forward{micro}', 'activations'):
@@ -154,7 +223,8 @@ def zero_step(where, out, world=1, rank=0):
         shapes = sum(memory.round_up(t.untyped_storage().nbytes(), 512) for t in memory.deepspeed_shapes(opt))
         with open(f'{out}.{rank}.json', 'w') as f:
             json.dump({'phase_peaks': mem.phase_peaks, 'peak': mem.peak, 'groups': len(opt.param_groups),
-                       'shapes': shapes, 'steps': engine.global_steps}, f)
+                       'shapes': shapes, 'steps': engine.global_steps, 'held': held,
+                       'partitions': bench.gradient_partitions(opt, world)}, f)
 
 
 def test_deepspeed_zero1_on_meta_equals_deepspeed_on_cpu(tmp_path):
@@ -172,6 +242,9 @@ def test_deepspeed_zero1_on_meta_equals_deepspeed_on_cpu(tmp_path):
             init = cpu['phase_peaks'].pop('init'), meta['phase_peaks'].pop('init')
             assert cpu['phase_peaks'] == meta['phase_peaks'] and cpu['peak'] == meta['peak']
             assert init[0] <= init[1] <= init[0] + meta['shapes']
+            # bench.py's pick of the worst rank: the gradient partition each rank makes, from DeepSpeed's bookkeeping
+            assert cpu['held'] == meta['held'] and set(meta['held']) == {meta['partitions'][rank]}
+            assert cpu['partitions'] == meta['partitions']
         if world == 2:  # half the optimizer state on each rank: less than the world of one holds
             assert meta['peak'] < json.load(open(tmp_path / 'meta1.0.json'))['peak']
 
@@ -186,29 +259,39 @@ def memory_row(tmp_path, *args):
     return json.load(open(tmp_path / 'bench_memory_row.json')), out
 
 
-def test_memory_mode_reproduces_the_h200_anchor(tmp_path):
-    """pretrain.py's EVA-g MIM step at micro-batch 32 with checkpointing on one rank, ZeRO-1 fp16, measured on an
-    H200 on 2026-11-26: 21.4 GiB max_memory_allocated. Its peak is DeepSpeed's optimizer step, 22 bytes per trained
-    parameter (fp16 weights and gradients, fp32 master, Adam's two moments, the step's fp16 flatten and fp32 copy)."""
-    res, out = memory_row(tmp_path, '--stage=pretrain', '--micro_batch=32', '--grad_checkpointing=True',
-                          '--zero_ranks=1')
-    w = res['worlds']['1']
-    assert abs(w['allocated_gib'] - 21.4) <= 0.3 and w['peak_phase'] == 'optimizer step'
+def test_memory_mode_reproduces_the_h200_rows(tmp_path):
+    """The three EVA-g MIM steps measured on an H200 (README's GPU table, 2026-11-26, one rank, ZeRO-1 fp16, the
+    5e8-element reduce buckets of then) projected by memory mode (two rows at a time): micro-batch 32 with
+    checkpointing 21.4 GiB max_memory_allocated, whose peak is DeepSpeed's optimizer step, 22 bytes per trained
+    parameter (fp16 weights and gradients, fp32 master, Adam's two moments, the step's fp16 flatten and fp32 copy);
+    without checkpointing 30.4 and at micro-batch 64 45.1, whose peaks are the backward's activations."""
+    from conftest import run_stage
+    out = run_stage('bench.py', '--mode=memory', '--rows=mim32_ckpt,mim32,mim64', '--zero_ranks=1',
+                    '--zero_config=reduce_bucket_size=5e8', f'--out_dir={tmp_path}', timeout=900).stdout
+    res = json.load(open(tmp_path / 'bench_memory.json'))
+    rows = {name: res[name]['worlds']['1'] for name in ('mim32_ckpt', 'mim32', 'mim64')}
+    for name, measured in (('mim32_ckpt', 21.4), ('mim32', 30.4), ('mim64', 45.1)):
+        assert abs(rows[name]['allocated_gib'] - measured) <= 0.3, (name, rows[name]['allocated_gib'])
+    w = rows['mim32_ckpt']
+    assert w['peak_phase'] == 'optimizer step' and rows['mim64']['peak_phase'] == 'backward'
     n = w['trained_params']
     assert n == 1_012_229_632  # DESIGN.md: the MIM model (EVA-g + mask token + lm_head)
     assert w['at_peak']['Adam'] == pytest.approx(8 * n / 2 ** 30, rel=1e-3)
     assert w['at_peak']['master weights (fp32 partition)'] == pytest.approx(4 * n / 2 ** 30, rel=1e-3)
-    assert w['micro_batch'] == 32 and w['accumulation'] == 1 and '21.40 GiB allocated' in out
+    assert w['micro_batch'] == 32 and w['accumulation'] == 1 and '| mim32_ckpt | 1 x 32 x 1 | 21.40 |' in out
 
 
 def test_memory_mode_shards_over_ranks(tmp_path):
-    """A tiny MIM run on meta at 2 ranks, both projected: the fp32 master and Adam's moments are halved (DeepSpeed's
-    partitions, with their alignment padding), the model is the script's, the recipe's batch is accumulated."""
+    """A tiny MIM run on meta at 2 ranks: the fp32 master and Adam's moments are halved (DeepSpeed's partitions,
+    with their alignment padding), the model is the script's, the recipe's batch is accumulated; rank 0 is run,
+    then the rank whose gradient partition is the largest, if another."""
     res, out = memory_row(tmp_path, '--stage=pretrain', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8',
-                          '--teacher_model=tiny', '--num_workers=0', '--zero_ranks=2', '--memory_ranks=0,1',
+                          '--teacher_model=tiny', '--num_workers=0', '--zero_ranks=2',
                           '--stage_args=config/pretrain_tiny.py')  # its batch: 32
     one, two = res['worlds']['1'], res['worlds']['2']
-    assert two['ranks'] == [0, 1] and (one['accumulation'], two['accumulation']) == (1, 2)
+    parts = two['gradient_partitions']
+    assert len(parts) == 2 and two['ranks'] == sorted({0, parts.index(max(parts))})
+    assert (one['accumulation'], two['accumulation']) == (1, 2)
     width = CLIPTeacher('tiny', '', 32, 4).out_dim
     student = model.EVA(model.eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=width))
     n = sum(p.numel() for p in student.parameters())

@@ -420,8 +420,11 @@ def test_unknown_size_and_wrong_input_size():
         EVA(eva_config('eva_tiny'))(torch.randn(1, 3, 48, 48))
 
 
-def test_ema_closed_form():
-    """ema_k = d^k ema_0 + sum_j (1 - d) d^(k-1-j) w_j for the weights w_j after each of k updates."""
+@pytest.mark.parametrize('chunk', [2 ** 26, 1, 7])
+def test_ema_closed_form(chunk):
+    """ema_k = d^k ema_0 + sum_j (1 - d) d^(k-1-j) w_j for the weights w_j after each of k updates; the same
+    whether the update runs over all tensors at once or a chunk at a time (a tensor each; the 6-element weight and
+    the 2-element bias together at 7)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     ema = torch.nn.Linear(3, 2)
@@ -432,7 +435,7 @@ def test_ema_closed_form():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ws.append({k: v.clone() for k, v in model.state_dict().items()})
-        M.ema_update_(ema, model, d)
+        M.ema_update_(ema, model, d, chunk=chunk)
     for k in e0:
         expected = d ** 5 * e0[k] + sum((1 - d) * d ** (4 - j) * ws[j][k] for j in range(5))
         torch.testing.assert_close(ema.state_dict()[k], expected)

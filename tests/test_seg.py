@@ -6,6 +6,7 @@ demo learns with either head, 2 ranks evaluate as 1, a resume continues the same
 import itertools
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -176,6 +177,31 @@ def test_mask2former_targets_shapes_and_semantic_inference():
     assert set(losses) == {'loss_cls', 'loss_mask', 'loss_dice'} and all(v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_checkpointed_pixel_decoder_recomputes_the_same_layers():
+    """With the backbone's grad_checkpointing the pixel decoder's deformable layers are recomputed in the backward
+    (torch.utils.checkpoint, counted), with the same outputs and gradients as without."""
+    import torch.utils.checkpoint as ckpt
+    torch.manual_seed(0)
+    cfg = tiny_seg(head='mask2former')
+    plain = Segmenter(cfg).decode_head.pixel_decoder.train()
+    cfg = replace(cfg, backbone=replace(cfg.backbone, grad_checkpointing=True))
+    recomputed = Segmenter(cfg).decode_head.pixel_decoder.train()
+    recomputed.load_state_dict(plain.state_dict())
+    feats = [torch.randn(2, 64, s, s, requires_grad=True) for s in (16, 8, 4, 2)]
+    grads, calls, real = [], [], ckpt.checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr('seg_model.checkpoint', lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+        for net in (plain, recomputed):
+            mask_features, outs = net(feats)
+            (mask_features.square().sum() + sum(o.sum() for o in outs)).backward()
+            grads.append([f.grad.clone() for f in feats] + [p.grad.clone() for p in net.parameters()])
+            for f in feats:
+                f.grad = None
+    assert calls == list(recomputed.encoder)  # each layer once, the plain decoder none
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_batchnorm_runs_in_float32_under_half_weights():
