@@ -313,16 +313,17 @@ def gradient_partitions(optimizer, world):
 
 
 def det_policies(mem, objects):
-    """det_seg.py's detector on meta, where the values would decide counts: each image's targets are `objects`
-    ground truths (the data's kinds of tensor, each full size); a sampler draws a full sample (positive_fraction of
-    its batch positive, the rest negative, as many as there are boxes: counts the masks it returns carry); the mask
-    head sees the sampled boxes' positive share (roi_positive); ROIs spread evenly over the pyramid's levels. The
-    rest (boxes the RPN's filters, NMS and the cascade keep) is mem.fraction's share, det_kept."""
+    """det_seg.py's detector on meta, where the values would decide counts: every image of a batch carries `objects`
+    ground truths (boxes, labels and, where the data has bitmaps, masks of the whole crop, the largest an image has:
+    the loop copies them to the device and holds them for the step, as it does the data's); a sampler draws a full
+    sample (positive_fraction of its batch positive, the rest negative, as many as there are boxes: counts the masks
+    it returns carry); the mask head sees the sampled boxes' positive share (roi_positive); ROIs spread evenly over
+    the pyramid's levels. The rest (boxes the RPN's filters, NMS and the cascade keep) is mem.fraction's share,
+    det_kept."""
+    import data
     import det_model
     from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
-    sample, forward, pool = BalancedPositiveNegativeSampler.__call__, det_model.CascadeMaskRCNN.forward, \
-        det_model.pool_rois
-    held = []
+    sample, collate, pool = BalancedPositiveNegativeSampler.__call__, data.collate_detection, det_model.pool_rois
 
     def sampler(self, labels):
         pos, neg = sample(self, labels)
@@ -333,18 +334,17 @@ def det_policies(mem, objects):
             mem.count(n, min(boxes, self.batch_size_per_image - n_pos))
         return pos, neg
 
-    def detector(self, images, sizes, targets=None):
-        if targets is not None and images.device.type == 'meta':
-            with mem.in_phase(mem.phase, 'data'):  # held until the next step's, as the loop holds the data's
-                held[:] = [{k: v.new_empty(objects, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]
-            targets = held
-        return forward(self, images, sizes, targets)
+    def collate_detection(samples, size):  # (det_seg.py imports it from data after this)
+        batch = collate(samples, size)
+        shapes = {'boxes': (objects, 4), 'labels': (objects,), 'masks': (objects, size, size)}  # (the largest crop)
+        batch['targets'] = [{k: v.new_zeros(shapes[k]) if k in shapes else v for k, v in t.items()}
+                            for t in batch['targets']]
+        return batch
 
     def pool_rois(features, boxes, size, canonical=224):
         with mem.selecting(1 / len(features)):
             return pool(features, boxes, size, canonical)
-    BalancedPositiveNegativeSampler.__call__, det_model.CascadeMaskRCNN.forward = sampler, detector
+    BalancedPositiveNegativeSampler.__call__, data.collate_detection = sampler, collate_detection
     det_model.pool_rois = pool_rois
     around(det_model.CascadeMaskRCNN, 'mask_loss', lambda self: mem.selecting(self.config.roi_positive))
 
@@ -361,11 +361,12 @@ def memory_row():
     for world in sorted({1, zero_ranks} if world1 else {zero_ranks}):
         runs = []
         ranks = [0] if world == 1 or memory_ranks == 'worst' else [int(r) for r in memory_ranks.split(',')]
+        ranks = [0] + [r for r in ranks if r]  # rank 0 first: it writes the synthetic data the others read
         while ranks:
             rank = ranks.pop(0)
             run_dir = os.path.join(out_dir, f'{stage}_memory_world{world}_rank{rank}')
-            job = dict(step_job('ours', run_dir, 2, world, workers=0), world=world, rank=rank, steps=2,  # (host)
-                       **policies)
+            job = dict(step_job('ours', run_dir, 2, world, workers=0, micro_steps=memory_micro_steps), world=world,
+                       rank=rank, steps=2, **policies)  # (workers: the host's)
             with open(os.path.join(run_dir, 'output.txt'), 'w') as out:
                 r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py')], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, env=dict(os.environ, BENCH_JOB=json.dumps(job)))
@@ -381,11 +382,13 @@ def memory_row():
         allocated = worst['peak_gib'] + workspace_gib
         need = allocated * (1 + fragmentation) + context_gib + (nccl_gib if world > 1 else 0)
         res['worlds'][world] = dict(worst, allocated_gib=round(allocated, 2), device_need_gib=round(need, 2),
-                                    fits=need <= gpu_gib, ranks=[r['rank'] for r in runs])
+                                    fits=need <= gpu_gib, ranks=[r['rank'] for r in runs],
+                                    micro_steps_run=worst['accumulation'], accumulation=job['accumulation'])
         w = res['worlds'][world]
+        run = f" ({w['micro_steps_run']} run a step)" if w['micro_steps_run'] != w['accumulation'] else ''
         print(f"{stage}, {model_size} at {img_size}, world {world} x micro-batch {w['micro_batch']} x accumulation "
-              f"{w['accumulation']}, checkpointing {grad_checkpointing}: {allocated:.2f} GiB allocated at the peak "
-              f"({w['peak_phase']}, rank {w['rank']}), device need {need:.2f} GiB "
+              f"{w['accumulation']}{run}, checkpointing {grad_checkpointing}: {allocated:.2f} GiB allocated at the "
+              f"peak ({w['peak_phase']}, rank {w['rank']}), device need {need:.2f} GiB "
               f"({'fits' if w['fits'] else 'does NOT fit'} {gpu_gib} GiB)", flush=True)
         print('  at the peak: ' + ', '.join(f'{k} {v:.2f}' for k, v in w['at_peak'].items() if v >= 0.01))
         print('  phase peaks: ' + ', '.join(f'{k} {v:.2f}' for k, v in w['phase_peaks'].items()))
@@ -514,6 +517,8 @@ index_jsons = '1.7e6'  # index mode: Objects365-shaped jsons of these many image
 index_boxes_per_image = 15  # index mode: boxes of each json image (Objects365 v2: ~25M boxes / 1.7M images)
 index_worker_samples = 10_000  # index mode: samples each of two DataLoader workers reads (their memory before, after)
 projection = 'assets/memory_projection.json'  # step / table / targets: a memory-mode run's rows, beside the measured
+memory_micro_steps = 3  # memory mode: micro-steps run a step at most; a recipe's 4th and later are its 2nd again
+#   (grads accumulated into, not made), the same peak to the byte (tested); 0: all of them
 memory_jobs = 2  # memory mode: rows projected at a time (each a process: mostly one core)
 world1 = True  # memory mode: also project world 1 at batch = micro-batch (as step mode measures it on one GPU)
 memory_ranks = 'worst'  # memory mode: ranks of zero_ranks projected, a run each, the largest peak reported; 'worst':
@@ -639,10 +644,11 @@ def recipe_setting(key, files):
     raise KeyError(f"{S.script} has no setting {key}")
 
 
-def step_job(impl, run_dir, n, world=1, workers=None):
+def step_job(impl, run_dir, n, world=1, workers=None, micro_steps=0):
     """A run of the stage script for `n` optimizer steps in a fresh run_dir, as a job for worker / memory_worker:
     world 1 at batch = micro-batch (no accumulation), as step mode measures it; a larger world at the recipe's batch
-    (the stage's config), accumulated as the recipe does on that many ranks."""
+    (the stage's config), accumulated as the recipe does on that many ranks, or over at most `micro_steps`
+    micro-steps a step (0: all; the job's 'accumulation' is the recipe's)."""
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
@@ -655,9 +661,13 @@ def step_job(impl, run_dir, n, world=1, workers=None):
             f'--dtype={dtype}', f'--num_workers={num_workers if workers is None else workers}', '--log_interval=1']
     args += [f'--compile_blocks={comp}'] * S.compiles
     synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
-    args += S.args(m if world == 1 else recipe_setting('batch_size', files), n, synthetic)  # a step's images
+    batch = m if world == 1 else recipe_setting('batch_size', files)
+    args += S.args(batch, n, synthetic)  # a step's images
+    accumulation = batch // (m * world)
+    if micro_steps and accumulation > micro_steps:
+        args.append(f'--batch_size={m * world * micro_steps}')
     return {'script': S.script, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
-            'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO}
+            'run_dir': os.path.abspath(run_dir), 'zero_config': ZERO, 'accumulation': accumulation}
 
 
 def run_step(impl):

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from statistics import mean
 
 import plot
 
@@ -181,9 +182,9 @@ def results():
             r.update({f'cls_top1_{init}': cls['top1'], f'cls_top5_{init}': cls['top5'],
                       f'clip_top1_{init}': clip['top1'], f'clip_top5_{init}': clip['top5']})
         seeds_out.append(r)
-    mean = {k: sum(r[k] for r in seeds_out) / len(seeds_out) for k in seeds_out[0] if k != 'seed'}
+    means = {k: mean(r[k] for r in seeds_out) for k in seeds_out[0] if k != 'seed'}
     teacher = last_eval('teacher')['eval']['zeroshot']
-    out = {'seeds': seeds_out, 'mean': mean, 'teacher_top1': teacher['top1'], 'teacher_top5': teacher['top5']}
+    out = {'seeds': seeds_out, 'mean': means, 'teacher_top1': teacher['top1'], 'teacher_top5': teacher['top5']}
     if sweep_points():  # {init: {epochs: {lr: [top-1 per seed]}}}, final weights as above
         sweep = {}
         for s, init, epochs, lr in sweep_points():
@@ -215,7 +216,7 @@ def sweep_best(sweep):
     for e in sweep['mim']:
         out[e] = {}
         for init in ('scratch', 'mim'):
-            means = {lr: sum(v) / len(v) for lr, v in sweep[init][e].items()}
+            means = {lr: mean(v) for lr, v in sweep[init][e].items()}
             lr = max(means, key=means.get)
             out[e][init] = {'lr': lr, 'top1': means[lr]}
         out[e]['gain'] = out[e]['mim']['top1'] - out[e]['scratch']['top1']
@@ -232,7 +233,7 @@ def sweep_table(sweep):
     for e in budgets:
         for init in ('scratch', 'mim'):
             runs = sweep[init][e]
-            cells = ' | '.join(f"{sum(runs[lr]) / len(runs[lr]):.1f} (" + ', '.join(f'{x:.1f}' for x in runs[lr]) +
+            cells = ' | '.join(f"{mean(runs[lr]):.1f} (" + ', '.join(f'{x:.1f}' for x in runs[lr]) +
                                ')' for lr in lrs)
             b = best[e][init]
             gain = f"{best[e]['gain']:+.1f}" if init == 'mim' else ''

@@ -11,7 +11,7 @@ model (or, without one, the patch-16 MIM encoder), 45k steps of 64 images on 64 
 Expected (EVA-01 det/README.md, 1536 px, soft-NMS, maskness): 64.2 box AP / 55.0 mask AP on COCO val2017 (the
 released det and seg models; the paper's Table 6: 64.5 / 55.0 with test-time augmentation).
 Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
-as shipped (1280, micro-batch 1, checkpointing; 50 objects a picture, every proposal kept) 9.5 / 11.5
+as shipped (1280, micro-batch 1, checkpointing; 50 objects an image, every proposal kept) 9.5 / 11.6
 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/det_coco'

@@ -11,7 +11,7 @@ added, freshly initialised, when COCO starts from this model.
 Objects365 ships COCO-format jsons (zhiyuan_objv2_train.json; v1's objects365_train.json): give its json and image
 folder; merge train and val into one json beforehand for EVA's "train + val" run.
 Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-04; allocated / device need):
-as shipped (1280, micro-batch 1, checkpointing) at most the COCO recipe's 9.5 / 11.5 GiB (no mask head
+as shipped (1280, micro-batch 1, checkpointing) at most the COCO recipe's 9.5 / 11.6 GiB (no mask head
 here): 24 GB GPUs too.
 """
 out_dir = 'out/det_o365'

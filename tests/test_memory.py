@@ -144,30 +144,37 @@ def test_counts_follow_the_data_and_the_policies():
 
 
 def test_det_policies_set_the_detectors_counts(monkeypatch):
-    """bench.py's det policies on a tiny cascade on meta: the targets are det_objects full-size ground truths, each
-    cascade stage pools roi_batch boxes per image (the sampler's full sample, kept by every stage at det_kept 1.0),
-    the mask head the positive share of them; the targets are held as data (bytes by hand)."""
+    """bench.py's det policies on a tiny cascade on meta: every image of a batch carries det_objects ground truths
+    (masks of the whole crop), each cascade stage pools roi_batch boxes per image (the sampler's full sample, kept
+    by every stage at det_kept 1.0), the mask head the positive share of them."""
     from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
     from test_det import tiny
 
+    import data
     import det_model
-    for owner, name in ((BalancedPositiveNegativeSampler, '__call__'), (det_model.CascadeMaskRCNN, 'forward'),
+    for owner, name in ((BalancedPositiveNegativeSampler, '__call__'), (data, 'collate_detection'),
                         (det_model.CascadeMaskRCNN, 'mask_loss'), (det_model, 'pool_rois')):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
     mem, rows = memory.LiveMemory('meta', fraction=1.0), {}
     bench.det_policies(mem, objects=5)
+    labels = [{'boxes': torch.ones(n, 4), 'labels': torch.ones(n, dtype=torch.long), 'image_id': i,
+               'masks': torch.ones(n, 100, 90, dtype=torch.bool), 'dropped': 0} for i, n in ((0, 2), (1, 0))]
+    samples = [{'image': torch.zeros(3, 100, 90, dtype=torch.uint8), 'index': i, 'skipped': 0, 'label': label}
+               for i, label in enumerate(labels)]
+    batch = data.collate_detection(samples, 128)
+    assert [(t['boxes'].shape, t['labels'].shape, t['masks'].shape, t['image_id']) for t in batch['targets']] == \
+        [((5, 4), (5,), (5, 128, 128), i) for i in (0, 1)]  # masks of the whole crop, the largest an image has
+    assert batch['image'].shape == (2, 3, 128, 128)
     with mem, torch.device('meta'):
-        det = tiny()  # 128 px, roi_batch 32, roi_positive 0.25, rpn_post_nms 50
-        net = det_model.CascadeMaskRCNN(det)
+        net = det_model.CascadeMaskRCNN(tiny())  # 128 px, roi_batch 32, roi_positive 0.25, rpn_post_nms 50
         heads = [*net.roi_heads.box_head, net.roi_heads.mask_head]
         for i, head in enumerate(heads):
             head.register_forward_pre_hook(lambda m, x, i=i: rows.__setitem__(i, len(x[0])))
-        targets = [dict(boxes=torch.empty(2, 4), labels=torch.empty(2, dtype=torch.long),
-                        masks=torch.empty(2, 128, 128, dtype=torch.bool)) for _ in range(3)]
+        targets = [dict(boxes=torch.empty(5, 4), labels=torch.empty(5, dtype=torch.long),
+                        masks=torch.empty(5, 128, 128, dtype=torch.bool)) for _ in range(3)]
         losses = net(torch.empty(3, 3, 128, 128), [(128, 128)] * 3, targets)
         sum(losses.values()).backward()
     assert rows == {0: 3 * 32, 1: 3 * 32, 2: 3 * 32, 3: 3 * 8}
-    assert mem.kinds['data'] == 3 * (5 * 128 * 128 + 512 + 512)  # masks 80 KiB; boxes, labels a 512-byte block each
 
 
 # -----------------------------------------------------------------------------
@@ -283,15 +290,23 @@ def test_memory_mode_reproduces_the_h200_rows(tmp_path):
 
 def test_memory_mode_shards_over_ranks(tmp_path):
     """A tiny MIM run on meta at 2 ranks: the fp32 master and Adam's moments are halved (DeepSpeed's partitions,
-    with their alignment padding), the model is the script's, the recipe's batch is accumulated; rank 0 is run,
-    then the rank whose gradient partition is the largest, if another."""
-    res, out = memory_row(tmp_path, '--stage=pretrain', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=8',
-                          '--teacher_model=tiny', '--num_workers=0', '--zero_ranks=2',
-                          '--stage_args=config/pretrain_tiny.py')  # its batch: 32
+    with their alignment padding), the model is the script's, the recipe's batch is accumulated (4 micro-steps,
+    3 run: the same peaks, kinds and phases to the byte as all 4); rank 0 is run, then the rank whose gradient
+    partition is the largest, if another."""
+    tiny = ['--stage=pretrain', '--model_size=eva_tiny', '--img_size=32', '--micro_batch=4', '--teacher_model=tiny',
+            '--num_workers=0', '--zero_ranks=2', '--stage_args=config/pretrain_tiny.py']  # its batch: 32
+    res, out = memory_row(tmp_path / 'three', *tiny)
     one, two = res['worlds']['1'], res['worlds']['2']
     parts = two['gradient_partitions']
     assert len(parts) == 2 and two['ranks'] == sorted({0, parts.index(max(parts))})
-    assert (one['accumulation'], two['accumulation']) == (1, 2)
+    assert (one['accumulation'], two['accumulation'], two['micro_steps_run']) == (1, 4, 3)
+    ranks = ','.join(map(str, two['ranks']))
+    every, _ = memory_row(tmp_path / 'all', *tiny, '--world1=False', '--memory_micro_steps=0',
+                          f'--memory_ranks={ranks}')
+    every = every['worlds']['2']
+    assert every['micro_steps_run'] == 4 and list(every['phase_peaks']) == list(two['phase_peaks'])
+    for key in ('peak_bytes', 'peak_phase', 'phase_peaks', 'at_peak_bytes', 'rank'):
+        assert every[key] == two[key], key
     width = CLIPTeacher('tiny', '', 32, 4).out_dim
     student = model.EVA(model.eva_config('eva_tiny', pooling='cls', use_mask_token=True, mim_dim=width))
     n = sum(p.numel() for p in student.parameters())
@@ -299,7 +314,7 @@ def test_memory_mode_shards_over_ranks(tmp_path):
     for kind, per_param in (('Adam', 8), ('master weights (fp32 partition)', 4)):  # (a few 512-byte blocks more)
         assert one['at_peak_bytes'][kind] == pytest.approx(per_param * n, rel=0.01)
         assert two['at_peak_bytes'][kind] == pytest.approx(one['at_peak_bytes'][kind] / 2, rel=0.01)
-    assert 'world 2 x micro-batch 8 x accumulation 2' in out
+    assert 'world 2 x micro-batch 4 x accumulation 4 (3 run a step)' in out
 
 
 if __name__ == '__main__':
