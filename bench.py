@@ -376,8 +376,9 @@ def memory_row():
                                  f"{tail}")
             runs.append(json.load(open(os.path.join(run_dir, 'memory.json'))))
             parts = runs[-1]['gradient_partitions']
-            if world > 1 and memory_ranks == 'worst' and len(runs) == 1 and parts and parts.index(max(parts)):
-                ranks.append(parts.index(max(parts)))  # the largest gradient partition's rank, if not rank 0
+            largest = parts.index(max(parts)) if parts else 0
+            if world > 1 and memory_ranks == 'worst' and len(runs) == 1 and largest:
+                ranks.append(largest)  # the rank of the largest gradient partition, if not rank 0
         worst = max(runs, key=lambda r: r['peak_bytes'])
         allocated = worst['peak_gib'] + workspace_gib
         need = allocated * (1 + fragmentation) + context_gib + (nccl_gib if world > 1 else 0)
@@ -435,19 +436,19 @@ def memory_mode():
                 out = open(os.path.join(out_dir, f'{name}.txt'), 'w')
                 command = [sys.executable, os.path.join(ROOT, 'bench.py'), *passed, '--mode=memory_row', *args,
                            f'--out_dir={os.path.join(out_dir, name)}']
-                running[name] = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), out
+                running[name] = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), out, args
             time.sleep(0.5)
-            for name, (proc, out) in list(running.items()):
+            for name, (proc, out, args) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
                 out.close()
-                args = ' '.join(a for a in known[name] if not a.startswith('--reference'))
-                print(f"-- {name}: python bench.py --mode=memory_row {args}\n{open(out.name).read()}", flush=True)
+                print(f"-- {name}: python bench.py --mode=memory_row {' '.join(args)}\n{open(out.name).read()}",
+                      flush=True)
                 path = os.path.join(out_dir, name, 'bench_memory_row.json')
                 res[name] = json.load(open(path)) if proc.returncode == 0 else None
     finally:  # Ctrl-C: the rows' runs stop too
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.terminate()
     lines = ['| row | world x micro-batch x accumulation | allocated peak, projected (GiB) | peak in | device need '
              f'(GiB) | fits {gpu_gib} GiB |', '|---|---|---|---|---|---|']
@@ -529,7 +530,7 @@ context_gib = 0.6  # memory mode: the CUDA context, outside the allocator (lazy 
 nccl_gib = 0.5  # memory mode: NCCL's buffers when there is more than one rank, outside the allocator
 workspace_gib = 0.07  # memory mode: cuBLAS / cuBLASLt workspaces, inside the allocator (max_memory_allocated)
 # memory mode, what the values would decide (meta tensors have none), as the study set it
-det_objects = 50  # det: ground-truth objects per image, each a full-image bitmap (COCO: 7.3 on average, up to ~90)
+det_objects = 50  # det: ground-truth objects per image, masks of the whole crop (COCO: 7.3 on average, up to ~90)
 det_kept = 1.0  # det: share of boxes the RPN's filters and NMS keep (then its top 1000) and the cascade keeps
 seg_classes = 20  # seg: classes present in a crop (the Mask2Former targets; ADE20K: ~9 per image, up to ~70)
 # -----------------------------------------------------------------------------

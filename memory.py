@@ -96,14 +96,15 @@ class LiveMemory(TorchDispatchMode):
             args = (args[0], indices, *args[2:])
         out = func(*args, **kwargs)
         if func in COUNT_KEPT and is_meta_mask(out):
-            if args[0].device.type != 'meta':  # a mask from the data (MIM's): its count of True is known
-                self.count(out, int((args[0] != 0).sum()))
-            elif self.counted(args[0]):
-                self.count(out, self.counts[args[0].untyped_storage()._cdata][0])
+            if args[0].device.type != 'meta':  # a bool mask from the data (MIM's): its count of True is known (not
+                if out.dtype == torch.bool:  # summed for every uint8 image a batch copies)
+                    self.count(out, int(args[0].sum()))
+            elif self.count_of(args[0]) is not None:
+                self.count(out, self.count_of(args[0]))
         if func in COUNT_ADDED and is_meta_mask(out):
-            masks = args[0] if func is aten.cat.default else args[:2]
-            if all(self.counted(m) for m in masks):
-                self.count(out, min(sum(self.counts[m.untyped_storage()._cdata][0] for m in masks), out.numel()))
+            counts = [self.count_of(m) for m in (args[0] if func is aten.cat.default else args[:2])]
+            if None not in counts:
+                self.count(out, min(sum(counts), out.numel()))
         if func is torch.ops.aten.lift_fresh.default:  # torch.tensor(python values): made on the host, where a GPU
             self.host(out)  # run keeps it (Adam's step counts) unless it is copied to the device (a new storage)
             return out
@@ -121,9 +122,10 @@ class LiveMemory(TorchDispatchMode):
         """The meta mask `mask` holds n True (from the data, a policy, or the masks it was made of)."""
         self.counts[mask.untyped_storage()._cdata] = (n, mask.numel())
 
-    def counted(self, t):
+    def count_of(self, t):
+        """The count of True a meta mask is known to hold, or None."""
         count = self.counts.get(t.untyped_storage()._cdata) if is_meta_mask(t) else None
-        return count is not None and count[1] == t.numel()
+        return count[0] if count is not None and count[1] == t.numel() else None
 
     def selected(self, n, what):
         """How many of n elements a mask made on the device selects: the policy's share (selecting())."""
@@ -146,8 +148,8 @@ class LiveMemory(TorchDispatchMode):
         """A meta mask's nonzero(), (count of True, mask.dim()) long, counted: the count is the one its data had
         when it was copied to the device, or the one carried from the masks it was made of, else n (the rows of
         x[mask] = values), else the selecting() policy's."""
-        if self.counted(mask):
-            n = self.counts[mask.untyped_storage()._cdata][0]
+        if self.count_of(mask) is not None:
+            n = self.count_of(mask)
         elif n is None:
             n = self.selected(mask.numel(), f"a {tuple(mask.shape)} mask")
         return self.made(torch.empty(n, mask.dim(), dtype=torch.long, device='meta'), 'nonzero')
