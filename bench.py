@@ -487,7 +487,9 @@ def matmul_tflops():
 # config (the command line reads it under __main__, at the end)
 mode = 'step'  # 'step': a stage's training step, ours vs references; 'data': input pipeline vs torchvision's; 'table':
 #   the benchmark table's rows (ROWS) in order, each saved as it ends; 'targets': the rows the targets need, and checks;
-#   'index': the data indexes of 1M-30M image lists and an Objects365-sized json (memory, start-up; no GPU)
+#   'index': the data indexes of 1M-30M image lists and an Objects365-sized json (memory, start-up; no GPU);
+#   'memory': each row's GPU memory projected on a CPU (memory.py; no GPU); 'memory_row': one such
+#   row, of the settings below (stage, micro_batch, grad_checkpointing, ...)
 stage = 'pretrain'  # step mode: 'pretrain' (MIM with the CLIP teacher), 'finetune' (finetune_cls.py), 'clip'
 #   (train_clip.py), 'video' (finetune_video.py), 'det' or 'seg' (det_seg.py's two tasks): STAGES
 model_size = 'eva_g'  # a key of model.SIZES
@@ -1082,6 +1084,10 @@ if __name__ == '__main__':
         raise SystemExit(0)
     exec(open(os.path.join(ROOT, 'configurator.py')).read())
     config = {k: globals()[k] for k in _keys}  # noqa: F821 (_keys comes from configurator.py)
+    modes = {'data': data_mode, 'index': index_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode,
+             'memory': memory_mode, 'memory_row': memory_row}
+    if mode not in modes:
+        raise SystemExit(f"mode must be one of {', '.join(modes)}, got {mode!r}")
     if stage not in STAGES:
         raise SystemExit(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     S = STAGES[stage]
@@ -1098,8 +1104,6 @@ if __name__ == '__main__':
         raise SystemExit(f"zero_config wants 'key=value,...' with Python values, got {zero_config!r}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a scheduler's kill: runs' cleanup
     os.makedirs(out_dir, exist_ok=True)
-    modes = {'data': data_mode, 'index': index_mode, 'step': step_mode, 'table': table_mode, 'targets': table_mode,
-             'memory': memory_mode, 'memory_row': memory_row}
     result = modes[mode]()
     with open(os.path.join(out_dir, f'bench_{mode}.json'), 'w') as f:
         json.dump(result, f, indent=1)

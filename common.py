@@ -111,8 +111,7 @@ def on_gpu(device):
 
 def resolve_dtype(dtype, cuda):
     """-> (name, torch dtype); DeepSpeed runs fp16 only on CUDA, so a CPU trains in fp32 instead (said once)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    require_choice('dtype', dtype, DTYPES)
     if dtype == 'fp16' and not cuda:
         print0("no GPU: DeepSpeed runs fp16 only on CUDA, training in fp32 instead")
         dtype = 'fp32'
@@ -133,6 +132,12 @@ def input_errors():
         yield
     except (OSError, ValueError) as e:
         config_error(str(e).splitlines()[0].rstrip(':'))
+
+
+def require_choice(key, value, choices):
+    """A setting that names a key of a table (model_size, dtype): one error line that lists them, not a traceback."""
+    if value not in choices:
+        config_error(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def require_files(**paths):

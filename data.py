@@ -521,8 +521,8 @@ def index_captions(path, img_key, caption_key, sep):
         reader = csv.DictReader(f, delimiter=sep)
         missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
         if missing:
-            raise KeyError(f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
-                           f"{reader.fieldnames} (set the image and caption column names)")
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
+                             f"{reader.fieldnames} (set the image and caption column names)")
         for row in reader:
             images.add(row[img_key] or '')
             captions.add(row[caption_key] or '')
@@ -1630,7 +1630,7 @@ def label_lut(mode):
         lut = torch.full((256,), 255, dtype=torch.uint8)
         lut[used] = torch.arange(len(used), dtype=torch.uint8)
     elif mode is not None:
-        raise ValueError(f"label_map must be None, 'reduce_zero_label' or 'cocostuff', got {mode!r}")
+        raise ValueError(f"label_map must be '' (none), 'reduce_zero_label' or 'cocostuff', got {mode!r}")
     return lut
 
 

@@ -35,8 +35,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
-                    resume, save_checkpoint, stop_signal, write_eval)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_choice, require_files,
+                    resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CocoDetection, LargeScaleJitter, 
                   write_synthetic_scenes)
 from det_model import LAYER_DECAY as DET_LAYER_DECAY
 from det_model import CascadeMaskRCNN, DetConfig, load_detector
-from model import checkpoint_step, eva_config, param_groups, read_checkpoint
+from model import SIZES, checkpoint_step, eva_config, param_groups, read_checkpoint
 from seg_model import LAYER_DECAY as SEG_LAYER_DECAY
 from seg_model import Segmenter, SegConfig, confusion, load_segmenter, resize, seg_metrics, slide_inference
 
@@ -175,6 +175,7 @@ if task == 'seg' and seg_head not in ('mask2former', 'upernet'):
 if task == 'seg' and repeat_threshold > 0:
     config_error(f"repeat_threshold={repeat_threshold}: repeat-factor sampling is for detection (LVIS), not task='seg'")
 require_files(init_from=init_from)
+require_choice('model_size', model_size, SIZES)
 dtype, model_dtype = resolve_dtype(dtype, cuda)
 config['dtype'] = dtype
 test_size = test_size or img_size

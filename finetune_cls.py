@@ -24,8 +24,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
-                    resume, save_checkpoint, stop_signal, write_eval)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_choice, require_files,
+                    resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from data import (CLIP_MEAN, CLIP_STD, ImageFiles, ResumableSampler, Samples, eval_transform, image_source,
                   imagenet_classes, imagenet_real_labels, imagenet_subset, load_rgb, make_loader, topk_hits,
                   train_batches)
-from model import (EVA, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
+from model import (EVA, SIZES, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
                    timm_args, unwrap_state_dict)
 
 # -----------------------------------------------------------------------------
@@ -109,6 +109,7 @@ cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the mem
 if eval_only and not init_from:
     config_error("eval_only and predict need --init_from=CHECKPOINT")
 require_files(init_from=init_from, objectnet_mapping=objectnet_mapping)
+require_choice('model_size', model_size, SIZES)
 if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
     print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path")
 dtype, model_dtype = resolve_dtype(dtype, cuda)

@@ -25,8 +25,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
-                    resume, save_checkpoint, stop_signal, write_eval)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_choice, require_files,
+                    resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, ResumableSampler, Samples, VideoClips, VideoFiles, make_loader,
                   normalize_batch, topk_hits, train_batches, write_synthetic_videos)
-from model import (EVA, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
+from model import (EVA, SIZES, checkpoint_step, ema_update_, eva_config, load_pretrained, param_groups, read_checkpoint,
                    timm_args)
 
 # -----------------------------------------------------------------------------
@@ -107,6 +107,7 @@ cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the mem
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT")
 require_files(init_from=init_from, head_mapping=head_mapping, class_names=class_names)
+require_choice('model_size', model_size, SIZES)
 if test_crops not in (1, 3):
     config_error(f"test_crops must be 1 or 3, got {test_crops}")
 dtype, model_dtype = resolve_dtype(dtype, cuda)

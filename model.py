@@ -341,8 +341,7 @@ class CLIPTeacher(nn.Module):
                 image_size=img_size, patch_size=patch_size, width=64, layers=2, heads=4, mlp_ratio=4.0,
                 output_dim=768)
         else:  # pretrained: an open_clip tag ('openai' downloads once) or a local file
-            visual = open_clip.create_model(name, pretrained=pretrained or None,
-                                            force_quick_gelu=uses_quick_gelu(name, pretrained)).visual
+            visual = open_clip_model(name, pretrained, force_quick_gelu=uses_quick_gelu(name, pretrained)).visual
         visual.output_tokens = True  # open_clip returns the tokens after ln_post but before proj
         self.visual = visual.eval().requires_grad_(False)
         width = visual.conv1.out_channels
@@ -384,6 +383,18 @@ def uses_quick_gelu(name, pretrained):
     silently change the teacher's features."""
     import open_clip
     return bool(pretrained) and bool(open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False))
+
+
+def open_clip_model(name, pretrained, **kwargs):
+    """open_clip.create_model, whose unknown model, unknown tag, missing file and failed download (offline) are
+    RuntimeErrors: an OSError naming both settings instead, which the stages' input_errors print as one line."""
+    import open_clip
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+    except RuntimeError as e:
+        what = str(e).split('. ')[0]  # its first sentence: not the list of every model or tag open_clip knows
+        hint = '; offline, give the weights as a local file' if 'download' in what else ''
+        raise OSError(f"open_clip model {name!r}, pretrained {pretrained!r}: {what}{hint}") from e
 
 # -----------------------------------------------------------------------------
 # resizing, as the official code does it (pure functions, float32 inside)
@@ -732,14 +743,13 @@ def load_text_tower(text, model_name='ViT-L-14', pretrained='openai'):
     """Initialise a TextTransformer from an open_clip CLIP: a tag ('openai' downloads OpenAI's CLIP-L/14 once) or
     a local file open_clip reads (OpenAI's JIT archive, an open_clip checkpoint). A projection of another
     output size (OpenAI's 768 vs EVA-CLIP g's 1024) stays newly initialised; any other mismatch fails."""
-    import open_clip
-    src = open_clip.create_model(model_name, pretrained=pretrained).state_dict()
+    src = open_clip_model(model_name, pretrained).state_dict()
     src = {k[len('text.'):] if k.startswith('text.') else k: v for k, v in src.items()}  # CustomTextCLIP layout
     target = text.state_dict()
     sd, skipped = {}, []
     for k, t in target.items():
         if k not in src:
-            raise KeyError(f"{model_name} ({pretrained}) has no text-tower key {k!r}")
+            raise ValueError(f"{model_name} ({pretrained}) has no text-tower key {k!r}")
         if src[k].shape != t.shape:
             if k == 'text_projection':
                 skipped.append(f"text_projection {tuple(src[k].shape)} -> {tuple(t.shape)} (newly initialised)")

@@ -20,14 +20,14 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
-                    resume, save_checkpoint, stop_signal)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_choice, require_files,
+                    resolve_dtype, resume, save_checkpoint, stop_signal)
 import torch
 import torch.distributed as dist
 
 from data import (MaskingGenerator, ResumableSampler, Samples, eval_transform, image_source, make_loader,
                   mim_transform, normalize_batch, train_batches)
-from model import EVA, CLIPTeacher, eva_config, load_pretrained, mim_loss, param_groups, timm_args
+from model import EVA, CLIPTeacher, SIZES, eva_config, load_pretrained, mim_loss, param_groups, timm_args
 
 # -----------------------------------------------------------------------------
 # config: the paper's recipe (EVA paper sec. 2.1, Table 13; EVA-01 pretraining scripts)
@@ -91,6 +91,7 @@ rank, local_rank, world, device = init_distributed(num_workers)  # torchrun's en
 stop = stop_signal()  # Ctrl-C / SIGTERM: an evaluation stops at its next batch, training at its next log step
 cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the memory projection's meta device)
 require_files(init_from=init_from)
+require_choice('model_size', model_size, SIZES)
 if val_data_path.startswith('synthetic') and not data_path.startswith('synthetic'):
     print0(f"warning: training on {data_path} but validating on synthetic images: set val_data_path (or '')")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
@@ -115,7 +116,8 @@ print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = g
 if local_rank != 0:
     dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
 torch.manual_seed(seed)  # a random teacher ('tiny', the demo's) is the same on every rank, on resume and in plot.py
-teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, eva_config(model_size).patch_size).to(device)
+with input_errors():  # an unknown open_clip model or tag, a missing file, a failed download (offline): one line
+    teacher = CLIPTeacher(teacher_model, teacher_pretrained, img_size, eva_config(model_size).patch_size).to(device)
 if local_rank == 0:
     dist.barrier()
 if cuda:

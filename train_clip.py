@@ -23,8 +23,8 @@ import time
 
 # common first: it sets OpenMP's wait policy, which torch's import fixes
 from common import (batch_split, config_error, cut_short, deepspeed_engine, engine_stats, full_state_dict, hms,
-                    init_distributed, input_errors, on_gpu, open_log, print0, require_files, resolve_dtype,
-                    resume, save_checkpoint, stop_signal, write_eval)
+                    init_distributed, input_errors, on_gpu, open_log, print0, require_choice, require_files,
+                    resolve_dtype, resume, save_checkpoint, stop_signal, write_eval)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 from data import (CLIP_MEAN, CLIP_STD, CaptionFiles, ImageFiles, ResumableSampler, Samples, SyntheticShapes,
                   TarShards, caption_source, eval_transform, image_source, imagenet_classes, load_rgb, make_loader,
                   recall_at_k, topk_hits, train_batches)
-from model import (CLIP, TEXT_EMBEDDINGS, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained,
+from model import (CLIP, SIZES, TEXT_EMBEDDINGS, TEXT_SIZES, clip_loss, eva_config, export_open_clip, load_pretrained,
                    load_text_tower, param_groups, read_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -107,6 +107,7 @@ cuda = on_gpu(device)  # the GPU's choices: fp16, fused AdamW, ... (also the mem
 if eval_only and not init_from:
     config_error("eval_only needs --init_from=CHECKPOINT (a clip.pt or an open_clip EVA-CLIP file)")
 require_files(init_from=init_from)
+require_choice('model_size', model_size, SIZES)
 if zeroshot_data.startswith('synthetic') and not train_data.startswith('synthetic'):
     print0(f"warning: training on {train_data} but zero-shot evaluation on synthetic images: set zeroshot_data")
 dtype, model_dtype = resolve_dtype(dtype, cuda)
@@ -114,8 +115,7 @@ config['dtype'] = dtype
 
 # -----------------------------------------------------------------------------
 # data
-if text_size not in TEXT_SIZES:
-    raise KeyError(f"unknown text_size {text_size!r}; known: {', '.join(TEXT_SIZES)}")
+require_choice('text_size', text_size, TEXT_SIZES)
 tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=TEXT_SIZES[text_size]['context_length'])
 
 
@@ -140,6 +140,8 @@ def zeroshot_setup():
     if not zeroshot_data:
         return None
     synthetic = zeroshot_data.startswith('synthetic')
+    if not synthetic and not os.path.isdir(zeroshot_data):
+        raise OSError(f"zeroshot_data: no such folder: {zeroshot_data}")
     classnames, template_set = zeroshot_classnames, zeroshot_templates
     if classnames == 'auto':
         folders = [] if synthetic else sorted(d.name for d in os.scandir(zeroshot_data) if d.is_dir())
@@ -194,7 +196,8 @@ def retrieval_setup():
     return list(images), captions, torch.tensor(owner)
 
 
-zeroshot_set, retrieval_set = zeroshot_setup(), retrieval_setup()
+with input_errors():  # no such file or folder, a CSV without the columns: one error line
+    zeroshot_set, retrieval_set = zeroshot_setup(), retrieval_setup()
 
 # -----------------------------------------------------------------------------
 # model
@@ -227,7 +230,8 @@ with input_errors():  # not a checkpoint, or another model's: one error line
 if not whole and text_init_from and not eval_only:
     if local_rank != 0:
         dist.barrier()  # each node's first rank fills open_clip's download cache first; the others then read it
-    load_text_tower(model.text, text_init_model, text_init_from)
+    with input_errors():  # an unknown open_clip model or tag, a missing file, a failed download (offline): one line
+        load_text_tower(model.text, text_init_model, text_init_from)
     if local_rank == 0:
         dist.barrier()
 if eval_only and not whole:
@@ -337,13 +341,14 @@ if grad_accum != 1:  # accumulation would split the contrastive batch into small
 train_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
                        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 streamed = not (train_data.startswith('synthetic') or train_data.endswith(('.csv', '.tsv')))
+with input_errors():  # no such file or shard, a CSV without the columns: one error line
+    train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer) if streamed else \
+        Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
+                               csv_separator), train_tf, seed, text_transform=tokenize)
 if streamed:
-    train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer)
     steps_per_epoch = 0  # a stream has no epochs
     data_desc = f"{len(train_set.shards):,} tar shards"
 else:
-    train_set = Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
-                                       csv_separator), train_tf, seed, text_transform=tokenize)
     steps_per_epoch = len(train_set) // batch_size
     if steps_per_epoch == 0:
         config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")

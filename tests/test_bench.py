@@ -183,6 +183,7 @@ def test_targets_and_table_rows(tmp_path):
 
 def test_bad_settings_fail_clearly(tmp_path):
     for args, message in ((['--stage=dett'], "stage must be one of"),
+                          (['--mode=memroy'], "mode must be one of data, index, step"),
                           (['--mode=table', '--rows=mim64,nope'], "unknown rows ['nope']"),
                           (['--zero_config=overlap_comm'], "zero_config wants 'key=value,...'"),
                           (['--stage=clip', '--compile_blocks=True'], "train_clip.py does not compile its blocks"),

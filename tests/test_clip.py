@@ -209,7 +209,7 @@ def test_csv_with_a_missing_image_and_an_empty_caption_is_skipped_and_counted(tm
     assert 'row 3 ' in err and 'empty caption' in err and '3.png' in err
     assert list(batch['text']) == ['a red circle', 'a blue square', 'a blue square', 'y', 'y', 'z']  # the next row's
     assert batch['skipped'].tolist() == [0, 1, 0, 1, 0, 0] and int(batch['skipped'].sum()) == 2
-    with pytest.raises(KeyError, match=r"pairs.csv: no column 'caption'.*\['filepath', 'title'\]"):
+    with pytest.raises(ValueError, match=r"pairs.csv: no column 'caption'.*\['filepath', 'title'\]"):
         CaptionFiles(path, caption_key='caption')
     with pytest.raises(FileNotFoundError, match='nope.csv'):
         CaptionFiles(str(tmp_path / 'nope.csv'))
@@ -307,6 +307,8 @@ def test_text_tower_from_an_open_clip_checkpoint(tmp_path):
     bad.transformer.resblocks[0].mlp.c_fc = torch.nn.Linear(512, 1024)
     with pytest.raises(ValueError, match='resblocks.0.mlp.c_fc.weight'):
         load_text_tower(bad, 'ViT-B-32', str(tmp_path / 'b32.pt'))
+    with pytest.raises(OSError, match=r"open_clip model 'ViT-B-32', pretrained '.*/no\.pt': Pretrained value"):
+        load_text_tower(text, 'ViT-B-32', str(tmp_path / 'no.pt'))  # the stage's input_errors: one line
     assert uses_quick_gelu('ViT-L-14', 'openai') and not uses_quick_gelu('ViT-L-14', '')
 
 
@@ -344,6 +346,16 @@ def test_script_trains_from_a_csv_and_from_tar_shards_counting_bad_samples(tmp_p
     rows = [r for r in log_rows(tmp_path / 'run_tar') if 'loss' in r]
     assert [r['step'] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r['loss']) for r in rows)
     assert 0 < sum(r['bad_samples'] for r in rows) and (tmp_path / 'run_tar' / 'open_clip').is_dir()
+    # a missing file or folder, a CSV without the columns, an unknown size: one error line each, no traceback
+    for arg, error in ((f'--train_data={tmp_path}/no.csv', f'caption file not found: {tmp_path}/no.csv'),
+                       (f'--train_data={path}', f"{path}: no column 'caption'"),
+                       (f'--zeroshot_data={tmp_path}/nodir', f'zeroshot_data: no such folder: {tmp_path}/nodir'),
+                       ('--text_size=clip_x', "text_size must be one of clip_l, clip_b, tiny, got 'clip_x'")):
+        r = run_stage('train_clip.py', 'config/clip_tiny.py', f'--out_dir={tmp_path}/bad', '--csv_caption_key=caption',
+                      arg, check=False)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f'error: {error}'), (arg, r.stderr[-2000:])
+        assert 'Traceback' not in r.stderr, (arg, r.stderr[-2000:])
 
 
 def test_zero_shot_on_class_folders_against_a_count_by_hand(trained, tmp_path):

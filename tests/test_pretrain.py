@@ -327,6 +327,12 @@ def test_bad_inputs_are_named(tmp_path):
     r = run_stage('pretrain.py', *TINY, '--data_path=/no/such/folder', check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith('error: ') and \
         '/no/such/folder' in r.stderr.strip().splitlines()[-1] and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    for arg, error in (('--dtype=fp8', "error: dtype must be one of fp16, bf16, fp32, got 'fp8'"),
+                       ('--model_size=eva_x', "error: model_size must be one of eva_g, eva_l, eva_b"),
+                       ('--teacher_model=ViT-X', "error: open_clip model 'ViT-X', pretrained 'openai': Model config")):
+        r = run_stage('pretrain.py', *TINY, arg, check=False)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(error), r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr, r.stderr[-2000:]
     r = run_stage('pretrain.py', *TINY, '--lrr=1e-3', check=False)
     assert r.returncode != 0 and "unknown config key 'lrr'" in r.stderr and 'lr' in r.stderr
     r = run_stage('pretrain.py', '--help', check=False)
