@@ -815,7 +815,11 @@ def export_open_clip(ckpt, out_dir):
     open_clip_config.json (CustomTextCLIP over timm's Eva, as open_clip's EVA01-g-14) and
     open_clip_pytorch_model.bin. Load it with open_clip.create_model_and_transforms('local-dir:' + out_dir)
     (for sizes other than EVA-g, call register_timm_eva(out_dir) first)."""
-    ckpt = read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    src, ckpt = ckpt, read_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+    missing = [k for k in ('model', 'vision_cfg', 'text_cfg', 'embed_dim', 'quick_gelu') if k not in ckpt]
+    if missing:
+        raise ValueError(f"{src if isinstance(src, str) else 'the checkpoint'} is no train_clip.py CLIP checkpoint "
+                         f"(clip.pt): it has no {', '.join(missing)}")
     vision_cfg, text_cfg = EVAConfig(**ckpt['vision_cfg']), ckpt['text_cfg']
     os.makedirs(out_dir, exist_ok=True)
     config = {
@@ -849,7 +853,7 @@ def convert_psz14to16(src, dst, image_size=224, patch_size=16):
     sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     for k in ('patch_embed.proj.weight', 'pos_embed'):
         if k not in sd:
-            raise KeyError(f"{src} has no '{k}' (keys: {', '.join(list(sd)[:8])} ...)")
+            raise ValueError(f"{src} has no '{k}' (keys: {', '.join(list(sd)[:8])} ...)")
     old_p, old_g = sd['patch_embed.proj.weight'].shape[-1], math.isqrt(sd['pos_embed'].shape[1] - 1)
     sd['patch_embed.proj.weight'] = resize_patch_embed(sd['patch_embed.proj.weight'].float(), patch_size)
     sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], image_size // patch_size, compute_dtype=None)
@@ -865,14 +869,19 @@ if __name__ == '__main__':
              "       python model.py open_clip CLIP.pt OUT_DIR     (a train_clip.py checkpoint -> open_clip folder)")
     if len(args) == 3 and not os.path.isfile(args[1]):
         sys.exit(f"error: no such file: {args[1]}")
-    if len(args) == 3 and args[0] == 'open_clip' and not opts:
-        export_open_clip(args[1], args[2])
-        print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
-    elif len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args[2]))):
-            sys.exit(f"error: no folder for {args[2]}")
-        convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
-    else:
+    try:  # a file that is no checkpoint, or another kind: one error line
+        if len(args) == 3 and args[0] == 'open_clip' and not opts:
+            export_open_clip(args[1], args[2])
+            print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
+        elif len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}:
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args[2]))):
+                sys.exit(f"error: no folder for {args[2]}")
+            convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
+        else:
+            args = None
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args is None:
         ok = 'help' in opts or not sys.argv[1:]
         print(usage, file=sys.stdout if ok else sys.stderr)
         sys.exit(0 if ok else 2)

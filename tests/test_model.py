@@ -173,6 +173,11 @@ def test_psz14to16_of_an_fp16_file_is_bit_for_bit_the_official_script(tmp_path):
     assert torch.equal(got['patch_embed.proj.weight'], kernel) and torch.equal(got['pos_embed'], pos)
     # fp32 arithmetic for the fp16 pos_embed would differ in some bits: the test can tell the two apart
     assert not torch.equal(resize_pos_embed(sd['pos_embed'], 3), pos)
+    # a checkpoint of another kind: one error line naming the file and what it lacks
+    torch.save({'model': {'head.weight': torch.zeros(2, 2)}}, tmp_path / 'head.pt')
+    for cmd, error in (('psz14to16', "has no 'patch_embed.proj.weight'"), ('open_clip', 'is no train_clip.py CLIP')):
+        r = run_stage('model.py', cmd, tmp_path / 'head.pt', tmp_path / 'other', check=False)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'head.pt'} {error}"), r.stderr[-1000:]
     assert out['epoch'] == 7 and all(torch.equal(got[k], v) for k, v in sd.items() if 'pos_embed' not in k and
                                      k != 'patch_embed.proj.weight')
 
