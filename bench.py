@@ -260,8 +260,12 @@ def memory_worker(job):
         around(model.CLIPTeacher, '__init__', lambda t: contextlib.nullcontext(), then=teachers.append)
         ema_update = model.ema_update_  # (the script imports it from model after this)
 
+        tagged = set()  # the EMA models whose weights are named already
+
         def ema_update_(ema_model, net, decay):  # finetune_cls.py's EMA: its fp32 weights named, its update a phase
-            mem.track([*ema_model.parameters(), *ema_model.buffers()], 'EMA (fp32)')
+            if id(ema_model) not in tagged:
+                tagged.add(id(ema_model))
+                mem.track([*ema_model.parameters(), *ema_model.buffers()], 'EMA (fp32)')
             with mem.in_phase('EMA update'):
                 ema_update(ema_model, net, decay)
         model.ema_update_ = ema_update_
@@ -417,16 +421,22 @@ MEMORY_ROWS = ('mim32_ckpt,mim32,mim64,cls336,in1k336,in1k336_ckpt,in21k,in21k_c
                'det1280,det1024,seg896,seg896_mb2')  # memory mode's default rows
 
 
+def chosen_rows(default, known, what):
+    """--rows (or `default`), each a key of `known`; -> (the names, this command's other arguments, which every
+    row's own bench.py run takes before the row's settings)."""
+    names = [r for r in (rows or default).split(',') if r]
+    unknown = [r for r in names if r not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    return names, [a for a in sys.argv[1:] if a.split('=')[0] not in ('--mode', '--out_dir', '--rows')]
+
+
 def memory_mode():
     """Memory rows (ROWS' settings, and RECIPE_ROWS'), each a bench.py memory_row run of its own, memory_jobs at a
     time (a row's output goes to out_dir/<row>.txt, printed as it ends); a failed row is said and the rest run.
     -> out_dir/memory.md, a row per world, in the rows' order."""
-    names = [r for r in (rows or MEMORY_ROWS).split(',') if r]
-    known = {**ROWS, **RECIPE_ROWS}
-    unknown = [r for r in names if r not in known or r == 'data']
-    if unknown:
-        raise SystemExit(f"unknown memory rows {unknown}; known: {', '.join(k for k in known if k != 'data')}")
-    passed = [a for a in sys.argv[1:] if a.split('=')[0] not in ('--mode', '--out_dir', '--rows')]
+    known = {k: v for k, v in {**ROWS, **RECIPE_ROWS}.items() if k != 'data'}
+    names, passed = chosen_rows(MEMORY_ROWS, known, 'memory rows')
     res, running, todo = {}, {}, list(names)
     try:
         while todo or running:
@@ -666,7 +676,7 @@ def step_job(impl, run_dir, n, world=1, workers=None, micro_steps=0):
     synthetic = os.path.join(out_dir, 'synthetic_' + stage)  # written once, read by every run of the stage
     batch = m if world == 1 else recipe_setting('batch_size', files)
     args += S.args(batch, n, synthetic)  # a step's images
-    accumulation = batch // (m * world)
+    m, accumulation = common.batch_split(batch, m, world)  # as the stage splits it (a micro-batch it lowers too)
     if micro_steps and accumulation > micro_steps:
         args.append(f'--batch_size={m * world * micro_steps}')
     return {'script': S.script, 'impl': impl, 'args': args + [a for a in extra if a.startswith('--')],
@@ -993,11 +1003,7 @@ def table_mode():
     the row's own come last), each added to out_dir/table.md and bench_table.json as it ends: a GPU session cut
     short keeps what it measured. A failed row is said and the next one runs. targets mode: TARGET_ROWS, then
     the performance targets, each said met or not (or not run)."""
-    names = [r for r in (rows or (TARGET_ROWS if mode == 'targets' else ','.join(ROWS))).split(',') if r]
-    unknown = [r for r in names if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
-    passed = [a for a in sys.argv[1:] if a.split('=')[0] not in ('--mode', '--out_dir', '--rows')]
+    names, passed = chosen_rows(TARGET_ROWS if mode == 'targets' else ','.join(ROWS), ROWS, 'rows')
     res, table = {}, os.path.join(out_dir, 'table.md')
     with open(table, 'w') as f:
         f.write('| row | command (`python bench.py ...`) | rate | MFU | peak (reserved) | projected (measured / '
