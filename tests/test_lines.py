@@ -1,7 +1,9 @@
 """The style limit DESIGN.md sets, checked with the suite (so in CI): no line of the repository's Python files over 120
-characters."""
+characters; and the commands in README and the files' docstrings name settings and files that exist."""
+import ast
 import glob
 import os
+import re
 
 from conftest import ROOT
 
@@ -16,3 +18,50 @@ def test_no_line_over_120_characters():
             if len(line.rstrip('\n')) > 120:
                 long.append(f"{os.path.relpath(path, ROOT)}:{i}: {len(line.rstrip())} characters")
     assert not long, '\n'.join(long)
+
+
+def settings(script):
+    """The module-level names a script assigns: its settings (and constants), what configurator.py accepts."""
+    tree = ast.parse(open(os.path.join(ROOT, script), encoding='utf-8').read())
+    return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+
+OTHER_FLAGS = {'dist', 'nproc_per_node', 'nnodes', 'node_rank', 'rdzv_backend', 'rdzv_endpoint', 'rdzv_id',
+               'max', 'nodes', 'ntasks', 'gpus', 'cpus', 'time',  # pytest's, torchrun's, SBATCH's (--max-restarts)
+               'image_size', 'patch_size', 'videos', 'check',  # model.py's and data.py's command lines
+               'help', 'key'}  # every script's --help; README's `--key=value`
+
+
+def test_commands_name_real_settings_and_files():
+    """Every `python X.py ...` / `torchrun ... X.py ...` in README and in the files' opening docstrings (continued
+    lines joined): each --key is a setting of X.py and each config file exists; every other --key there is some
+    script's setting (or pytest's, torchrun's, SLURM's, model.py's and data.py's own): a renamed setting or config
+    leaves no stale command behind."""
+    scripts = [f for f in os.listdir(ROOT) if f.endswith('.py') and f not in ('configurator.py', 'model.py', 'data.py')]
+    known = {f: settings(f) | {'help'} for f in scripts}
+    anywhere = set().union(*known.values()) | OTHER_FLAGS
+    files = ['README.md'] + sorted(glob.glob('*.py', root_dir=ROOT) + glob.glob('config/*.py', root_dir=ROOT))
+    checked, stale = 0, []
+    for name in files:
+        text = open(os.path.join(ROOT, name), encoding='utf-8').read()
+        text = text if name == 'README.md' else ast.get_docstring(ast.parse(text)) or ''
+        text, in_commands = text.replace('\\\n', ' '), set()
+        for m in re.finditer(r'(?:python|torchrun[^`\n]*?)\s+(\w+\.py)((?:[ \t]+[^\s`|#]+)*)', text):
+            script, words = m.group(1), m.group(2).split()
+            if script not in known:
+                continue  # model.py's and data.py's command lines have their own usage; 'python X.py' in prose
+            in_commands.update(range(*m.span()))
+            for word in words:
+                key = word[2:].split('=')[0]
+                if word.startswith('--') and key not in known[script]:
+                    stale.append(f"{name}: {script} has no setting {key!r}: {m.group(0)}")
+                elif word.endswith('.py') and word[0] != '-' and not os.path.isfile(os.path.join(ROOT, word)):
+                    stale.append(f"{name}: no file {word}: {m.group(0)}")
+                checked += word.startswith('--')
+        for m in re.finditer(r'(?<![\w-])--(\w+)', text):
+            checked += m.start() not in in_commands
+            if m.start() not in in_commands and m.group(1) not in anywhere:
+                stale.append(f"{name}: no setting {m.group(1)!r} in any script: {text[m.start() - 40:m.end() + 20]!r}")
+    assert checked > 300, checked  # the commands and settings were found
+    assert not stale, '\n'.join(stale)
