@@ -1808,5 +1808,8 @@ if __name__ == '__main__':
         sys.exit(0)
     if sys.argv[1:2] != ['build_kinetics_lists'] or len(args) != 2 or options - {'--check=True', '--check=False'}:
         sys.exit(usage)
-    counts = build_kinetics_lists(*args, check='--check=True' in options)
+    try:
+        counts = build_kinetics_lists(*args, check='--check=True' in options)
+    except (OSError, ValueError) as e:  # no such folder, a class missing from a split: one line
+        sys.exit(f"error: {e}")
     print('\n'.join(f"{args[1]}/{name}.txt: {n:,} videos" for name, n in counts.items()))

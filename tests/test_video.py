@@ -345,3 +345,5 @@ def test_build_kinetics_lists_command_checks_every_video(tmp_path):
     errors = open(tmp_path / 'lists' / 'k722_train_error.txt').read().splitlines()
     assert [e.split('\t')[0] for e in errors] == ['k400/train/a/k400train_xx.mp4', 'k600/train/a/k600train_xx.mp4',
                                                   'k700/train/a/k700train_xx.mp4']
+    r = run_stage('data.py', 'build_kinetics_lists', tmp_path / 'nowhere', tmp_path / 'lists', check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'nowhere'}/k400/train not found"), r.stderr
