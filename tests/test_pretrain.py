@@ -375,3 +375,23 @@ def test_teacher_targets_are_patch_tokens_after_ln_post_and_proj():
     out = teacher(x)
     assert out.shape == (2, 64, 768)
     torch.testing.assert_close(out, seen['ln_post'][:, 1:] @ teacher.visual.proj)  # cls dropped, 768-d
+
+
+def test_teacher_from_a_local_open_clip_file(tmp_path):
+    """README's offline teacher: `--teacher_model=ViT-L-14-quickgelu --teacher_pretrained=FILE`, an open_clip state
+    dict on disk. Here ViT-B/32's shape: the file's weights exactly, QuickGELU from the name (a file carries no
+    activation), and the targets equal open_clip's own tokens after ln_post, through the projection."""
+    import open_clip
+    src = open_clip.create_model('ViT-B-32-quickgelu')
+    torch.save(src.state_dict(), tmp_path / 'clip_b32.bin')
+    teacher = CLIPTeacher('ViT-B-32-quickgelu', str(tmp_path / 'clip_b32.bin'), 224, 32)
+    got = teacher.visual.state_dict()
+    assert got.keys() == {k[len('visual.'):] for k in src.state_dict() if k.startswith('visual.')}
+    assert all(torch.equal(v, src.state_dict()['visual.' + k]) for k, v in got.items())
+    assert isinstance(teacher.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    x = torch.randn(2, 3, 224, 224)
+    src.visual.output_tokens = True
+    _, tokens = src.visual.eval()(x)
+    assert (teacher(x) - tokens @ src.visual.proj).abs().max() < 1e-5 and teacher(x).shape == (2, 49, 512)
+    with pytest.raises(OSError, match=r"open_clip model 'ViT-B-32', pretrained '.*/nope\.bin': Pretrained value"):
+        CLIPTeacher('ViT-B-32', str(tmp_path / 'nope.bin'), 224, 32)
