@@ -557,14 +557,14 @@ def masked_patches(img_size, model_size):
 
 def pretrain_args(m, n, synthetic):  # its warmup_epochs / epochs make the lr schedule, which does not change the speed
     num_masked, min_masked = masked_patches(img_size, model_size)
-    return [f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0', '--eval_interval=0',
-            '--val_data_path=', f'--teacher_model={teacher_model}', '--teacher_pretrained=',
+    return ['--data_path=synthetic', f'--synthetic_size={m * n}', '--max_steps=0', '--epochs=1', '--ckpt_interval=0',
+            '--eval_interval=0', '--val_data_path=', f'--teacher_model={teacher_model}', '--teacher_pretrained=',
             f'--num_mask_patches={num_masked}', f'--min_mask_patches={min_masked}']
 
 
 def finetune_args(m, n, synthetic):
-    return [f'--synthetic_size={m * n}', '--epochs=1', '--save_ckpt=False', '--val_data_path=synthetic:1',
-            f'--val_size={m}']
+    return ['--data_path=synthetic', f'--synthetic_size={m * n}', '--epochs=1', '--save_ckpt=False',
+            '--val_data_path=synthetic:1', f'--val_size={m}']
 
 
 def clip_args(m, n, synthetic):  # a random text tower: its cost, not OpenAI's weights

@@ -19,6 +19,8 @@ as shipped (micro-batch 8, no checkpointing) 17.2 / 20.0 GiB; on 24 GB GPUs with
 --grad_checkpointing=True: 10.5 / 12.7 GiB.
 """
 out_dir = 'out/finetune_in1k_336'
+data_path = '/data/imagenet/train'  # class folders or a .txt 'path label' list: yours with --data_path
+val_data_path = '/data/imagenet/val'
 num_classes = 1000
 class_list = 'imagenet-1k'
 img_size = 336

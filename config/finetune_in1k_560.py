@@ -18,6 +18,8 @@ Memory per GPU, projected on a CPU at 16 ranks (bench.py --mode=memory, 2026-12-
 as shipped (micro-batch 8, checkpointing) 11.8 / 14.1 GiB: 24 GB GPUs too.
 """
 out_dir = 'out/finetune_in1k_560'
+data_path = '/data/imagenet/train'  # class folders or a .txt 'path label' list: yours with --data_path
+val_data_path = '/data/imagenet/val'
 num_classes = 1000
 class_list = 'imagenet-1k'
 img_size = 560

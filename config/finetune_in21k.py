@@ -15,6 +15,8 @@ as shipped (micro-batch 64, no checkpointing) 34.3 / 38.8 GiB: 40 GB A100s (the 
 little to spare; on 24 GB GPUs add --grad_checkpointing=True: 8.8 / 10.8 GiB.
 """
 out_dir = 'out/finetune_in21k'
+data_path = '/data/imagenet21k/train'  # class folders or a .txt 'path label' list: yours with --data_path
+val_data_path = '/data/imagenet21k/val_holdout'
 num_classes = 21841
 img_size = 224
 crop_scale = (0.5, 1.0)

@@ -1,5 +1,6 @@
 """The style limit DESIGN.md sets, checked with the suite (so in CI): no line of the repository's Python files over 120
-characters; and the commands in README and the files' docstrings name settings and files that exist."""
+characters; the commands in README and the files' docstrings name settings and files that exist; the recipe configs
+name real data."""
 import ast
 import glob
 import os
@@ -65,3 +66,27 @@ def test_commands_name_real_settings_and_files():
                 stale.append(f"{name}: no setting {m.group(1)!r} in any script: {text[m.start() - 40:m.end() + 20]!r}")
     assert checked > 300, checked  # the commands and settings were found
     assert not stale, '\n'.join(stale)
+
+
+DATA_KEYS = ('data_path', 'val_data_path', 'train_images', 'val_images', 'train_json', 'val_json', 'train_labels',
+             'val_labels', 'train_data', 'zeroshot_data')  # the settings that name a stage's data
+
+
+def test_recipe_configs_name_real_data():
+    """Every recipe config (all but the *_tiny ones) names its dataset's files, in itself or by its script's default:
+    run without data, it stops at once naming what is missing, never trains EVA-g on the synthetic shapes."""
+    scripts = {'pretrain': 'pretrain.py', 'finetune_in': 'finetune_cls.py', 'finetune_k': 'finetune_video.py',
+               'det': 'det_seg.py', 'seg': 'det_seg.py', 'clip': 'train_clip.py'}
+    configs = sorted(f for f in glob.glob('config/*.py', root_dir=ROOT) if not f.endswith('_tiny.py'))
+    assert len(configs) == 14, configs
+    synthetic = []
+    for config in configs:
+        script = next(s for prefix, s in scripts.items() if os.path.basename(config).startswith(prefix))
+        values = {}
+        for path in (script, config):  # the script's defaults, then the config's values, as configurator.py sets them
+            for node in ast.parse(open(os.path.join(ROOT, path), encoding='utf-8').read()).body:
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                    if node.targets[0].id in DATA_KEYS:
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+        synthetic += [f"{config}: {k} = {v!r}" for k, v in values.items() if str(v).startswith('synthetic')]
+    assert not synthetic, '\n'.join(synthetic)
