@@ -416,9 +416,11 @@ RECIPE_ROWS = {
     'in21k_ckpt': ['--stage=finetune', '--img_size=224', '--micro_batch=64', '--grad_checkpointing=True',
                    '--stage_args=config/finetune_in21k.py', '--world1=False'],
     'seg896_mb2': ['--stage=seg', '--img_size=896', '--micro_batch=2', '--world1=False'],
+    'det_lvis': ['--stage=det', '--img_size=1280', '--micro_batch=1', '--stage_args=config/det_lvis_eva_g.py',
+                 '--world1=False'],  # 1203 classes: the class-specific mask logits; sigmoid CE, federated loss
 }
 MEMORY_ROWS = ('mim32_ckpt,mim32,mim64,cls336,in1k336,in1k336_ckpt,in21k,in21k_ckpt,cls560_ckpt,clip,video8,video16,'
-               'det1280,det1024,seg896,seg896_mb2')  # memory mode's default rows
+               'det1280,det1024,det_lvis,seg896,seg896_mb2')  # memory mode's default rows
 
 
 def chosen_rows(default, known, what):
@@ -577,10 +579,11 @@ def video_args(m, n, synthetic):  # (the synthetic videos have at most 24 classe
             f'--synthetic_size={max(m * n, 8)}', '--num_classes=24', '--epochs=1', '--save_ckpt=False']  # val: 1/4
 
 
-def scenes_args(task, m, n, synthetic):  # det / seg on the synthetic scenes (10 shape kinds; seg: and the background)
+def scenes_args(task, m, n, synthetic):
+    """det / seg on the synthetic scenes (10 shape kinds) with the recipe's class count (COCO 80, LVIS 1203, ADE20K
+    150: the heads' sizes), the classes past the 10 kinds in no scene."""
     return [f'--task={task}', f'--synthetic_dir={synthetic}', f'--synthetic_size={max(m * n, 16)}',  # val: 1/8
-            f'--max_steps={n}', '--eval_interval=0', f'--save_interval={n + 1}',
-            f'--num_classes={10 + (task == "seg")}']
+            f'--max_steps={n}', '--eval_interval=0', f'--save_interval={n + 1}']
 
 
 def det_args(m, n, synthetic):

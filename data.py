@@ -1559,16 +1559,20 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
     .json (COCO format, RLE masks) and {train,val}_labels/NNNNN.png (semantic labels: 0 background, shape k -> k + 1).
     A scene is 1-4 shapes of SyntheticShapes' first num_classes kinds, each of its own colour and size, on a textured
     background; later shapes occlude earlier ones, whose mask and box keep only the visible pixels (an instance with
-    under a quarter of itself left is dropped; the label map keeps every visible pixel). Skipped when folder/meta.json
-    says it holds this set. -> folder."""
+    under a quarter of itself left is dropped; the label map keeps every visible pixel). More classes than the 10 kinds
+    (a recipe's 80, 365 or 1203, for bench.py's memory projection) are categories no scene shows; each category's
+    image_count is the split's images showing it, at least 1 (LVIS's field: the federated loss draws unseen classes
+    too). Skipped when folder/meta.json says it holds this set. -> folder."""
     meta = dict(train_size=train_size, val_size=val_size, img_size=img_size, num_classes=num_classes, seed=seed,
                 labels=True)
     if os.path.exists(os.path.join(folder, 'meta.json')) and json.load(open(os.path.join(folder, 'meta.json'))) == meta:
         return folder
     S, tmp = img_size, synthetic_tmp(folder, "synthetic scenes")
-    shapes = SyntheticShapes(1, img_size=S, num_classes=num_classes)
-    categories = [{'id': k + 1, 'name': name} for k, name in enumerate(SyntheticShapes.SHAPES[:num_classes])]
+    kinds = min(num_classes, len(SyntheticShapes.SHAPES))
+    shapes = SyntheticShapes(1, img_size=S, num_classes=kinds)
+    names = [*SyntheticShapes.SHAPES[:kinds], *(f'class {k}' for k in range(kinds, num_classes))]
     for split, n in (('train', train_size), ('val', val_size)):
+        shown = np.zeros(num_classes, np.int64)  # images showing each class
         os.makedirs(os.path.join(tmp, split))
         os.makedirs(os.path.join(tmp, split + '_labels'))
         images, anns, shapes.seed = [], [], seed + 1000 * (split == 'val')
@@ -1577,7 +1581,7 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
             img, objs = shapes._background(shapes._params(i)), []
             label = np.zeros((S, S), np.uint8)
             for _ in range(int(rng.integers(1, 5))):
-                p = dict(label=int(rng.integers(num_classes)), r=rng.uniform(0.1, 0.22) * S)
+                p = dict(label=int(rng.integers(kinds)), r=rng.uniform(0.1, 0.22) * S)
                 cx, cy = rng.uniform(p['r'], S - p['r'], 2)
                 m = Image.new('L', (S, S), 0)
                 shapes._draw(ImageDraw.Draw(m), p, cx, cy, 255)
@@ -1592,15 +1596,17 @@ def write_synthetic_scenes(folder, train_size=512, val_size=64, img_size=128, nu
             img.save(os.path.join(tmp, name))
             Image.fromarray(label).save(os.path.join(tmp, split + '_labels', f'{i:05d}.png'))
             images.append({'id': i + 1, 'file_name': name, 'height': S, 'width': S})
-            for o in objs:
-                if o['mask'].sum() < 0.25 * o['full']:
-                    continue
+            kept = [o for o in objs if o['mask'].sum() >= 0.25 * o['full']]
+            for k in {o['label'] for o in kept}:
+                shown[k] += 1
+            for o in kept:
                 rle = mask_util.encode(np.asfortranarray(o['mask'].astype(np.uint8)))
                 x1, y1, x2, y2 = masks_to_box(torch.from_numpy(o['mask'])).tolist()
                 anns.append({'id': len(anns) + 1, 'image_id': i + 1, 'category_id': o['label'] + 1, 'iscrowd': 0,
                              'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': int(o['mask'].sum()),
                              'segmentation': {'size': [S, S], 'counts': rle['counts'].decode()
                                               if isinstance(rle['counts'], bytes) else rle['counts']}})
+        categories = [{'id': k + 1, 'name': name, 'image_count': max(int(shown[k]), 1)} for k, name in enumerate(names)]
         with open(os.path.join(tmp, f'instances_{split}.json'), 'w') as f:
             json.dump({'images': images, 'annotations': anns, 'categories': categories}, f)
     json.dump(meta, open(os.path.join(tmp, 'meta.json'), 'w'))

@@ -401,6 +401,27 @@ def test_ground_truth_as_predictions_scores_ap_one(tmp_path):
     assert E.stats[0] < 1.0
 
 
+def test_synthetic_scenes_with_a_recipes_class_count(tmp_path):
+    """LVIS's 1203 classes (bench.py's memory rows use the recipe's count): the same scenes as with the 10 shape
+    kinds, the json's categories 1203, each image_count the images showing the class (counted here from the
+    annotations), at least 1; CocoDetection reads them, and the federated loss's frequencies are those counts."""
+    ten = write_synthetic_scenes(str(tmp_path / 'ten'), 6, 2, img_size=64, num_classes=10)
+    lvis = write_synthetic_scenes(str(tmp_path / 'lvis'), 6, 2, img_size=64, num_classes=1203)
+    a, b = (json.load(open(os.path.join(f, 'instances_train.json'))) for f in (ten, lvis))
+    assert a['annotations'] == b['annotations'] and a['categories'] == b['categories'][:10]
+    assert all(open(os.path.join(ten, 'train', n), 'rb').read() == open(os.path.join(lvis, 'train', n), 'rb').read()
+               for n in sorted(os.listdir(os.path.join(ten, 'train'))))
+    shown = {}
+    for img in {(x['image_id'], x['category_id']) for x in b['annotations']}:
+        shown[img[1]] = shown.get(img[1], 0) + 1
+    assert len(b['categories']) == 1203 and b['categories'][10]['name'] == 'class 10'
+    assert [c['image_count'] for c in b['categories']] == [max(shown.get(k, 0), 1) for k in range(1, 1204)]
+    assert max(shown) <= 10 and sum(shown.values()) > 6  # only the shape kinds are shown
+    src = CocoDetection(os.path.join(lvis, 'instances_train.json'), lvis)
+    assert len(src.categories) == 1203
+    assert src.image_counts().tolist() == [c['image_count'] for c in b['categories']]
+
+
 def test_bad_annotations_are_skipped_named_and_counted(tmp_path, capsys):
     folder = write_synthetic_scenes(str(tmp_path / 'scenes'), 4, 4, img_size=64)
     d = json.load(open(os.path.join(folder, 'instances_train.json')))
