@@ -364,8 +364,8 @@ def memory_row():
     res['policies'] = policies if stage in ('det', 'seg') else {}
     for world in sorted({1, zero_ranks} if world1 else {zero_ranks}):
         runs = []
-        ranks = [0] if world == 1 or memory_ranks == 'worst' else [int(r) for r in memory_ranks.split(',')]
-        ranks = [0] + [r for r in ranks if r]  # rank 0 first: it writes the synthetic data the others read
+        asked = [] if world == 1 or memory_ranks == 'worst' else [int(r) for r in memory_ranks.split(',')]
+        ranks = [0, *(r for r in asked if r)]  # rank 0 first: it writes the synthetic data the others read
         while ranks:
             rank = ranks.pop(0)
             run_dir = os.path.join(out_dir, f'{stage}_memory_world{world}_rank{rank}')

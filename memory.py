@@ -96,11 +96,10 @@ class LiveMemory(TorchDispatchMode):
             args = (args[0], indices, *args[2:])
         out = func(*args, **kwargs)
         if func in COUNT_KEPT and is_meta_mask(out):
-            if args[0].device.type != 'meta':  # a bool mask from the data (MIM's): its count of True is known (not
-                if out.dtype == torch.bool:  # summed for every uint8 image a batch copies)
-                    self.count(out, int(args[0].sum()))
-            elif self.count_of(args[0]) is not None:
-                self.count(out, self.count_of(args[0]))
+            if args[0].device.type != 'meta' and out.dtype == torch.bool:  # a bool mask from the data (MIM's): its
+                self.count(out, int(args[0].sum()))  # count of True is known (not summed for a batch's uint8 images)
+            elif (n := self.count_of(args[0])) is not None:
+                self.count(out, n)
         if func in COUNT_ADDED and is_meta_mask(out):
             counts = [self.count_of(m) for m in (args[0] if func is aten.cat.default else args[:2])]
             if None not in counts:
@@ -148,8 +147,9 @@ class LiveMemory(TorchDispatchMode):
         """A meta mask's nonzero(), (count of True, mask.dim()) long, counted: the count is the one its data had
         when it was copied to the device, or the one carried from the masks it was made of, else n (the rows of
         x[mask] = values), else the selecting() policy's."""
-        if self.count_of(mask) is not None:
-            n = self.count_of(mask)
+        known = self.count_of(mask)
+        if known is not None:
+            n = known
         elif n is None:
             n = self.selected(mask.numel(), f"a {tuple(mask.shape)} mask")
         return self.made(torch.empty(n, mask.dim(), dtype=torch.long, device='meta'), 'nonzero')

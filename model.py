@@ -869,19 +869,19 @@ if __name__ == '__main__':
              "       python model.py open_clip CLIP.pt OUT_DIR     (a train_clip.py checkpoint -> open_clip folder)")
     if len(args) == 3 and not os.path.isfile(args[1]):
         sys.exit(f"error: no such file: {args[1]}")
-    try:  # a file that is no checkpoint, or another kind: one error line
-        if len(args) == 3 and args[0] == 'open_clip' and not opts:
-            export_open_clip(args[1], args[2])
-            print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
-        elif len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}:
-            if not os.path.isdir(os.path.dirname(os.path.abspath(args[2]))):
-                sys.exit(f"error: no folder for {args[2]}")
-            convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
-        else:
-            args = None
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args is None:
+    export = len(args) == 3 and args[0] == 'open_clip' and not opts
+    convert = len(args) == 3 and args[0] == 'psz14to16' and not set(opts) - {'image_size', 'patch_size'}
+    if not (export or convert):
         ok = 'help' in opts or not sys.argv[1:]
         print(usage, file=sys.stdout if ok else sys.stderr)
         sys.exit(0 if ok else 2)
+    if convert and not os.path.isdir(os.path.dirname(os.path.abspath(args[2]))):
+        sys.exit(f"error: no folder for {args[2]}")
+    try:  # a file that is no checkpoint, or another kind: one error line
+        if export:
+            export_open_clip(args[1], args[2])
+            print(f"{args[1]} -> {args[2]}: open_clip.create_model_and_transforms('local-dir:{args[2]}')")
+        else:
+            convert_psz14to16(args[1], args[2], **{k: int(v) for k, v in opts.items()})
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -342,17 +342,17 @@ train_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=crop_scale, interpol
                        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 streamed = not (train_data.startswith('synthetic') or train_data.endswith(('.csv', '.tsv')))
 with input_errors():  # no such file or shard, a CSV without the columns: one error line
-    train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer) if streamed else \
-        Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
-                               csv_separator), train_tf, seed, text_transform=tokenize)
-if streamed:
-    steps_per_epoch = 0  # a stream has no epochs
-    data_desc = f"{len(train_set.shards):,} tar shards"
-else:
-    steps_per_epoch = len(train_set) // batch_size
-    if steps_per_epoch == 0:
-        config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
-    data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
+    if streamed:
+        train_set = TarShards(train_data, train_tf, tokenize, seed, rank, world, shuffle_buffer)
+        steps_per_epoch = 0  # a stream has no epochs
+        data_desc = f"{len(train_set.shards):,} tar shards"
+    else:
+        train_set = Samples(caption_source(train_data, img_size, synthetic_size, seed, csv_img_key, csv_caption_key,
+                                           csv_separator), train_tf, seed, text_transform=tokenize)
+        steps_per_epoch = len(train_set) // batch_size
+        if steps_per_epoch == 0:
+            config_error(f"{len(train_set)} training pairs are fewer than one batch of {batch_size}")
+        data_desc = f"{len(train_set):,} pairs ({steps_per_epoch:,} steps/epoch)"
 total_steps = max_steps or samples_seen // batch_size
 warmup_steps = min(warmup_steps, total_steps)
 print0(f"world {world} x micro-batch {micro_batch} x grad-accum {grad_accum} = global batch {batch_size}; "

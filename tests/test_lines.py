@@ -21,11 +21,16 @@ def test_no_line_over_120_characters():
     assert not long, '\n'.join(long)
 
 
-def settings(script):
-    """The module-level names a script assigns: its settings (and constants), what configurator.py accepts."""
-    tree = ast.parse(open(os.path.join(ROOT, script), encoding='utf-8').read())
-    return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+def assignments(path):
+    """{name: value node} of a file's module-level assignments: a script's settings (and constants), what
+    configurator.py accepts; a config file's values."""
+    tree = ast.parse(open(os.path.join(ROOT, path), encoding='utf-8').read())
+    return {t.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+
+def settings(script):
+    return set(assignments(script))
 
 
 OTHER_FLAGS = {'dist', 'nproc_per_node', 'nnodes', 'node_rank', 'rdzv_backend', 'rdzv_endpoint', 'rdzv_id',
@@ -82,11 +87,7 @@ def test_recipe_configs_name_real_data():
     synthetic = []
     for config in configs:
         script = next(s for prefix, s in scripts.items() if os.path.basename(config).startswith(prefix))
-        values = {}
-        for path in (script, config):  # the script's defaults, then the config's values, as configurator.py sets them
-            for node in ast.parse(open(os.path.join(ROOT, path), encoding='utf-8').read()).body:
-                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-                    if node.targets[0].id in DATA_KEYS:
-                        values[node.targets[0].id] = ast.literal_eval(node.value)
+        values = {k: ast.literal_eval(v) for k, v in {**assignments(script), **assignments(config)}.items()
+                  if k in DATA_KEYS}  # the script's defaults, then the config's values, as configurator.py sets them
         synthetic += [f"{config}: {k} = {v!r}" for k, v in values.items() if str(v).startswith('synthetic')]
     assert not synthetic, '\n'.join(synthetic)
